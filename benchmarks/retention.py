@@ -70,6 +70,14 @@ def trained(arch: str, dataset, tag: str, seed: int, cache_dir: str) -> tuple[to
     return model.eval(), epoch_s
 
 
+def one_epoch_seconds(arch: str, model: torch.nn.Module, dataset, seed: int) -> float:
+    """Time one training epoch of a copy now, so costs are ratios taken under the same machine load."""
+    recipe = dict(RECIPES[arch], epochs=1)
+    start = time.perf_counter()
+    train_classifier(copy.deepcopy(model), dataset, seed=seed, progress=False, **recipe)
+    return time.perf_counter() - start
+
+
 def image_data(seed: int, noise: str, num_train: int, args: argparse.Namespace):
     full = load_fashion_mnist("train")
     order = np.random.default_rng(seed).permutation(len(full))
@@ -100,13 +108,15 @@ def run_setting(arch: str, noise: str, seed: int, args: argparse.Namespace) -> d
         base = dict(target_modules="all-linear", batch_size=32, retention_learning_rate=args.text_lr)
     else:
         clean_data, noisy_data, verified, test = image_data(
-            seed, noise, args.vit_num_train if arch == "vit" else args.num_train, args)
+            seed, noise, args.vit_num_train if arch == "vit" and args.vit_num_train else args.num_train, args)
         base = dict(target_modules="all", batch_size=128, retention_learning_rate=args.lr)
-    noisy_model, epoch_s = trained(arch, noisy_data, noise, seed, args.cache_dir)
+    noisy_model, _ = trained(arch, noisy_data, noise, seed, args.cache_dir)
     clean_model, _ = trained(arch, clean_data, "clean", seed, args.cache_dir)
+    epoch_s = one_epoch_seconds(arch, noisy_model, noisy_data, seed)
     corrupted = float(np.mean(noisy_data.with_format("numpy")["is_corrupted"]))
     flag_fraction = min(1.0, args.flag_multiplier * corrupted)
-    common = dict(base, repair_seed=seed, repair_disable_tqdm=True, flag_rule="budget", flag_fraction=flag_fraction,
+    common = dict(base, repair_seed=seed, repair_disable_tqdm=True, score=args.score, flag_rule="budget",
+                  flag_fraction=flag_fraction,
                   retention_epochs=args.retention_epochs)
     row: dict[str, Any] = {"arch": arch, "noise": noise, "seed": seed, "epoch_s": epoch_s,
                            "noisy": evaluate_accuracy(noisy_model, test, batch_size=64),
@@ -160,11 +170,12 @@ def main() -> None:
     parser.add_argument("--vit_seeds", type=int, default=None, help="Seeds for the ViT (default: --seeds).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--num_train", type=int, default=8000)
-    parser.add_argument("--vit_num_train", type=int, default=4000, help="Training samples for the ViT (slower).")
+    parser.add_argument("--vit_num_train", type=int, default=None, help="Training samples for the ViT (default: --num_train).")
     parser.add_argument("--num_verified", type=int, default=500)
     parser.add_argument("--flag_multiplier", type=float, default=2.0,
                         help="Flag this many times as many samples as are corrupted (2: half the flagged are clean).")
     parser.add_argument("--retention_epochs", type=float, default=1.0, help="Fine-tune budget in training epochs.")
+    parser.add_argument("--score", default="influence", help="Identification score (RepairConfig.score).")
     parser.add_argument("--lr", type=float, default=5e-4, help="Fine-tune learning rate of the image models.")
     parser.add_argument("--text_lr", type=float, default=5e-5, help="Fine-tune learning rate of MiniLM.")
     parser.add_argument("--text_train", type=int, default=2000)
@@ -190,7 +201,8 @@ def main() -> None:
                     with open(args.json, "w") as f:
                         json.dump(rows, f, indent=1)
     print()
-    print(f"Flagged {args.flag_multiplier}x the corrupted count; fine-tune budget {args.retention_epochs} training epochs; "
+    print(f"Score {args.score!r}, flagged {args.flag_multiplier}x the corrupted count; fine-tune budget "
+          f"{args.retention_epochs} training epochs; "
           f"cost = (identification + repair) / one training epoch.")
     print(summarize(rows, tuple(args.methods)))
 

@@ -20,7 +20,7 @@ CONFIG_NAME = "repair_config.json"
 METHODS = ("projection", "retention", "erase", "projection+retention")
 TARGET_KEYWORDS = ("all-linear", "all")
 # identification
-IDENTIFICATION_SCORES = ("auto", "influence", "refit", "projection", "combined", "loss")
+IDENTIFICATION_SCORES = ("auto", "probe", "influence", "refit", "projection", "combined", "loss")
 FLAG_RULES = ("noise_rate", "threshold", "budget")
 # retention
 SEPARATIONS = ("belief", "agreement", "soft")
@@ -151,31 +151,39 @@ class RepairConfig:
 
     # identification (`Repairer.identify` / `hf_repair.identification`): which training samples are harmful
     score: str = field(
-        default="influence",
+        default="auto",
         metadata={
-            "help": "Per-sample score, lower = more harmful. 'influence': first-order influence on the verified "
-            "loss, g_z^T H^-1 g_clean; 'refit': given-label log-likelihood under the head refitted on the verified "
-            "split; 'projection': the same under the projection-repaired model; 'combined': mean normalised rank "
-            "of combine_scores; 'loss': the trained model's given-label log-likelihood (loss-ranking baseline).",
+            "help": "Per-sample score, lower = more harmful. 'probe': given-label log-likelihood under a softmax "
+            "regression fitted on the verified split from the features the classifier MLP reads (the best measured, "
+            "also on models that memorised their noisy labels); 'refit': the same under the head refitted on the "
+            "verified split; 'influence': first-order influence on the verified loss, g_z^T H^-1 g_clean; "
+            "'projection': the given-label log-likelihood under the projection-repaired model; 'combined': mean "
+            "normalised rank of combine_scores; 'loss': the trained model's given-label log-likelihood (the "
+            "loss-ranking baseline); 'auto': the probe, or the influence where the model has no layer with one "
+            "input row per sample before the logits.",
             "choices": list(IDENTIFICATION_SCORES),
         },
     )
     combine_scores: list[str] = field(
-        default_factory=lambda: ["influence", "refit"],
+        default_factory=lambda: ["probe", "projection"],
         metadata={"help": "Scores whose normalised ranks score='combined' averages."},
     )
     flag_rule: str = field(
         default="noise_rate",
         metadata={
             "help": "Which samples to flag: 'noise_rate' flags the estimated noise rate's share of lowest scores "
-            "(estimated as the share of samples with negative influence); 'threshold' flags score < "
-            "flag_threshold; 'budget' flags the flag_top_k or flag_fraction lowest.",
+            "(the share of given labels the probe disagrees with, corrected for the probe's held-out error; the "
+            "share of negative influence without a probe); 'threshold' flags score < flag_threshold; 'budget' "
+            "flags the flag_top_k or flag_fraction lowest.",
             "choices": list(FLAG_RULES),
         },
     )
     flag_threshold: float = field(
         default=0.0,
-        metadata={"help": "flag_rule='threshold': flag samples scoring below this (0 = neutral influence)."},
+        metadata={
+            "help": "flag_rule='threshold': flag samples scoring below this, in the score's units (influence: 0 is "
+            "neutral; log-likelihood scores: e.g. log(0.5); 'combined': a rank fraction in [0, 1])."
+        },
     )
     flag_fraction: Optional[float] = field(
         default=None, metadata={"help": "flag_rule='budget': flag this fraction (0, 1] of the training set."}
@@ -189,6 +197,13 @@ class RepairConfig:
             "help": "Layers whose per-sample gradients the influence uses, matched like target_modules. None: the "
             "classification head (the layer whose output is the logits, closed-form gradients) and the "
             "influence_depth - 1 layers that run just before it."
+        },
+    )
+    probe_module: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Layer whose input the 'probe' score reads. None: the first layer of the classifier MLP that "
+            "ends at the head (walking back from it while layers see one row per sample)."
         },
     )
     influence_depth: int = field(

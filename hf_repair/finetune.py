@@ -1,12 +1,13 @@
 """A short, guarded fine-tune: the retain step of beneficial retention and of the erase baseline.
 
 Both repairs train the model briefly on a *fine-tune set* -- rows of model inputs, each with a
-hard label or a soft target distribution and a weight -- and differ only in which rows they
-put there. The loop runs on Accelerate (one process or `accelerate launch`, mixed precision as
-the Accelerate state already says), keeps the weights close to the trained ones (an L2 or
-Fisher-weighted penalty), scores held-out verified samples every few steps, and keeps the
-best-scoring weights only if they are not worse than the starting model there; otherwise, and
-on a NaN loss, every parameter and buffer is restored bit for bit.
+label (or a soft target), a weight and a gate that says how far the label is trusted -- and
+differ only in which rows they put there. The loop runs on Accelerate (one process or
+`accelerate launch`, mixed precision as the Accelerate state already says, the model left on its
+device), can pull the weights towards the trained ones (an L2 or Fisher-weighted penalty), scores
+held-out verified samples every few steps and keeps the checkpoint with the lowest held-out
+cross-entropy only if its held-out metric is not below the starting model's. Otherwise, and on a
+NaN or inf loss, every parameter and buffer is restored bit for bit.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
+from .config import RETENTION_PENALTIES
 from .data import CollateFn, VerifiedSplit
 from .distributed import sum_across_processes
 from .evaluation import ForwardFn, compute_scores, predict, selection_value
 
 logger = logging.getLogger(__name__)
 
-PENALTIES = ("l2", "fisher", "none")
 _TARGET, _EXTRA = "__hf_repair_target__", "__hf_repair_extra__"
 GATE_NONE, GATE_BELIEF, GATE_AGREEMENT = 0, 1, 2
 
@@ -56,15 +57,6 @@ class ModelSnapshot:
 
     def is_unchanged(self) -> bool:
         return all(torch.equal(v.detach().cpu(), self._state[k]) for k, v in self.model.state_dict().items())
-
-    def relative_change(self) -> float:
-        """||theta_now - theta_before|| / ||theta_before|| over the floating-point parameters."""
-        num = den = 0.0
-        for name, param in self.model.named_parameters():
-            before = self._state[name].double()
-            num += float((param.detach().cpu().double() - before).pow(2).sum())
-            den += float(before.pow(2).sum())
-        return math.sqrt(num / den) if den > 0 else 0.0
 
 
 class FinetuneSet(Dataset):
@@ -195,8 +187,8 @@ class GuardedFinetuner:
 
     def __init__(self, model: nn.Module, args: FinetuneArguments, forward_fn: ForwardFn,
                  collate_fn: Optional[CollateFn] = None, compute_metrics: Optional[Any] = None) -> None:
-        if args.penalty not in PENALTIES:
-            raise ValueError(f"penalty must be one of {list(PENALTIES)}, got {args.penalty!r}.")
+        if args.penalty not in RETENTION_PENALTIES:
+            raise ValueError(f"penalty must be one of {list(RETENTION_PENALTIES)}, got {args.penalty!r}.")
         self.model = model
         self.args = args
         self.forward_fn = forward_fn

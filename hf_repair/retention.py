@@ -3,24 +3,29 @@
 Three steps, each measurable on its own (`method.md`, Method 2):
 
 1. Identify: `hf_repair.identification` scores every training sample with the verified split and
-   flags the harmful-looking ones.
-2. Separate: a flagged sample's input is kept; its label is trusted only as far as the model,
-   as it is being repaired, believes it. The default rule (`separation="belief"`) weights each
-   flagged sample's cross-entropy by the current probability of its given label, p(y|x)^power,
-   treated as a constant. A corrupted label the repaired model contradicts fades out; a clean
-   sample that identification wrongly flagged comes back as the model learns its class. (This is
-   the gradient of the generalised cross-entropy loss, Zhang & Sabuncu 2018, at q = power.)
-   `"agreement"` keeps a flagged label only while the model predicts it; `"soft"` trains flagged
-   samples towards the model's predictions (the naive reading of method.md; it distils the
-   teacher's mistakes and loses to erase).
-3. Retain: a guarded fine-tune (`hf_repair.finetune`). A warm-up stage trains on the trusted rows
-   (the verified training folds plus the unflagged samples); the retain stage adds the flagged
-   samples. Each stage keeps its result only if it is not worse than its start on held-out verified
-   samples.
+   flags the harmful-looking ones (or pass a `Repairer.identify` result to reuse).
+2. Separate: a flagged sample's input is kept; its label is trusted only as far as the model being
+   repaired believes it. The default (`separation="belief"`) weights each flagged sample's
+   cross-entropy by the current probability of its given label, p(y|x)^belief_power, held constant
+   (the gradient of the generalised cross-entropy of Zhang & Sabuncu 2018 at q = belief_power).
+   A corrupted label the repaired model contradicts fades out; a clean sample that identification
+   wrongly flagged comes back as the model relearns its class. `"agreement"` keeps a flagged label
+   only while the model predicts it; `"soft"` trains flagged samples towards the model's predicted
+   distribution (the naive reading of method.md, kept for comparison: it distils the model's
+   mistakes and measured worse than erase).
+3. Retain: a guarded fine-tune (`hf_repair.finetune`) on the verified training folds, the unflagged
+   samples and the flagged ones, judged on the held-out verified fold; each stage is kept only if it
+   is not worse there than where it started.
 
-`method="erase"` is the same fine-tune with the flagged samples removed: the baseline the paper
-argues against, and a strong one when identification is precise. `method="projection+retention"`
-projects first (`hf_repair.projection`) and retains from the projected model, which measured best.
+`method="erase"` is the same fine-tune with the flagged samples removed (the baseline the paper
+argues against); `method="projection+retention"` projects first (`hf_repair.projection`) and retains
+from the projected model. What we measured (benchmarks/retention.py; BENCHMARKS.md) set the design:
+the belief is only as good as the model that holds it, so a model that memorised its noisy labels
+believes them -- retaining flagged samples from the trained weights lost to erase in every variant
+we tried (online belief, agreement, a projected reference's belief, a warm-up on trusted rows first),
+while from the projected model the belief rule beat erase when half the flagged samples were clean.
+Hence `retention` starts with a warm-up on the trusted rows (`retention_warmup`, 0.5 of the budget)
+and `projection+retention` needs none.
 """
 
 from __future__ import annotations
@@ -190,8 +195,13 @@ class RetentionRepair:
 
     def _num_classes(self, split: VerifiedSplit) -> int:
         batch = next(iter(split.batches(HELDOUT_FOLD)))
-        with torch.no_grad():
-            return int(self.repairer.forward_fn(self.model, batch.inputs).shape[-1])
+        was_training = self.model.training
+        self.model.eval()  # a forward in train mode would move BatchNorm statistics
+        try:
+            with torch.no_grad():
+                return int(self.repairer.forward_fn(self.model, batch.inputs).shape[-1])
+        finally:
+            self.model.train(was_training)
 
     def _soft_targets(self, flagged: FinetuneSet, first: int, num_classes: int, batch_size: int) -> dict[int, torch.Tensor]:
         """The current model's predicted distributions for the flagged rows, keyed by their position in the retain set."""

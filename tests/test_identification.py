@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_repair import IdentificationResult, RepairConfig, Repairer, identify_harmful
-from hf_repair.experiments import SmallCNN, train_classifier
+from hf_repair.experiments import SmallCNN, small_vit, train_classifier
 from hf_repair.identification import _flag, auroc, average_ranks
 from hf_repair.influence import InfluenceModel, LayerCapture, TrackedLayer, _solve_kfac
 from hf_repair.layers import adapter_for
@@ -26,9 +26,6 @@ from hf_repair.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 sys.path.insert(0, SCRIPTS)
 from identification_setup import NUM_TRAIN, NUM_VERIFIED, fashion_subsets  # noqa: E402
-
-# Issue 4 is still in progress: its tests are opt-in (`python -m pytest -m slow tests/test_identification.py`) until it is done.
-pytestmark = pytest.mark.slow
 
 QUIET = dict(repair_disable_tqdm=True)
 
@@ -82,14 +79,22 @@ def _same_state(model, state):
 # real data, injected noise
 
 
-def test_default_score_finds_40pct_symmetric_noise(symmetric40):
+@pytest.fixture(scope="module")
+def default_identification(symmetric40):
+    """The default identification of the 40%-noise model, and whether it left the model exactly as it was."""
     model, train, verified = symmetric40
     model.train()  # identify must restore the mode it found
     before = _state(model)
     ident = Repairer(model, RepairConfig(**QUIET)).identify(train, verified)
+    untouched = _same_state(model, before) and model.training
+    model.eval()
+    return ident, untouched
 
-    assert isinstance(ident, IdentificationResult)
-    assert _same_state(model, before) and model.training
+
+def test_default_score_finds_40pct_symmetric_noise(symmetric40, default_identification):
+    _, train, _ = symmetric40
+    ident, untouched = default_identification
+    assert isinstance(ident, IdentificationResult) and untouched
     s = ident.summary
     assert s["score"] == "probe" and s["probe_layer"] == "classifier.1"
     assert s["auroc"] >= 0.95, s
@@ -123,15 +128,15 @@ def test_default_score_finds_40pct_symmetric_noise(symmetric40):
     assert (suggested[corrupted] == clean[corrupted]).mean() > 0.7
 
 
-def test_influence_beats_loss_baseline_and_scores_agree_with_table(symmetric40):
+def test_influence_beats_loss_baseline_and_columns_hold_what_they_say(symmetric40, default_identification):
     model, train, verified = symmetric40
-    ident = identify_harmful(model, train, verified, RepairConfig(score="influence", **QUIET))
+    ident, _ = default_identification
     by_score = ident.summary["auroc_by_score"]
-    assert ident.summary["score"] == "influence"
-    assert by_score["influence"] >= 0.93
-    assert by_score["influence"] > by_score["loss"]
+    assert by_score["influence"] >= 0.9 and by_score["influence"] > by_score["loss"], by_score
     table = ident.table.with_format("numpy")
-    np.testing.assert_array_equal(table["score"], table["influence"])
+    corrupted = np.asarray(table["is_corrupted"])
+    for name in ("probe", "influence", "loss"):
+        assert auroc(np.asarray(table[name]), corrupted) == pytest.approx(by_score[name])
     # the loss column is the trained model's own log-likelihood of the given label
     with torch.no_grad():
         x = train.with_format("torch")[:64]["pixel_values"]
@@ -145,20 +150,19 @@ def test_default_score_beats_loss_ranking_at_20pct_asymmetric_noise(asymmetric20
     ident = identify_harmful(model, train, verified, RepairConfig(**QUIET))
     s = ident.summary
     assert s["auroc_by_score"]["loss"] < s["auroc"] - 0.03, s["auroc_by_score"]
-    corrupted = np.asarray(train.with_format("numpy")["is_corrupted"])
-    loss_rank = auroc(np.asarray(ident.table.with_format("numpy")["loss"]), corrupted)
-    assert loss_rank == pytest.approx(s["auroc_by_score"]["loss"])
+    assert abs(s["estimated_noise_rate"] - 0.2) < 0.05
 
 
 def test_combined_and_projection_scores_leave_the_model_unchanged(symmetric40):
     model, train, verified = symmetric40
+    train = train.select(range(1000))
     before = _state(model)
     config = RepairConfig(score="combined", combine_scores=["influence", "refit", "projection"],
                           alphas=[10.0, 1e3, 1e5], **QUIET)
     ident = identify_harmful(model, train, verified, config)
     assert _same_state(model, before)
     table = ident.table.with_format("numpy")
-    ranks = [average_ranks(np.asarray(table[name])) / NUM_TRAIN for name in ("influence", "refit", "projection")]
+    ranks = [average_ranks(np.asarray(table[name])) / len(train) for name in ("influence", "refit", "projection")]
     np.testing.assert_allclose(table["score"], np.mean(ranks, axis=0))
     assert ident.summary["auroc_by_score"]["projection"] > 0.8
     assert ident.summary["auroc"] > 0.95
@@ -166,10 +170,12 @@ def test_combined_and_projection_scores_leave_the_model_unchanged(symmetric40):
 
 def test_flag_rules(symmetric40):
     model, train, verified = symmetric40
-    ident = identify_harmful(model, train, verified, RepairConfig(score="influence", flag_rule="threshold", **QUIET))
+    config = RepairConfig(score="influence", flag_rule="threshold", **QUIET)
+    ident = identify_harmful(model, train.select(range(500)), verified, config)
     table = ident.table.with_format("numpy")
+    np.testing.assert_array_equal(table["score"], table["influence"])
     np.testing.assert_array_equal(table["flagged"], np.asarray(table["score"]) < 0.0)
-    assert ident.summary["threshold"] == 0.0
+    assert ident.summary["threshold"] == 0.0 and ident.summary["score"] == "influence"
 
     score = np.array([0.3, -1.0, 0.0, -1.0, 2.0])
     flagged, cut = _flag(score, RepairConfig(flag_rule="budget", flag_top_k=2), noise_rate=0.0)
@@ -403,6 +409,19 @@ def test_per_position_head_uses_autograd_and_auto_falls_back_to_influence(small)
         identify_harmful(model, train, verified, RepairConfig(score="probe", **QUIET))
     with pytest.raises(ValueError, match="probe_module='embed' sees more than one row per sample"):
         identify_harmful(model, train, verified, RepairConfig(probe_module="embed", **QUIET))
+
+
+def test_transformers_vit_gets_the_closed_form_head_and_a_probe(small):
+    train, verified = small
+    torch.manual_seed(0)
+    vit = small_vit(num_classes=10, hidden_size=32, num_layers=2).eval()
+    before = _state(vit)
+    ident = identify_harmful(vit, train, verified, RepairConfig(influence_depth=2, **QUIET))
+    s = ident.summary
+    assert _same_state(vit, before)
+    assert s["closed_form"] == ["classifier"] and s["probe_layer"] == "classifier" and s["score"] == "probe"
+    assert len(s["influence_layers"]) == 2 and s["preconditioner"][s["influence_layers"][0]] == "kfac"
+    assert np.isfinite(np.asarray(ident.table.with_format("numpy")["influence"])).all()
 
 
 class _NoLinear(nn.Module):

@@ -21,10 +21,8 @@ from hf_repair.noise import corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist
 from hf_repair.retention import HELDOUT_FOLD
 
-# Issue 5 is still in progress: its tests are opt-in (`python -m pytest -m slow tests/test_retention.py`) until it is done.
-pytestmark = pytest.mark.slow
-
 QUIET = dict(repair_disable_tqdm=True, target_modules="all")
+CHEAP = dict(QUIET, score="loss")  # the cheapest identification, where identification is not what is tested
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +169,9 @@ def test_methods_that_fine_tune_need_the_training_set(small):
     model = _tiny()
     start = _state(model)
     with pytest.raises(ValueError, match="train_dataset"):
-        Repairer(model, RepairConfig(method="retention", **QUIET)).repair(verified)
+        Repairer(model, RepairConfig(method="retention", **CHEAP)).repair(verified)
     with pytest.raises(TypeError, match="datasets.Dataset"):
-        Repairer(model, RepairConfig(method="erase", **QUIET)).repair(
+        Repairer(model, RepairConfig(method="erase", **CHEAP)).repair(
             DataLoader(verified, batch_size=16), train_dataset=small[0])
     assert _same_state(model, start)
 
@@ -189,9 +187,9 @@ def test_training_rows_that_do_not_batch_with_verified_rows_are_refused(small):
     model = _tiny()
     start = _state(model)
     with pytest.raises(ValueError, match="cannot be batched together"):
-        Repairer(model, RepairConfig(method="erase", **QUIET)).repair(verified, train_dataset=shrunk)
+        Repairer(model, RepairConfig(method="erase", **CHEAP)).repair(verified, train_dataset=shrunk)
     with pytest.raises(ValueError, match="lacks the model-input columns"):
-        Repairer(model, RepairConfig(method="erase", **QUIET)).repair(
+        Repairer(model, RepairConfig(method="erase", **CHEAP)).repair(
             verified, train_dataset=train.rename_column("pixel_values", "image"))
     assert _same_state(model, start)
 
@@ -199,10 +197,10 @@ def test_training_rows_that_do_not_batch_with_verified_rows_are_refused(small):
 def test_identification_of_another_dataset_is_refused(small):
     train, verified = small
     model = _tiny()
-    identification = Repairer(model, RepairConfig(flag_rule="budget", flag_fraction=0.5, **QUIET)).identify(
+    identification = Repairer(model, RepairConfig(flag_rule="budget", flag_fraction=0.5, **CHEAP)).identify(
         train.select(range(100)), verified)
     with pytest.raises(ValueError, match="identification"):
-        Repairer(model, RepairConfig(method="retention", **QUIET)).repair(
+        Repairer(model, RepairConfig(method="retention", **CHEAP)).repair(
             verified, train_dataset=train, identification=identification)
 
 
@@ -210,7 +208,7 @@ def test_nothing_flagged_leaves_the_model_and_says_so(small, caplog):
     train, verified = small
     model = _tiny()
     start = _state(model)
-    config = RepairConfig(method="retention", flag_rule="budget", flag_top_k=0, **QUIET)
+    config = RepairConfig(method="retention", flag_rule="budget", flag_top_k=0, **CHEAP)
     with caplog.at_level(logging.WARNING, logger="hf_repair"):
         result = Repairer(model, config).repair(verified, train_dataset=train)
     assert result.metrics["num_flagged"] == 0 and result.metrics["steps"] == 0
@@ -222,7 +220,7 @@ def test_nothing_flagged_leaves_the_model_and_says_so(small, caplog):
 def test_everything_flagged_falls_back_to_the_verified_rows(small, caplog):
     train, verified = small
     model = _tiny()
-    config = RepairConfig(method="erase", flag_rule="budget", flag_fraction=1.0, retention_epochs=0.5, **QUIET)
+    config = RepairConfig(method="erase", flag_rule="budget", flag_fraction=1.0, retention_epochs=0.5, **CHEAP)
     with caplog.at_level(logging.WARNING, logger="hf_repair"):
         result = Repairer(model, config).repair(verified, train_dataset=train)
     heldout = len(stratified_folds(np.asarray(verified.with_format("numpy")["labels"]), 3, 0)[HELDOUT_FOLD])
@@ -238,7 +236,7 @@ def test_every_separation_runs_and_leaves_the_model_clean_of_accelerate_state(sm
     model = _tiny()
     forward = model.forward
     config = RepairConfig(method="projection+retention", separation=separation, flag_rule="budget", flag_fraction=0.5,
-                          retention_epochs=0.3, **QUIET)
+                          retention_epochs=0.3, **CHEAP)
     result = Repairer(model, config).repair(verified, train_dataset=train)
     assert result.metrics["separation"] == separation
     assert set(result.metrics["stages"]) == {"retain"}  # no warm-up after a projection
@@ -251,7 +249,7 @@ def test_fisher_and_l2_penalties_run(small):
     for penalty in ("l2", "fisher"):
         model = _tiny()
         config = RepairConfig(method="retention", retention_penalty=penalty, retention_penalty_strength=1.0,
-                              flag_rule="budget", flag_fraction=0.5, retention_epochs=0.3, **QUIET)
+                              flag_rule="budget", flag_fraction=0.5, retention_epochs=0.3, **CHEAP)
         result = Repairer(model, config).repair(verified, train_dataset=train)
         assert set(result.metrics["stages"]) == {"warm-up", "retain"}
 
@@ -300,3 +298,37 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
     assert torch.equal(rows[2]["pixel_values"], verified[7]["pixel_values"])
     sub = data.subset([2], gates=[GATE_BELIEF])
     assert len(sub) == 1 and int(sub.labels[0]) == 5 and int(sub.gates[0]) == GATE_BELIEF
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes
+
+
+def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with the gloo backend")
+    scripts = os.path.join(os.path.dirname(__file__), "scripts")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               os.path.join(scripts, "distributed_retention.py"), str(tmp_path)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    timeless = [{k: v for k, v in rank["metrics"].items() if not k.endswith("time_s")} for rank in ranks]
+    assert timeless[0] == timeless[1]
+    metrics = ranks[0]["metrics"]
+    assert metrics["num_verified"] == 151 and metrics["num_train"] == 301
+    assert metrics["steps"] > 0 and metrics["accuracy_after"] >= metrics["accuracy_before"]
+    assert not ranks[0]["prepared"] and not ranks[1]["prepared"]
