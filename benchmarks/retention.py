@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--flag_multiplier", type=float, default=2.0,
                         help="Flag this many times as many samples as are corrupted (2: half the flagged are clean).")
     parser.add_argument("--retention_epochs", type=float, default=1.0, help="Fine-tune budget in training epochs.")
-    parser.add_argument("--score", default="influence", help="Identification score (RepairConfig.score).")
+    parser.add_argument("--score", default="auto", help="Identification score (RepairConfig.score).")
     parser.add_argument("--lr", type=float, default=5e-4, help="Fine-tune learning rate of the image models.")
     parser.add_argument("--text_lr", type=float, default=5e-5, help="Fine-tune learning rate of MiniLM.")
     parser.add_argument("--text_train", type=int, default=2000)

@@ -43,7 +43,15 @@ from tqdm.auto import tqdm
 import datasets
 
 from .config import RepairConfig
-from .data import CollateFn, LabeledBatch, VerifiedSplit, check_label_range, model_input_names
+from .data import (
+    CollateFn,
+    LabeledBatch,
+    VerifiedSplit,
+    check_label_range,
+    column_array,
+    model_input_names,
+    numpy_batches,
+)
 from .distributed import gather_uneven, is_main_process, process_info
 from .evaluation import ForwardFn, default_forward
 from .influence import HeadRefit, InfluenceModel, LayerCapture, LinearProbe, TrackedLayer, fit_probe, refit_head
@@ -172,7 +180,7 @@ def _check_train_dataset(dataset: Any, label_column: str) -> np.ndarray:
             f"The training dataset has no {label_column!r} column (columns: {columns}). Rename its label column, "
             f"e.g. dataset.rename_column('label', {label_column!r}), or set RepairConfig.label_column."
         )
-    labels = np.asarray(dataset.with_format("numpy")[label_column])
+    labels = column_array(dataset, label_column)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
             f"Training labels in {label_column!r} must be integer class ids (one per row), got dtype {labels.dtype} "
@@ -438,9 +446,8 @@ def training_batches(dataset: datasets.Dataset, indices: np.ndarray, label_colum
         if collate_fn is not None:
             yield from DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
             return
-        formatted = subset.with_format("numpy")
-        for start in range(0, len(subset), batch_size):
-            yield {name: _to_tensor(name, value) for name, value in formatted[start : start + batch_size].items()}
+        for batch in numpy_batches(subset, batch_size):
+            yield {name: _to_tensor(name, value) for name, value in batch.items()}
     except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(
             f"Could not batch the training dataset ({err}). Inputs of different lengths need a padding collator, "
@@ -608,7 +615,7 @@ def _build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Data
     }
     corrupted = None
     if "is_corrupted" in dataset.column_names:
-        corrupted = np.asarray(dataset.with_format("numpy")["is_corrupted"]).astype(bool)
+        corrupted = column_array(dataset, "is_corrupted").astype(bool)
         table["is_corrupted"] = corrupted
     for name, value in available.items():
         table[name] = value.astype(np.float64)
@@ -648,7 +655,7 @@ def _build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Data
         summary["auroc"] = auroc(score, corrupted)
         summary["auroc_by_score"] = {name: auroc(value, corrupted) for name, value in available.items()}
         summary["suggested_label_accuracy_on_corrupted"] = (
-            float((suggested[corrupted] == np.asarray(dataset.with_format("numpy")["clean_labels"])[corrupted]).mean())
+            float((suggested[corrupted] == column_array(dataset, "clean_labels")[corrupted]).mean())
             if "clean_labels" in dataset.column_names and corrupted.any() else math.nan
         )
     flagged_indices = np.flatnonzero(flagged).astype(np.int64)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import datasets
 import numpy as np
 
+from .data import column_array
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def corrupt_dataset(
         else:
             raise ValueError(f"Column {label_column!r} is not a ClassLabel; pass num_classes.")
 
-    clean = np.asarray(dataset.with_format("numpy")[label_column])
+    clean = column_array(dataset, label_column)
     if noise == "symmetric":
         noisy, is_corrupted = symmetric_noise(clean, rate, num_classes, seed)
     elif noise == "asymmetric":
@@ -174,4 +175,10 @@ def corrupt_dataset(
 
     corrupted = dataset.rename_column(label_column, "clean_labels")
     corrupted = corrupted.add_column(label_column, noisy, feature=label_feature)
-    return corrupted.add_column("is_corrupted", is_corrupted, feature=datasets.Value("bool"))
+    corrupted = corrupted.add_column("is_corrupted", is_corrupted, feature=datasets.Value("bool"))
+    # add_column on a selection re-infers the other columns' features (Array3D images become nested
+    # lists, many times slower to batch); keep the ones the caller had.
+    features = corrupted.features.copy()
+    features.update({name: feature for name, feature in dataset.features.items() if name != label_column})
+    features["clean_labels"] = label_feature
+    return corrupted if features == corrupted.features else corrupted.cast(features)

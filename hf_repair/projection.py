@@ -10,7 +10,6 @@ the space of the whole split, and only if it beats the unrepaired model.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union

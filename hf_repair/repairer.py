@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from .config import RepairConfig

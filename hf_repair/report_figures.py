@@ -103,6 +103,19 @@ def _style(ax: Any) -> None:
     ax.set_axisbelow(True)
 
 
+def _before_after_bars(ax: Any, before: list[float], after: list[float], ylabel: str, top: float) -> tuple[Any, Any]:
+    """Paired before/after bars on a 0-100 axis with headroom for the legend; returns both bar containers."""
+    x = np.arange(len(before))
+    bars = (ax.bar(x - 0.2, before, width=0.38, color=BEFORE_COLOR, label="before"),
+            ax.bar(x + 0.2, after, width=0.38, color=AFTER_COLOR, label="after"))
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, top)
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(loc="upper center", frameon=False, fontsize=8, ncols=2)
+    _style(ax)
+    return bars
+
+
 def _draw_accuracy(figure: Any, numbers: dict[str, Any]) -> None:
     metrics = numbers["metrics"]
     groups = [("held-out verified", metrics["accuracy_before"], metrics["accuracy_after"])]
@@ -110,35 +123,23 @@ def _draw_accuracy(figure: Any, numbers: dict[str, Any]) -> None:
         groups.append(("test", numbers["test"]["accuracy_before"], numbers["test"]["accuracy_after"]))
     figure.set_size_inches(2.2 + 1.8 * len(groups), 3.4)
     ax = figure.add_subplot()
-    x = np.arange(len(groups))
-    for offset, index, color, label in ((-0.2, 1, BEFORE_COLOR, "before"), (0.2, 2, AFTER_COLOR, "after")):
-        values = [100 * g[index] if g[index] is not None else math.nan for g in groups]
-        bars = ax.bar(x + offset, values, width=0.38, color=color, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-    ax.set_xticks(x, [g[0] for g in groups])
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 118)
-    ax.set_yticks(range(0, 101, 20))
-    ax.legend(loc="upper center", frameon=False, fontsize=8, ncols=2)
-    _style(ax)
+    percent = lambda value: 100 * value if value is not None else math.nan  # noqa: E731
+    bars = _before_after_bars(ax, [percent(g[1]) for g in groups], [percent(g[2]) for g in groups], "accuracy (%)", 118)
+    for container in bars:
+        ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
+    ax.set_xticks(np.arange(len(groups)), [g[0] for g in groups])
 
 
 def _draw_per_class(figure: Any, numbers: dict[str, Any]) -> None:
     rows = numbers["test"]["per_class"]
     figure.set_size_inches(min(16, 2 + 0.55 * len(rows)), 3.6)
     ax = figure.add_subplot()
-    x = np.arange(len(rows))
     before = [100 * r["accuracy_before"] if r["accuracy_before"] is not None else 0 for r in rows]
     after = [100 * r["accuracy_after"] if r["accuracy_after"] is not None else 0 for r in rows]
-    ax.bar(x - 0.2, before, width=0.38, color=BEFORE_COLOR, label="before")
-    ax.bar(x + 0.2, after, width=0.38, color=AFTER_COLOR, label="after")
+    _before_after_bars(ax, before, after, "test accuracy (%)", 115)
     if len(rows) <= 40:
-        ax.set_xticks(x, [r["name"] for r in rows], rotation=35 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 115)
-    ax.set_yticks(range(0, 101, 20))
-    ax.legend(loc="upper center", frameon=False, fontsize=8, ncols=2)
-    _style(ax)
+        ax.set_xticks(np.arange(len(rows)), [r["name"] for r in rows], rotation=35 if len(rows) > 4 else 0,
+                      ha="right" if len(rows) > 4 else "center")
 
 
 def _draw_selection(figure: Any, numbers: dict[str, Any]) -> None:

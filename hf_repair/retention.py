@@ -44,7 +44,7 @@ from transformers import default_data_collator
 import datasets
 
 from .config import RepairConfig
-from .data import VerifiedSplit, check_label_range, model_input_names, stratified_folds
+from .data import VerifiedSplit, check_label_range, column_array, model_input_names, stratified_folds
 from .distributed import process_info
 from .evaluation import compute_scores, default_forward, predict
 from .finetune import (
@@ -109,7 +109,7 @@ class RetentionRepair:
             identification: IdentificationResult) -> RetentionOutcome:
         config = self.config
         columns = input_columns(train_dataset, verified, config.label_column, self.input_names)
-        labels = np.asarray(train_dataset.with_format("numpy")[config.label_column]).astype(np.int64)
+        labels = column_array(train_dataset, config.label_column).astype(np.int64)
         flagged = np.unique(np.asarray(identification.flagged_indices, dtype=np.int64))
         if flagged.size and (flagged[0] < 0 or flagged[-1] >= len(train_dataset)):
             raise ValueError(

@@ -22,18 +22,11 @@ from transformers import (
 
 from hf_repair import RepairCallback, RepairConfig, Repairer, RepairResult
 from hf_repair.callback import REPORT_DIR, RESULTS_NAME
+from helpers import PadCollator
 
 FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even when it does not win, so weights change
 ALPHAS = [1.0, 10.0, 1e3]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing the CPU cores other processes share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(num_classes=3):
@@ -94,18 +87,6 @@ def text_data(n, seed, num_classes=2):
         ids.append(rng.integers(low, high, size=length).tolist())
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels.tolist(), "text": ["unused"] * n})
 
-
-class PadCollator:
-    """DataCollatorWithPadding without a tokenizer file: pads input_ids with 0 and builds the mask."""
-
-    def __call__(self, rows):
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids = torch.zeros(len(rows), longest, dtype=torch.long)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.as_tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([int(r["labels"]) for r in rows])}
 
 
 def training_args(tmp_path, **overrides):

@@ -49,14 +49,6 @@ def word_tokenizer():
                                    sep_token="[SEP]", model_max_length=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing the CPU cores other processes share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

@@ -32,14 +32,6 @@ from distributed_setup import CONFIG, NUM_VERIFIED, make_model, verified_split  
 SETUPS = ["replicated", "loader", "fsdp", "fsdp_orig_params", "fsdp2", "trainer"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing the CPU cores other processes share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _free_port():
     with socket.socket() as s:

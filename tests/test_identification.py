@@ -30,14 +30,6 @@ from identification_setup import NUM_TRAIN, NUM_VERIFIED, fashion_subsets  # noq
 QUIET = dict(repair_disable_tqdm=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one thread avoids oversubscribing the CPU cores other processes share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def subsets():

@@ -1,4 +1,3 @@
-import copy
 
 import datasets
 import numpy as np
@@ -9,7 +8,6 @@ from torch.utils.data import DataLoader
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    DataCollatorWithPadding,
     GPT2Config,
     GPT2ForSequenceClassification,
     ViTConfig,
@@ -18,7 +16,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer
-from hf_repair.clean_space import CleanSpace
+from helpers import PadCollator
 
 FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even if it is not better, to check the update
 
@@ -48,18 +46,6 @@ def text_split(n=48, vocab=60, length=10, num_classes=2):
         {"input_ids": ids, "labels": [i % num_classes for i in range(n)], "text": ["unused"] * n}
     )
 
-
-class PadCollator:
-    """DataCollatorWithPadding without a tokenizer file: pads input_ids with 0 and builds the mask."""
-
-    def __call__(self, rows):
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids = torch.zeros(len(rows), longest, dtype=torch.long)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["labels"] for r in rows])}
 
 
 def weights(model):

@@ -28,14 +28,6 @@ def repair_config(**overrides):
     return RepairConfig(**{"alphas": ALPHAS, "repair_seed": 0, "repair_disable_tqdm": True, **overrides})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread; multi-threaded LAPACK stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @dataclass
 class FakeIdentification:

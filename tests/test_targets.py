@@ -1,7 +1,6 @@
 import logging
 
 import pytest
-import torch
 from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
