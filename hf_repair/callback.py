@@ -35,6 +35,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import datasets
 import torch
 from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -44,6 +45,7 @@ from .data import CollateFn, check_label_range
 from .evaluation import ForwardFn, MetricFn
 from .repairer import Repairer
 from .results import RepairResult
+from .retention import FINETUNE_METHODS
 from .serialization import write_json
 from .sharding import weight_access_for
 
@@ -71,6 +73,9 @@ class RepairCallback(TrainerCallback):
         test_dataset: labelled held-out data, preprocessed like `verified_dataset`, that the report scores
             before and after the repair (per class, confusion matrices). The main process scores it
             alone, so it needs unsharded weights (not FSDP or ZeRO-3).
+        train_dataset: for the fine-tuning methods ("retention", "erase", "projection+retention"): the
+            training data to identify harmful samples in and fine-tune on. By default the dataset the
+            `Trainer` trained on (after its unused-column removal), so it batches with its collator.
 
     After training, `callback.result` holds the `RepairResult` (`result.undo()` restores the trained
     weights), or `callback.error` the exception that stopped the repair; the model is then exactly as
@@ -93,6 +98,7 @@ class RepairCallback(TrainerCallback):
         forward_fn: Optional[ForwardFn] = None,
         write_report: bool = True,
         test_dataset: Optional[Any] = None,
+        train_dataset: Optional[Any] = None,
     ) -> None:
         if verified_dataset is None:
             raise ValueError("RepairCallback needs verified_dataset: the verified samples to repair the model with.")
@@ -105,10 +111,12 @@ class RepairCallback(TrainerCallback):
         self.forward_fn = forward_fn
         self.write_report = write_report
         self.test_dataset = test_dataset
+        self.train_dataset = train_dataset
         self.result: Optional[RepairResult] = None
         self.error: Optional[Exception] = None
         self._log: Optional[Callable[[dict[str, float]], None]] = None
         self._trainer_collate_fn: Optional[CollateFn] = None
+        self._trainer_train_dataset: Optional[Any] = None
 
     def attach(self, trainer: "Trainer") -> "RepairCallback":
         """Register with `trainer` ahead of its reporting integrations and log through `trainer.log`.
@@ -138,7 +146,10 @@ class RepairCallback(TrainerCallback):
                 f"Register it with `RepairCallback(...).attach(trainer)` instead."
             )
         self._trainer_collate_fn = getattr(train_dataloader, "collate_fn", None)
+        self._trainer_train_dataset = getattr(train_dataloader, "dataset", None)
         self._check_fits(self._repairer(model, args))
+        if self.config.method in FINETUNE_METHODS:
+            self._training_data()
         if self.test_dataset is not None:
             self._check_test_dataset(model)
 
@@ -146,7 +157,8 @@ class RepairCallback(TrainerCallback):
                      model: Optional[nn.Module] = None, **kwargs: Any) -> None:
         self.result, self.error = None, None
         try:
-            self.result = self._repairer(model, args).repair(self.verified_dataset)
+            train_dataset = self._training_data() if self.config.method in FINETUNE_METHODS else None
+            self.result = self._repairer(model, args).repair(self.verified_dataset, train_dataset=train_dataset)
         except Exception as err:  # training's own outputs stay intact; the Repairer restored the weights
             self.error = err
             logger.exception("hf_repair: the repair failed; the model is left exactly as trained.")
@@ -184,6 +196,17 @@ class RepairCallback(TrainerCallback):
             forward_fn=self.forward_fn,
             collate_fn=self.collate_fn or self._trainer_collate_fn,
         )
+
+    def _training_data(self) -> datasets.Dataset:
+        """The training set a fine-tuning repair needs: the one given, else the one `Trainer` trained on."""
+        dataset = self.train_dataset if self.train_dataset is not None else self._trainer_train_dataset
+        if not isinstance(dataset, datasets.Dataset):
+            raise ValueError(
+                f"RepairCallback: method={self.config.method!r} fine-tunes on the training data, but "
+                + ("the Trainer's training data is not a datasets.Dataset" if dataset is not None else "none was found")
+                + "; pass RepairCallback(..., train_dataset=...) with the datasets.Dataset the model is trained on."
+            )
+        return dataset
 
     def _report(self, model: nn.Module, args: TrainingArguments) -> tuple[Optional[str], Optional[str]]:
         """Write `output_dir/repair_report/`; on failure log it and return the reason instead of raising."""
@@ -247,6 +270,9 @@ def _repair_logs(result: RepairResult) -> dict[str, float]:
     }
     if m.get("alpha") is not None:  # None when the repair was not adopted
         logs["repair/alpha"] = float(m["alpha"])
+    for key in ("num_flagged", "steps"):  # the fine-tuning methods
+        if m.get(key) is not None:
+            logs[f"repair/{key}"] = float(m[key])
     metric = result.config.metric_for_selection
     if metric != "accuracy":
         logs[f"repair/{metric}_before"] = float(m[f"{metric}_before"])

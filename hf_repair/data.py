@@ -90,12 +90,16 @@ def _uniform_list_array(column: Any) -> Optional[np.ndarray]:
 
 
 def model_input_names(model: nn.Module) -> Optional[set[str]]:
-    """Names `model.forward` accepts, or None when it takes **kwargs (then keep every column)."""
+    """The named inputs of `model.forward`, as `Trainer(remove_unused_columns=True)` keeps them.
+
+    None (keep every column) when the forward takes nothing but **kwargs. A named signature with
+    **kwargs too (transformers' models pass attention options that way) counts by its names.
+    """
     # FSDP/DDP/DeepSpeed wrappers forward **kwargs; the wrapped model's signature is what counts.
     params = inspect.signature(extract_model_from_parallel(model).forward).parameters
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
+    named = {name for name, p in params.items()
+             if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    return named or None
 
 
 class VerifiedSplit:

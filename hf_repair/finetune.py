@@ -32,31 +32,12 @@ from .config import RETENTION_PENALTIES
 from .data import CollateFn, VerifiedSplit
 from .distributed import sum_across_processes
 from .evaluation import ForwardFn, compute_scores, predict, selection_value
+from .weights import ModelSnapshot
 
 logger = logging.getLogger(__name__)
 
 _TARGET, _EXTRA = "__hf_repair_target__", "__hf_repair_extra__"
 GATE_NONE, GATE_BELIEF, GATE_AGREEMENT = 0, 1, 2
-
-
-class ModelSnapshot:
-    """Exact CPU copies of every parameter and buffer, restorable in place.
-
-    Unlike `WeightSnapshot` (target layers' weights only), a fine-tune moves every trainable
-    parameter and updates buffers such as BatchNorm running statistics, so all of them are kept.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        # load_state_dict copies into the existing tensors, so optimizers and hooks keep their references.
-        self.model.load_state_dict(self._state)
-
-    def is_unchanged(self) -> bool:
-        return all(torch.equal(v.detach().cpu(), self._state[k]) for k, v in self.model.state_dict().items())
 
 
 class FinetuneSet(Dataset):
@@ -67,12 +48,15 @@ class FinetuneSet(Dataset):
     `soft_targets` has an entry for i, that probability vector. `gates[i]` says how far the label is
     trusted: `GATE_NONE` fully; `GATE_BELIEF` in proportion to the model's current probability of it,
     p(y|x)^power (not differentiated); `GATE_AGREEMENT` only while the model predicts it. Rows are
-    fetched in batches (`__getitems__`) and batched by the user's collator, so text keeps its padding.
+    fetched in batches (`__getitems__`) and batched by the user's collator, so text keeps its padding;
+    when the parts carry `label_column` (collators may expect it), the collated batch drops it again.
     """
 
     def __init__(self, parts: Sequence[Any], part_ids: Any, rows: Any, labels: Any, weights: Optional[Any] = None,
-                 gates: Optional[Any] = None, soft_targets: Optional[Mapping[int, torch.Tensor]] = None) -> None:
+                 gates: Optional[Any] = None, soft_targets: Optional[Mapping[int, torch.Tensor]] = None,
+                 label_column: Optional[str] = None) -> None:
         self.parts = list(parts)
+        self.label_column = label_column
         self.part_ids = np.asarray(part_ids, dtype=np.int64)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -108,7 +92,8 @@ class FinetuneSet(Dataset):
         """These rows (positions into this set), optionally with new gates and soft targets (keyed by new position)."""
         positions = np.asarray(positions, dtype=np.int64)
         return FinetuneSet(self.parts, self.part_ids[positions], self.rows[positions], self.labels[positions],
-                           self.weights[positions], self.gates[positions] if gates is None else gates, soft_targets)
+                           self.weights[positions], self.gates[positions] if gates is None else gates, soft_targets,
+                           self.label_column)
 
 
 @dataclass
@@ -128,9 +113,10 @@ class TargetBatch:
 class _TargetCollator:
     """Runs the user's collator on the model inputs and stacks targets, weights and gates beside them."""
 
-    def __init__(self, collate_fn: CollateFn, num_classes: int) -> None:
+    def __init__(self, collate_fn: CollateFn, num_classes: int, label_column: Optional[str] = None) -> None:
         self.collate_fn = collate_fn
         self.num_classes = num_classes
+        self.label_column = label_column
 
     def __call__(self, rows: list[dict[str, Any]]) -> TargetBatch:
         targets = [row.pop(_TARGET) for row in rows]
@@ -138,7 +124,12 @@ class _TargetCollator:
         distributions = torch.stack([
             F.one_hot(t, self.num_classes).float() if t.dim() == 0 else t.float() for t in targets
         ])
-        return TargetBatch(dict(self.collate_fn(rows)), distributions, labels, weights, gates)
+        inputs = dict(self.collate_fn(rows))
+        if self.label_column is not None:  # the targets above stand for it; the forward gets model inputs only
+            inputs.pop(self.label_column, None)
+            if self.label_column == "label":  # collators rename label -> labels
+                inputs.pop("labels", None)
+        return TargetBatch(inputs, distributions, labels, weights, gates)
 
 
 @dataclass
@@ -210,7 +201,7 @@ class GuardedFinetuner:
         # Joins the existing Accelerate state (its processes and mixed precision); the model stays on its device.
         accelerator = Accelerator(device_placement=False)
         device = next(model.parameters()).device
-        collator = _TargetCollator(self.collate_fn, num_classes)
+        collator = _TargetCollator(self.collate_fn, num_classes, train_set.label_column)
         loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collator,
                             generator=torch.Generator().manual_seed(args.seed))
         steps_per_epoch = math.ceil(len(train_set) / (args.batch_size * accelerator.num_processes))
@@ -241,50 +232,54 @@ class GuardedFinetuner:
         stop_reason, step, stale, epoch = "completed", 0, 0, 0
         progress = tqdm(total=total_steps, desc=f"hf_repair: {desc}", unit="step",
                         disable=args.disable_tqdm or not accelerator.is_main_process)
-        try:
-            while step < total_steps and stop_reason == "completed":
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(epoch)
-                for batch in loader:
-                    batch = batch.to(device)
-                    prepared.train()
-                    with accelerator.autocast():
-                        logits = self.forward_fn(prepared, batch.inputs)
-                    loss, trusted = _retention_loss(logits, batch, args.belief_power)
-                    if penalize:
-                        loss = loss + args.penalty_strength / 2 * _penalty(params, anchor, fisher)
-                    if _nonfinite_anywhere(loss):
-                        stop_reason = "nan_loss"
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    step += 1
-                    progress.update(1)
-                    record = {"step": step, "train_loss": float(loss.detach()), "trusted_fraction": trusted}
-                    logger.debug("%s step %d: loss %.4f, trusted weight %.3f", desc, step, record["train_loss"], trusted)
-                    if step % eval_steps == 0 or step == total_steps:
-                        scores = evaluate()
-                        record.update({f"heldout_{k}": v for k, v in scores.items()})
-                        progress.set_postfix(heldout_loss=f"{scores['loss']:.4f}", heldout_accuracy=f"{scores['accuracy']:.3f}")
-                        if scores["loss"] < best["scores"]["loss"]:
-                            best = {"step": step, "scores": scores, "state": _cpu_state(model)}
-                            stale = 0
-                        else:
-                            stale += 1
-                            if stale >= args.patience:
-                                stop_reason = "early_stopping"
-                    history.append(record)
-                    if step >= total_steps or stop_reason != "completed":
-                        break
-                epoch += 1
-        except BaseException:
-            snapshot.restore()
-            raise
-        finally:
-            progress.close()
-            _release(accelerator, model)
-            model.train(was_training)
+        # Dropout draws from the global generator: seed it for a reproducible repair, and give the
+        # caller's generator back untouched afterwards.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            try:
+                while step < total_steps and stop_reason == "completed":
+                    if hasattr(loader, "set_epoch"):
+                        loader.set_epoch(epoch)
+                    for batch in loader:
+                        batch = batch.to(device)
+                        prepared.train()
+                        with accelerator.autocast():
+                            logits = self.forward_fn(prepared, batch.inputs)
+                        loss, trusted = _retention_loss(logits, batch, args.belief_power)
+                        if penalize:
+                            loss = loss + args.penalty_strength / 2 * _penalty(params, anchor, fisher)
+                        if _nonfinite_anywhere(loss):
+                            stop_reason = "nan_loss"
+                            break
+                        optimizer.zero_grad(set_to_none=True)
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        step += 1
+                        progress.update(1)
+                        record = {"step": step, "train_loss": float(loss.detach()), "trusted_fraction": trusted}
+                        logger.debug("%s step %d: loss %.4f, trusted weight %.3f", desc, step, record["train_loss"], trusted)
+                        if step % eval_steps == 0 or step == total_steps:
+                            scores = evaluate()
+                            record.update({f"heldout_{k}": v for k, v in scores.items()})
+                            progress.set_postfix(heldout_loss=f"{scores['loss']:.4f}", heldout_accuracy=f"{scores['accuracy']:.3f}")
+                            if scores["loss"] < best["scores"]["loss"]:
+                                best = {"step": step, "scores": scores, "state": _cpu_state(model)}
+                                stale = 0
+                            else:
+                                stale += 1
+                                if stale >= args.patience:
+                                    stop_reason = "early_stopping"
+                        history.append(record)
+                        if step >= total_steps or stop_reason != "completed":
+                            break
+                    epoch += 1
+            except BaseException:
+                snapshot.restore()
+                raise
+            finally:
+                progress.close()
+                _release(accelerator, model)
+                model.train(was_training)
 
         adopted = stop_reason != "nan_loss" and best["state"] is not None and (
             sign * selection_value(best["scores"], args.metric_for_selection)
@@ -349,7 +344,7 @@ def predict_distributions(model: nn.Module, data: FinetuneSet, forward_fn: Forwa
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    collator = _TargetCollator(collate_fn or default_data_collator, num_classes)
+    collator = _TargetCollator(collate_fn or default_data_collator, num_classes, data.label_column)
     try:
         return torch.cat([forward_fn(model, batch.to(device).inputs).float().softmax(-1).cpu()
                           for batch in DataLoader(data, batch_size=batch_size, collate_fn=collator)])

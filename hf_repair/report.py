@@ -22,7 +22,6 @@ main process.
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import datetime
 import html
@@ -30,7 +29,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -227,7 +226,7 @@ def _test_numbers(result: "RepairResult", model: nn.Module, dataset: datasets.Da
     if not result.adopted:
         before = after  # the weights were left bit-identical
     elif snapshot is not None:
-        with _original_weights(result):
+        with snapshot.originals_swapped_in():
             before = _predict(model, dataset, label_column, forward_fn, collate_fn, batch_size)
     else:
         before = None
@@ -300,32 +299,15 @@ def _predict(model: nn.Module, dataset: datasets.Dataset, label_column: str, for
     return torch.cat(logits).numpy()
 
 
-@contextlib.contextmanager
-def _original_weights(result: "RepairResult") -> Iterator[None]:
-    """Swap the pre-repair weights in for the block, then write the repaired ones back bit for bit."""
-    snapshot = result._snapshot
-    repaired = {}
-    for name, module in snapshot.modules.items():
-        with snapshot.access.full_weight(module) as weight:
-            repaired[name] = weight.detach().to("cpu", copy=True)
-    try:
-        snapshot.restore()
-        yield
-    finally:
-        for name, weight in repaired.items():
-            snapshot.write(name, weight)
-
-
 def _check_same_model(result: "RepairResult", model: nn.Module) -> None:
     snapshot = result._snapshot
     if snapshot is None:
         return
-    modules = {id(m) for m in model.modules()}
-    foreign = [name for name, module in snapshot.modules.items() if id(module) not in modules]
+    foreign = snapshot.missing_from(model)
     if foreign:
         raise ValueError(
-            f"model is not the model this result repaired: it lacks the repaired layers {foreign[:3]}. "
-            f"Pass the model that was given to Repairer."
+            f"model is not the model this result repaired: it lacks {foreign[:3]}. Pass the model that was given "
+            f"to Repairer."
         )
 
 

@@ -55,11 +55,11 @@ from .finetune import (
     FinetuneResult,
     FinetuneSet,
     GuardedFinetuner,
-    ModelSnapshot,
     predict_distributions,
 )
 from .identification import BOOKKEEPING_COLUMNS, IdentificationResult
 from .results import RepairResult
+from .weights import ModelSnapshot
 
 if TYPE_CHECKING:
     from .repairer import Repairer
@@ -141,10 +141,11 @@ class RetentionRepair:
                 "" if config.method == "erase" else ", and the flagged samples are admitted only after the warm-up")
 
         # Rows: the verified training folds (part 0), then every training sample (part 1), read in place.
-        parts = [verified.select_columns(columns), train_dataset.select_columns(columns)]
+        with_labels = columns + [config.label_column]  # collators may expect the label; batches drop it again
+        parts = [verified.select_columns(with_labels), train_dataset.select_columns(with_labels)]
         table = FinetuneSet(parts, np.repeat([0, 1], [len(verified_rows), len(labels)]),
                             np.concatenate([verified_rows, np.arange(len(labels))]),
-                            np.concatenate([verified_labels, labels]))
+                            np.concatenate([verified_labels, labels]), label_column=config.label_column)
         offset = len(verified_rows)
         trusted_rows = np.concatenate([np.arange(offset), offset + unflagged])
         trusted = table.subset(trusted_rows)
@@ -236,7 +237,7 @@ def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: A
         raise TypeError(f"train_dataset must be a datasets.Dataset, got {type(train_dataset).__name__}.")
     input_names = None if repairer.forward_fn is not default_forward else model_input_names(repairer.model)
     columns = input_columns(train_dataset, verified, config.label_column, input_names)  # fail before anything runs
-    check_rows_batch_together(verified, train_dataset, columns, repairer.collate_fn)
+    check_rows_batch_together(verified, train_dataset, columns, config.label_column, repairer.collate_fn)
     split = repairer.verified_split(verified)
     if identification is None:
         identification = repairer.identify(train_dataset, verified)
@@ -351,13 +352,13 @@ def input_columns(train_dataset: datasets.Dataset, verified: datasets.Dataset, l
 
 
 def check_rows_batch_together(verified: datasets.Dataset, train_dataset: datasets.Dataset, columns: list[str],
-                              collate_fn: Optional[Any]) -> None:
+                              label_column: str, collate_fn: Optional[Any]) -> None:
     """The fine-tune batches verified and training rows together: check one of each collates.
 
     Features may describe the same values differently (`Array3D` vs nested lists), so the test is
     behavioural: a different tokenizer, image size or dtype fails here, before any weight changes.
     """
-    rows = [verified.select_columns(columns)[0], train_dataset.select_columns(columns)[0]]
+    rows = [dataset.select_columns(columns + [label_column])[0] for dataset in (verified, train_dataset)]
     try:
         (collate_fn or default_data_collator)(rows)
     except Exception as err:  # collators raise anything from ValueError to RuntimeError on mismatched rows

@@ -1,12 +1,16 @@
 """Reading, writing and restoring the repaired weights, bit for bit.
 
-Every repair starts by snapshotting the target weights (on CPU), writes only through
-`WeightSnapshot.write`, and restores the snapshot on any failure, so a model is never left
-half-projected.
+Every repair starts with a snapshot on CPU -- the target layers' weights for the projection
+(`WeightSnapshot`), every parameter and buffer for a fine-tune (`ModelSnapshot`) -- and restores
+it on any failure, so a model is never left half-repaired. Both offer what `RepairResult` needs
+afterwards: `restore` (undo), `original(layer)`, `originals_swapped_in` (score the model as
+trained, e.g. for the report) and `missing_from(model)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -41,6 +45,22 @@ class WeightSnapshot:
         for name in self.modules:
             self.write(name, self._original[name])
 
+    @contextlib.contextmanager
+    def originals_swapped_in(self) -> Iterator[None]:
+        """The weights as they were before the repair during the block; the repaired ones back, bit for bit, after."""
+        repaired = {name: self._read(module) for name, module in self.modules.items()}
+        try:
+            self.restore()
+            yield
+        finally:
+            for name, weight in repaired.items():
+                self.write(name, weight)
+
+    def missing_from(self, model: nn.Module) -> list[str]:
+        """The snapshotted layers that are not modules of `model` (empty: it is the model that was repaired)."""
+        modules = {id(m) for m in model.modules()}
+        return [name for name, module in self.modules.items() if id(module) not in modules]
+
     def is_unchanged(self) -> bool:
         # A list, not a short-circuiting generator: with sharded weights every read is a collective.
         return all([torch.equal(self._read(m), self._original[n]) for n, m in self.modules.items()])
@@ -51,3 +71,45 @@ class WeightSnapshot:
         now = self._read(self.modules[name]).double()
         denom = before.norm()
         return float((now - before).norm() / denom) if denom > 0 else 0.0
+
+
+class ModelSnapshot:
+    """Exact CPU copies of every parameter and buffer, restorable in place.
+
+    Unlike `WeightSnapshot` (target layers' weights only), a fine-tune moves every trainable
+    parameter and updates buffers such as BatchNorm running statistics, so all of them are kept.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._state = self._read()
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def original(self, name: str) -> torch.Tensor:
+        """The weight of layer `name` before the repair."""
+        return self._state[f"{name}.weight"]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        # load_state_dict copies into the existing tensors, so optimizers and hooks keep their references.
+        self.model.load_state_dict(self._state)
+
+    @contextlib.contextmanager
+    def originals_swapped_in(self) -> Iterator[None]:
+        """The model as it was before the repair during the block; the repaired state back, bit for bit, after."""
+        repaired = self._read()
+        try:
+            self.restore()
+            yield
+        finally:
+            with torch.no_grad():
+                self.model.load_state_dict(repaired)
+
+    def missing_from(self, model: nn.Module) -> list[str]:
+        """["the repaired model"] unless `model` is (or contains) the model this snapshot was taken of."""
+        return [] if any(m is self.model for m in model.modules()) else ["the repaired model"]
+
+    def is_unchanged(self) -> bool:
+        return all(torch.equal(v.detach().cpu(), self._state[k]) for k, v in self.model.state_dict().items())

@@ -202,6 +202,45 @@ def test_bert_trainer_repairs_with_the_trainers_collator(tmp_path, remove_unused
     assert any(not torch.equal(model.state_dict()[k], trained[k]) for k in trained)
 
 
+@pytest.mark.parametrize("method", ["erase", "projection+retention"])
+def test_fine_tuning_methods_use_the_trainers_training_set_and_collator(tmp_path, method):
+    train, verified = text_data(96, seed=1), text_data(60, seed=2)
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=12), train_dataset=train,
+                      data_collator=PadCollator())
+    config = RepairConfig(method=method, score="loss", flag_rule="budget", flag_fraction=0.25, retention_epochs=1.0,
+                          batch_size=16, alphas=ALPHAS)
+    callback = RepairCallback(config, verified).attach(trainer)
+    trained = {}
+    trainer.callback_handler.callbacks.insert(0, _SnapshotAtTrainEnd(trained))
+    trainer.train()
+
+    assert callback.error is None, callback.error
+    metrics = callback.result.metrics
+    assert metrics["num_train"] == 96 and metrics["num_flagged"] == 24 and metrics["steps"] > 0
+    assert metrics["accuracy_after"] >= metrics["accuracy_before"]
+    logged = trainer.state.log_history[-1]
+    assert logged["repair/num_flagged"] == 24 and logged["repair/steps"] == metrics["steps"]
+    with open(tmp_path / "out" / RESULTS_NAME) as handle:
+        saved = json.load(handle)
+    assert saved["report"] == f"{REPORT_DIR}/index.html" and "report_error" not in saved
+    assert saved["metrics"]["num_flagged"] == 24
+    # the repair is the one a Repairer makes from the trained weights with the same data and collator
+    reference = tiny_bert()
+    reference.load_state_dict(trained)
+    Repairer(reference, config, collate_fn=PadCollator()).repair(verified, train_dataset=train)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-5)
+
+
+def test_fine_tuning_method_without_a_training_dataset_fails_before_training(tmp_path):
+    trainer = Trainer(model=tiny_vit(), args=training_args(tmp_path), train_dataset=image_data(48, seed=1).to_iterable_dataset())
+    RepairCallback(RepairConfig(method="erase"), image_data(30, seed=2)).attach(trainer)
+    with pytest.raises(ValueError, match=r"train_dataset=\.\.\."):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 class _SnapshotAtTrainEnd(TrainerCallback):
     """Runs first at train end: the weights as trained, before the repair."""
 
@@ -342,7 +381,7 @@ def test_report_failure_or_opt_out_never_breaks_training(tmp_path, monkeypatch, 
     "config, verified, message",
     [
         (RepairConfig(target_modules=["no_such_layer"]), image_data(30, seed=2), "matched no repairable layer"),
-        (RepairConfig(), text_data(30, seed=2), "verified split does not fit the model"),
+        (RepairConfig(), text_data(30, seed=2), "No column of the verified split is a model input"),
         (RepairConfig(), image_data(30, seed=2, num_classes=5), "outside the model's 3 classes"),
         (RepairConfig(label_column="label"), image_data(30, seed=2), "no 'label' column"),
     ],
