@@ -19,7 +19,6 @@ import copy
 import numpy as np
 import torch
 
-from common import gap_closed, markdown_table, measure
 from hf_repair import RepairConfig, Repairer
 from hf_repair.capture import GramCollector
 from hf_repair.clean_space import CleanSpace
@@ -29,6 +28,8 @@ from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from hf_repair.noise import corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist
 from hf_repair.targets import find_target_modules
+
+from common import gap_closed, markdown_table, measure
 
 
 def split_data(seed: int, num_train: int, num_verified: int):

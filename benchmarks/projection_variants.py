@@ -16,13 +16,14 @@ import copy
 import numpy as np
 import torch
 
-from common import gap_closed, markdown_table
 from hf_repair import RepairConfig, Repairer
+from hf_repair.data import stratified_folds
 from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from hf_repair.influence import refit_head
-from hf_repair.data import stratified_folds
 from hf_repair.noise import corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist
+
+from common import gap_closed, markdown_table
 
 
 @torch.no_grad()

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import gap_closed, markdown_table
 from hf_repair import RepairConfig, Repairer
 from hf_repair.experiments import SmallCNN, evaluate_accuracy, small_vit, train_classifier
 from hf_repair.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist, load_rotten_tomatoes, minilm_path
+
+from common import gap_closed, markdown_table
 
 NOISES = {"sym25": ("symmetric", 0.25), "sym40": ("symmetric", 0.4), "asym20": ("asymmetric", 0.2)}
 METHODS = ("projection", "erase", "retention", "projection+retention")

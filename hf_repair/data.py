@@ -18,10 +18,10 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import extract_model_from_parallel
+from torch import nn
+from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
 from .distributed import process_info

@@ -22,7 +22,6 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .offline_data import FASHION_MNIST_LABELS
 
-
 logger = logging.getLogger(__name__)
 
 # Bookkeeping columns added by `hf_repair.noise.corrupt_dataset`; never model inputs.

@@ -34,13 +34,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import datasets
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-
-import datasets
 
 from .config import RepairConfig
 from .data import (

@@ -21,7 +21,6 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_LABELS: tuple[str, ...] = (

@@ -10,8 +10,8 @@ the space of the whole split, and only if it beats the unrepaired model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch

@@ -33,13 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import datasets
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
-
-import datasets
 
 from .data import CollateFn, model_input_names
 from .evaluation import ForwardFn, default_forward

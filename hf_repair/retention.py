@@ -37,11 +37,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+import datasets
 import numpy as np
 import torch
 from transformers import default_data_collator
-
-import datasets
 
 from .config import RepairConfig
 from .data import VerifiedSplit, check_label_range, column_array, model_input_names, stratified_folds

@@ -22,6 +22,7 @@ from transformers import (
 
 from hf_repair import RepairCallback, RepairConfig, Repairer, RepairResult
 from hf_repair.callback import REPORT_DIR, RESULTS_NAME
+
 from helpers import PadCollator
 
 FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even when it does not win, so weights change

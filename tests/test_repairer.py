@@ -16,6 +16,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer
+
 from helpers import PadCollator
 
 FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even if it is not better, to check the update

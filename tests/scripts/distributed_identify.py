@@ -15,9 +15,9 @@ import numpy as np
 from accelerate import PartialState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from identification_setup import distributed_case  # noqa: E402
-
 from hf_repair import identify_harmful  # noqa: E402
+
+from identification_setup import distributed_case  # noqa: E402
 
 
 def main(out_dir: str) -> None:

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed_setup import CONFIG, make_model, verified_split  # noqa: E402
-
 from hf_repair import RepairCallback, Repairer  # noqa: E402
+
+from distributed_setup import CONFIG, make_model, verified_split  # noqa: E402
 
 
 def save(out_dir: str, setup: str, weights: dict[str, torch.Tensor], metrics: dict) -> None:
