@@ -3,7 +3,8 @@
 Fashion-MNIST (real images, installed offline by `scripts/setup.sh`), 40% symmetric label noise
 on the training set, 1,000 verified samples whose labels are known to be right. Trains a
 SmallCNN on the noisy labels and one on the clean labels (the ceiling a retrain would reach),
-repairs the noisy one with `Repairer`, and prints test accuracy before and after.
+repairs copies of the noisy one with the two methods -- the one-shot projection, and projection
+followed by beneficial-retention fine-tuning on the training set -- and prints test accuracy.
 
     python examples/demo.py                      # two SmallCNNs, 10,000 images x 20 epochs each
     python examples/demo.py --num_train 4000     # quicker
@@ -12,6 +13,7 @@ repairs the noisy one with `Repairer`, and prints test accuracy before and after
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 
@@ -53,22 +55,28 @@ def main() -> None:
     ceiling = train_classifier(SmallCNN(), clean_train, epochs=args.epochs, seed=args.seed)
 
     noisy_acc, clean_acc = evaluate_accuracy(model, test), evaluate_accuracy(ceiling, test)
-    print("Repairing with the verified split ...", flush=True)
-    result = Repairer(model, RepairConfig(method="projection", target_modules="all", seed=args.seed)).repair(verified)
-    repaired_acc = evaluate_accuracy(model, test)
+    rows = [("trained on noisy labels", noisy_acc, None)]
+    for method in ("projection", "projection+retention"):
+        print(f"Repairing a copy with method={method!r} ...", flush=True)
+        repaired = copy.deepcopy(model)
+        config = RepairConfig(method=method, target_modules="all", seed=args.seed)
+        # The fine-tuning methods also read the training set: they find the harmful samples in it first.
+        result = Repairer(repaired, config).repair(verified, train_dataset=noisy_train)
+        print(result.summary(), flush=True)
+        rows.append((f"repaired by hf_repair ({method})", evaluate_accuracy(repaired, test), result.metrics["repair_time_s"]))
+    rows.append(("retrained on clean labels (ceiling)", clean_acc, None))
 
     gap = clean_acc - noisy_acc
-    closed = f"{(repaired_acc - noisy_acc) / gap:.0%}" if gap > 0 else "n/a"
     print()
-    print(result.summary())
-    print()
-    print(f"| {'model':<38} | test accuracy |")
-    print(f"|{'-' * 40}|{'-' * 15}|")
-    print(f"| {'trained on noisy labels':<38} | {noisy_acc:>13.2%} |")
-    print(f"| {'repaired by hf_repair (projection)':<38} | {repaired_acc:>13.2%} |")
-    print(f"| {'retrained on clean labels (ceiling)':<38} | {clean_acc:>13.2%} |")
-    print(f"\nThe repair closed {closed} of the gap to the clean retrain, in "
-          f"{result.metrics['repair_time_s']:.0f}s ({result.metrics['repair_time_s'] / epoch_s:.1f} training epochs).")
+    print(f"| {'model':<46} | test accuracy | gap closed | repair cost |")
+    print(f"|{'-' * 48}|{'-' * 15}|{'-' * 12}|{'-' * 13}|")
+    for name, accuracy, seconds in rows:
+        closed = f"{(accuracy - noisy_acc) / gap:.0%}" if gap > 0 and seconds is not None else ""
+        cost = f"{seconds / epoch_s:.1f} epochs" if seconds is not None else ""
+        print(f"| {name:<46} | {accuracy:>13.2%} | {closed:>10} | {cost:>11} |")
+    print(f"\nGap closed: the share of the gap between the noisy and the clean-trained model that the repair "
+          f"closes. Repair cost: wall time (identification included) in epochs of the noisy training run "
+          f"({epoch_s:.1f}s each).")
 
 
 if __name__ == "__main__":

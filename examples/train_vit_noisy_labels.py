@@ -16,7 +16,9 @@ then saves the repaired model and compares test accuracy before and after the re
         --num_verified 90 --num_test 128 --max_steps 8 --hidden_size 16 --num_layers 1 --heads 2
 
 Every `TrainingArguments` and `RepairConfig` field is a flag too (`--help` lists them all), e.g.
-`--target_modules query value`, `--alphas 1 10 100`, `--report_to tensorboard`. Fashion-MNIST
+`--target_modules query value`, `--alphas 1 10 100`, `--report_to tensorboard`, or
+`--method projection+retention` to project and then fine-tune briefly on the training set with the
+harmful samples found and down-weighted (the callback reads the `Trainer`'s training set). Fashion-MNIST
 is read from the Debian package `dataset-fashion-mnist`; nothing is downloaded.
 """
 
@@ -100,7 +102,8 @@ def main() -> None:
         m = callback.result.metrics
         print(
             f"\n{example.noise} noise {example.noise_rate:.0%}, {m['num_verified']} verified samples, "
-            f"{'adopted' if callback.result.adopted else 'not adopted'} (alpha={m['alpha']})\n"
+            f"{repair_config.method}: {'adopted' if callback.result.adopted else 'not adopted'} "
+            f"(alpha={m.get('alpha')}, flagged={m.get('num_flagged')})\n"
             f"  held-out verified accuracy: {m['accuracy_before']:.4f} -> {m['accuracy_after']:.4f}\n"
             f"  test accuracy:              {trained['test_trained_accuracy']:.4f} -> "
             f"{repaired['test_repaired_accuracy']:.4f}\n"

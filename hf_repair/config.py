@@ -258,7 +258,8 @@ class RepairConfig:
         metadata={
             "help": "Share of the budget spent on the trusted rows (verified + unflagged) before flagged samples are "
             "admitted, so the model that judges them has first unlearnt what it memorised. None: 0.5 for "
-            "'retention' (a model that memorised its labels believes them), 0 for 'projection+retention'."
+            "'retention' (a model that memorised its labels believes them), 0 for 'projection+retention' whose "
+            "projection was adopted (0.5 when it was not)."
         },
     )
     retention_learning_rate: float = field(

@@ -25,7 +25,7 @@ believes them -- retaining flagged samples from the trained weights lost to eras
 we tried (online belief, agreement, a projected reference's belief, a warm-up on trusted rows first),
 while from the projected model the belief rule beat erase when half the flagged samples were clean.
 Hence `retention` starts with a warm-up on the trusted rows (`retention_warmup`, 0.5 of the budget)
-and `projection+retention` needs none.
+and `projection+retention` needs none (unless its projection was not adopted).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class RetentionRepair:
         self.input_names = input_names
 
     def run(self, verified: datasets.Dataset, split: VerifiedSplit, train_dataset: datasets.Dataset,
-            identification: IdentificationResult) -> RetentionOutcome:
+            identification: IdentificationResult, projected: bool = False) -> RetentionOutcome:
+        """Fine-tune in place; `projected`: the model was just projected (so it needs no warm-up)."""
         config = self.config
         columns = input_columns(train_dataset, verified, config.label_column, self.input_names)
         labels = column_array(train_dataset, config.label_column).astype(np.int64)
@@ -149,7 +150,7 @@ class RetentionRepair:
         trusted_rows = np.concatenate([np.arange(offset), offset + unflagged])
         trusted = table.subset(trusted_rows)
         penalty_set = table.subset(np.arange(offset)) if config.retention_penalty == "fisher" else None
-        warmup_steps = 0 if config.method == "erase" else int(round(retention_warmup(config) * total_steps))
+        warmup_steps = 0 if config.method == "erase" else int(round(retention_warmup(config, projected) * total_steps))
         plan = [("erase", total_steps)] if config.method == "erase" else [
             ("warm-up", warmup_steps), ("retain", total_steps - warmup_steps)]
 
@@ -210,11 +211,15 @@ class RetentionRepair:
         return {first + i: p for i, p in enumerate(probabilities)}
 
 
-def retention_warmup(config: RepairConfig) -> float:
-    """The warm-up share: measured, a model fresh from memorising its labels must unlearn them first."""
+def retention_warmup(config: RepairConfig, projected: bool = False) -> float:
+    """The warm-up share: measured, a model fresh from memorising its labels must unlearn them first.
+
+    A model the projection just repaired has (its belief is what the flagged samples are weighed by);
+    one whose projection was not adopted has not, and warms up like `retention`.
+    """
     if config.retention_warmup is not None:
         return config.retention_warmup
-    return 0.5 if config.method == "retention" else 0.0
+    return 0.0 if projected else 0.5
 
 
 def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: Any,
@@ -256,7 +261,8 @@ def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: A
             projection = Repairer(repairer.model, dataclasses.replace(config, method="projection"),
                                   compute_metrics=repairer.compute_metrics, forward_fn=repairer.forward_fn,
                                   collate_fn=repairer.collate_fn).repair(verified)
-        outcome = RetentionRepair(repairer, input_names).run(verified, split, train_dataset, identification)
+        outcome = RetentionRepair(repairer, input_names).run(verified, split, train_dataset, identification,
+                                                             projected=projection is not None and projection.adopted)
     except BaseException:
         snapshot.restore()
         raise

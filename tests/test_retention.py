@@ -239,9 +239,19 @@ def test_every_separation_runs_and_leaves_the_model_clean_of_accelerate_state(sm
                           retention_epochs=0.3, **CHEAP)
     result = Repairer(model, config).repair(verified, train_dataset=train)
     assert result.metrics["separation"] == separation
-    assert set(result.metrics["stages"]) == {"retain"}  # no warm-up after a projection
     assert "_is_accelerate_prepared" not in model.__dict__ and model.forward == forward
     assert result.metrics["accuracy_after"] >= result.metrics["accuracy_before"]
+
+
+@pytest.mark.parametrize("projection_adopted", [True, False])
+def test_projection_retention_warms_up_only_when_the_projection_changed_nothing(small, projection_adopted):
+    train, verified = small
+    # min_improvement -1 adopts any projection; +1 none (nor any fine-tune: only the stages are checked here)
+    config = RepairConfig(method="projection+retention", flag_rule="budget", flag_fraction=0.5, retention_epochs=0.3,
+                          min_improvement=-1.0 if projection_adopted else 1.0, **CHEAP)
+    result = Repairer(_tiny(), config).repair(verified, train_dataset=train)
+    assert result.metrics["projection_adopted"] is projection_adopted
+    assert set(result.metrics["stages"]) == ({"retain"} if projection_adopted else {"warm-up", "retain"})
 
 
 def test_fisher_and_l2_penalties_run(small):
