@@ -39,6 +39,38 @@ class LabeledBatch:
     fold: int
 
 
+# Columns `hf_repair.noise.corrupt_dataset` adds: bookkeeping for benchmarks, never model inputs.
+BOOKKEEPING_COLUMNS = frozenset({"clean_labels", "is_corrupted"})
+
+
+def has_transform(dataset: Any) -> bool:
+    """Whether the dataset builds its rows on the fly (`set_transform` / `with_transform`)."""
+    return getattr(dataset, "format", {}).get("type") == "custom"
+
+
+def model_columns(dataset: Any, label_column: str, input_names: Optional[set[str]]) -> list[str]:
+    """The columns a forward pass reads: the model's inputs and the label, in dataset order.
+
+    With an on-the-fly transform (images decoded and resized in `Trainer` scripts run with
+    remove_unused_columns=False) the inputs exist only once a row is read, so every column is kept
+    for the transform; `pop_labels` and the input-name filter tidy the collated batch instead.
+    """
+    if has_transform(dataset):
+        return list(dataset.column_names)
+    return [c for c in dataset.column_names if c == label_column or (
+        c not in BOOKKEEPING_COLUMNS and (input_names is None or c in input_names))]
+
+
+def pop_labels(batch: dict[str, Any], label_column: str) -> Any:
+    """Remove and return the labels of a collated batch (collators rename `label` to `labels`)."""
+    labels = batch.pop(label_column, None)
+    if labels is None and label_column == "label":
+        labels = batch.pop("labels", None)
+    if labels is None:
+        raise ValueError(f"The collated batch has no {label_column!r} key (keys: {sorted(batch)}).")
+    return labels
+
+
 def column_array(dataset: Any, name: str) -> np.ndarray:
     """One column of a `datasets.Dataset` as a numpy array, read from Arrow in one slice.
 
@@ -146,12 +178,7 @@ class VerifiedSplit:
         self.labels_all = labels
 
         self._input_names = input_names
-        # A dataset with an on-the-fly transform (`set_transform`, e.g. images decoded and resized in
-        # `Trainer` scripts run with remove_unused_columns=False) produces its model inputs only when
-        # read: keep every column for the transform and drop non-inputs from the collated batches.
-        has_transform = getattr(dataset, "format", {}).get("type") == "custom"
-        keep = [c for c in columns
-                if has_transform or c == self.label_column or input_names is None or c in input_names]
+        keep = model_columns(dataset, self.label_column, input_names)
         dropped = sorted(set(columns) - set(keep))
         if dropped:
             logger.info("Ignoring verified-split columns the model does not take: %s", dropped)
@@ -211,9 +238,7 @@ class VerifiedSplit:
         for f in range(self.num_folds) if fold is None else [fold]:
             for raw in self._raw_batches(f):
                 batch = dict(raw)
-                labels = batch.pop(self.label_column, None)
-                if labels is None and self.label_column == "label":  # collators rename label -> labels
-                    labels = batch.pop("labels")
+                labels = pop_labels(batch, self.label_column)
                 inputs = {
                     k: _to_device(v, self.device)
                     for k, v in batch.items()

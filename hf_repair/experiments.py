@@ -20,12 +20,10 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .data import BOOKKEEPING_COLUMNS
 from .offline_data import FASHION_MNIST_LABELS
 
 logger = logging.getLogger(__name__)
-
-# Bookkeeping columns added by `hf_repair.noise.corrupt_dataset`; never model inputs.
-NON_INPUT_COLUMNS: frozenset[str] = frozenset({"clean_labels", "is_corrupted"})
 
 
 class SmallCNN(nn.Module):
@@ -106,7 +104,7 @@ def small_vit(
 def _input_columns(model: nn.Module, dataset: datasets.Dataset) -> list[str]:
     """Dataset columns named in `model.forward`'s signature, as `transformers.Trainer` selects them."""
     parameters = inspect.signature(model.forward).parameters
-    columns = [c for c in dataset.column_names if c in parameters and c not in NON_INPUT_COLUMNS]
+    columns = [c for c in dataset.column_names if c in parameters and c not in BOOKKEEPING_COLUMNS]
     if not columns:
         raise ValueError(
             f"None of the dataset columns {dataset.column_names} is an input of {type(model).__name__}.forward."

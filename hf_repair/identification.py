@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import default_data_collator
 
 from .config import RepairConfig
 from .data import (
@@ -48,8 +49,11 @@ from .data import (
     VerifiedSplit,
     check_label_range,
     column_array,
+    has_transform,
+    model_columns,
     model_input_names,
     numpy_batches,
+    pop_labels,
 )
 from .distributed import gather_uneven, is_main_process, process_info
 from .evaluation import ForwardFn, default_forward
@@ -58,8 +62,6 @@ from .targets import find_target_modules
 
 logger = logging.getLogger(__name__)
 
-# Columns that `hf_repair.noise.corrupt_dataset` adds: bookkeeping, never model inputs.
-BOOKKEEPING_COLUMNS = ("clean_labels", "is_corrupted")
 
 # Per-sample values gathered across processes, as columns of one float64 tensor.
 _FIELDS = ("index", "influence", "influence_mean", "loss", "prediction", "refit", "refit_prediction", "probe",
@@ -429,12 +431,11 @@ def training_batches(dataset: datasets.Dataset, indices: np.ndarray, label_colum
                      collate_fn: Optional[CollateFn], batch_size: int) -> Iterator[dict[str, Any]]:
     """Batches of `dataset.select(indices)` in order, with the label column and the model's input columns only.
 
-    Without a `collate_fn`, each batch is read from Arrow in one slice (as numpy, then torch: floats as
-    float32 and integers as int64, like a torch-formatted dataset), which is many times faster than
-    formatting row by row; with one, rows go through it as in a `DataLoader`.
+    Without a `collate_fn` or a transform, each batch is read from Arrow in one slice (as numpy, then
+    torch: floats as float32 and integers as int64, like a torch-formatted dataset), which is many
+    times faster than formatting row by row; otherwise rows go through the collator as in a `DataLoader`.
     """
-    keep = [c for c in dataset.column_names if c == label_column or (
-        c not in BOOKKEEPING_COLUMNS and (input_names is None or c in input_names))]
+    keep = model_columns(dataset, label_column, input_names)
     if keep == [label_column]:
         raise ValueError(
             f"No column of the training dataset is a model input: columns {dataset.column_names}, the model's forward "
@@ -442,8 +443,9 @@ def training_batches(dataset: datasets.Dataset, indices: np.ndarray, label_colum
         )
     subset = dataset.select(indices).select_columns(keep)
     try:
-        if collate_fn is not None:
-            yield from DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        if collate_fn is not None or has_transform(dataset):
+            yield from DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                  collate_fn=collate_fn or default_data_collator)
             return
         for batch in numpy_batches(subset, batch_size):
             yield {name: _to_tensor(name, value) for name, value in batch.items()}
@@ -489,8 +491,9 @@ def _score_training_set(
     with LayerCapture(scorer.modules(), track_grad=influence.needs_backward) as capture:
         for raw in training_batches(dataset, indices, config.label_column, input_names, collate_fn, config.batch_size):
             batch = dict(raw)
-            labels = torch.as_tensor(batch.pop(config.label_column)).reshape(-1).long().to(device)
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            labels = torch.as_tensor(pop_labels(batch, config.label_column)).reshape(-1).long().to(device)
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+                      if input_names is None or k in input_names}
             n = labels.shape[0]
             capture.clear()
             with torch.set_grad_enabled(influence.needs_backward):

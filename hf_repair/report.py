@@ -40,9 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
-from .data import CollateFn, model_input_names
+from .data import BOOKKEEPING_COLUMNS, CollateFn, model_columns, model_input_names
 from .evaluation import ForwardFn, default_forward
-from .experiments import NON_INPUT_COLUMNS
 from .report_figures import ReportFigure, draw_figures, encode_png, image_to_uint8
 from .serialization import atomic_directory, check_output_directory
 
@@ -271,9 +270,8 @@ def _predict(model: nn.Module, dataset: datasets.Dataset, label_column: str, for
              collate_fn: Optional[CollateFn], batch_size: int) -> np.ndarray:
     """Logits of every row, in order, in this process (no collectives: the report is written by one process)."""
     input_names = model_input_names(model) if forward_fn is default_forward else None
-    columns = [c for c in dataset.column_names
-               if c != label_column and c not in NON_INPUT_COLUMNS and (input_names is None or c in input_names)]
-    if not columns:
+    columns = model_columns(dataset, label_column, input_names)
+    if columns == [label_column]:
         raise ValueError(
             f"No column of test_dataset is a model input (columns: {dataset.column_names}); tokenize or "
             f"preprocess it like the verified split."
@@ -286,7 +284,9 @@ def _predict(model: nn.Module, dataset: datasets.Dataset, label_column: str, for
     logits = []
     try:
         for batch in loader:
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            labels = {label_column, "labels"} if label_column == "label" else {label_column}  # collators rename
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+                      if k not in labels and (input_names is None or k in input_names)}
             logits.append(forward_fn(model, inputs).detach().float().cpu())
     except (ValueError, TypeError) as err:
         raise ValueError(
@@ -423,7 +423,7 @@ def _fill_gallery(gallery: list[dict[str, Any]], dataset: datasets.Dataset, labe
             continue
         sample["kind"] = "features"
         sample["features"] = {
-            name: _describe(value) for name, value in row.items() if name != label_column and name not in NON_INPUT_COLUMNS
+            name: _describe(value) for name, value in row.items() if name != label_column and name not in BOOKKEEPING_COLUMNS
         }
     return thumbnails
 

@@ -43,7 +43,7 @@ import torch
 from transformers import default_data_collator
 
 from .config import RepairConfig
-from .data import VerifiedSplit, check_label_range, column_array, model_input_names, stratified_folds
+from .data import VerifiedSplit, check_label_range, column_array, model_columns, model_input_names, stratified_folds
 from .distributed import process_info
 from .evaluation import compute_scores, default_forward, predict
 from .finetune import (
@@ -56,8 +56,9 @@ from .finetune import (
     GuardedFinetuner,
     predict_distributions,
 )
-from .identification import BOOKKEEPING_COLUMNS, IdentificationResult
+from .identification import IdentificationResult
 from .results import RepairResult
+from .sharding import weight_access_for
 from .weights import ModelSnapshot
 
 if TYPE_CHECKING:
@@ -239,6 +240,13 @@ def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: A
         )
     if not isinstance(train_dataset, datasets.Dataset):
         raise TypeError(f"train_dataset must be a datasets.Dataset, got {type(train_dataset).__name__}.")
+    sharding = weight_access_for(repairer.model).kind
+    if sharding != "plain":
+        raise ValueError(
+            f"method={config.method!r} fine-tunes a whole-model snapshot, which a {sharding}-sharded model does not "
+            f"support yet; use method='projection' (it writes sharded weights back layer by layer), or repair the "
+            f"unsharded model (one process or DDP)."
+        )
     input_names = None if repairer.forward_fn is not default_forward else model_input_names(repairer.model)
     columns = input_columns(train_dataset, verified, config.label_column, input_names)  # fail before anything runs
     check_rows_batch_together(verified, train_dataset, columns, config.label_column, repairer.collate_fn)
@@ -345,8 +353,7 @@ def input_columns(train_dataset: datasets.Dataset, verified: datasets.Dataset, l
             f"The training dataset has no {label_column!r} column (columns: {train_dataset.column_names}); rename its "
             f"label column or set RepairConfig.label_column."
         )
-    wanted = [c for c in verified.column_names
-              if c != label_column and c not in BOOKKEEPING_COLUMNS and (input_names is None or c in input_names)]
+    wanted = [c for c in model_columns(verified, label_column, input_names) if c != label_column]
     missing = [c for c in wanted if c not in train_dataset.column_names]
     if missing:
         raise ValueError(

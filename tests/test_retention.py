@@ -6,6 +6,7 @@ half the flagged samples are clean. The bad-input tests use a small untrained mo
 """
 
 import copy
+import dataclasses
 import logging
 
 import numpy as np
@@ -164,6 +165,42 @@ def _tiny(seed=0):
     return SmallCNN(width=4).eval()
 
 
+def _raw_with_transform(dataset):
+    """The `run_image_classification.py` layout: raw columns, and `set_transform` builds `pixel_values` on read."""
+    raw = dataset.with_format(None).rename_columns({"pixel_values": "image", "labels": "label"})
+
+    def transform(batch):
+        return {"pixel_values": [torch.tensor(np.asarray(im, dtype=np.float32)) for im in batch["image"]],
+                "label": batch["label"]}
+
+    raw.set_transform(transform)
+    return raw
+
+
+def _image_collate(rows):
+    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+            "labels": torch.tensor([int(r["label"]) for r in rows])}
+
+
+def test_datasets_with_an_on_the_fly_transform_and_a_custom_collator(small, tmp_path):
+    train, verified = small
+    raw_train, raw_verified = _raw_with_transform(train), _raw_with_transform(verified)
+    config = RepairConfig(method="projection+retention", label_column="label", flag_rule="budget", flag_fraction=0.3,
+                          retention_epochs=0.5, **CHEAP)
+    model = _tiny()
+    result = Repairer(model, config, collate_fn=_image_collate).repair(raw_verified, train_dataset=raw_train)
+    assert result.metrics["num_flagged"] == 90 and result.metrics["steps"] > 0
+
+    # the same repair on the preprocessed datasets, with the default collator, gives the same weights
+    reference = _tiny()
+    Repairer(reference, dataclasses.replace(config, label_column="labels")).repair(verified, train_dataset=train)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-6)
+    # and the report scores a transformed test set too
+    result.report(tmp_path / "report", model=model, test_dataset=raw_verified, collate_fn=_image_collate)
+    assert (tmp_path / "report" / "index.html").exists()
+
+
 def test_methods_that_fine_tune_need_the_training_set(small):
     _, verified = small
     model = _tiny()
@@ -191,6 +228,17 @@ def test_training_rows_that_do_not_batch_with_verified_rows_are_refused(small):
     with pytest.raises(ValueError, match="lacks the model-input columns"):
         Repairer(model, RepairConfig(method="erase", **CHEAP)).repair(
             verified, train_dataset=train.rename_column("pixel_values", "image"))
+    assert _same_state(model, start)
+
+
+def test_sharded_models_are_refused_before_anything_runs(small):
+    train, verified = small
+    model = _tiny()
+    start = _state(model)
+    for param in model.parameters():
+        param.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match="deepspeed_zero3-sharded model.*method='projection'"):
+        Repairer(model, RepairConfig(method="projection+retention", **CHEAP)).repair(verified, train_dataset=train)
     assert _same_state(model, start)
 
 
