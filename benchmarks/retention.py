@@ -186,7 +186,13 @@ def main() -> None:
     parser.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_bench"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box).")
     parser.add_argument("--json", default=None, help="Also write every per-seed row to this file.")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="Print the table of rows saved by earlier --json runs (merged) instead of running.")
     args = parser.parse_args()
+    if args.summarize:
+        rows = [row for path in args.summarize for row in json.load(open(path))]
+        print(summarize(rows, tuple(m for m in args.methods if all(m in r for r in rows))))
+        return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

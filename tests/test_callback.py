@@ -23,7 +23,7 @@ from transformers import (
 from hf_repair import RepairCallback, RepairConfig, Repairer, RepairResult
 from hf_repair.callback import REPORT_DIR, RESULTS_NAME
 
-from helpers import PadCollator
+from helpers import PadCollator, image_collate, with_image_transform
 
 FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even when it does not win, so weights change
 ALPHAS = [1.0, 10.0, 1e3]
@@ -60,21 +60,7 @@ def image_data(n, seed, num_classes=3, noise=0.3):
 
 
 def image_data_with_transform(n, seed):
-    """The `run_image_classification.py` layout: raw columns, `set_transform` builds `pixel_values`."""
-    raw = image_data(n, seed).with_format(None)
-    raw = raw.rename_columns({"pixel_values": "image", "labels": "label"}).remove_columns("clean_labels")
-
-    def transform(batch):
-        return {"pixel_values": [torch.tensor(np.asarray(im, dtype=np.float32)) for im in batch["image"]],
-                "label": batch["label"]}
-
-    raw.set_transform(transform)
-    return raw
-
-
-def image_collate(rows):
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
-            "labels": torch.tensor([r["label"] for r in rows])}
+    return with_image_transform(image_data(n, seed).remove_columns("clean_labels"))
 
 
 def text_data(n, seed, num_classes=2):

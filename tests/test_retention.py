@@ -22,6 +22,8 @@ from hf_repair.noise import corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist
 from hf_repair.retention import HELDOUT_FOLD
 
+from helpers import image_collate, with_image_transform
+
 QUIET = dict(repair_disable_tqdm=True, target_modules="all")
 CHEAP = dict(QUIET, score="loss")  # the cheapest identification, where identification is not what is tested
 
@@ -165,30 +167,13 @@ def _tiny(seed=0):
     return SmallCNN(width=4).eval()
 
 
-def _raw_with_transform(dataset):
-    """The `run_image_classification.py` layout: raw columns, and `set_transform` builds `pixel_values` on read."""
-    raw = dataset.with_format(None).rename_columns({"pixel_values": "image", "labels": "label"})
-
-    def transform(batch):
-        return {"pixel_values": [torch.tensor(np.asarray(im, dtype=np.float32)) for im in batch["image"]],
-                "label": batch["label"]}
-
-    raw.set_transform(transform)
-    return raw
-
-
-def _image_collate(rows):
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
-            "labels": torch.tensor([int(r["label"]) for r in rows])}
-
-
 def test_datasets_with_an_on_the_fly_transform_and_a_custom_collator(small, tmp_path):
     train, verified = small
-    raw_train, raw_verified = _raw_with_transform(train), _raw_with_transform(verified)
+    raw_train, raw_verified = with_image_transform(train), with_image_transform(verified)
     config = RepairConfig(method="projection+retention", label_column="label", flag_rule="budget", flag_fraction=0.3,
                           retention_epochs=0.5, **CHEAP)
     model = _tiny()
-    result = Repairer(model, config, collate_fn=_image_collate).repair(raw_verified, train_dataset=raw_train)
+    result = Repairer(model, config, collate_fn=image_collate).repair(raw_verified, train_dataset=raw_train)
     assert result.metrics["num_flagged"] == 90 and result.metrics["steps"] > 0
 
     # the same repair on the preprocessed datasets, with the default collator, gives the same weights
@@ -197,7 +182,7 @@ def test_datasets_with_an_on_the_fly_transform_and_a_custom_collator(small, tmp_
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-6)
     # and the report scores a transformed test set too
-    result.report(tmp_path / "report", model=model, test_dataset=raw_verified, collate_fn=_image_collate)
+    result.report(tmp_path / "report", model=model, test_dataset=raw_verified, collate_fn=image_collate)
     assert (tmp_path / "report" / "index.html").exists()
 
 
