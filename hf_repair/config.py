@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 CONFIG_NAME = "repair_config.json"
 
-METHODS = ("projection", "retention", "erase", "projection+retention")
+METHODS = ("projection", "retention", "erase", "projection+retention", "projection+erase")
 TARGET_KEYWORDS = ("all-linear", "all")
 # identification
 IDENTIFICATION_SCORES = ("auto", "probe", "influence", "refit", "projection", "combined", "loss")
@@ -78,7 +78,13 @@ class RepairConfig:
 
     method: str = field(
         default="projection",
-        metadata={"help": "Repair method.", "choices": list(METHODS)},
+        metadata={
+            "help": "Repair method. 'projection': one-shot clean-space projection, verified split only. The others "
+            "fine-tune briefly on the training set (repair(verified, train_dataset=...)) after identifying its "
+            "harmful samples: 'retention' keeps the flagged samples, each label weighted by how far the model "
+            "believes it; 'erase' drops them (the baseline); 'projection+retention' / 'projection+erase' project first.",
+            "choices": list(METHODS),
+        },
     )
     # `Union[list[str], None, str]`, in this order: HfArgumentParser reads the type before NoneType,
     # so on the command line these are lists (`--target_modules query value`); it takes the default

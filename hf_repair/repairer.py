@@ -88,7 +88,7 @@ class Repairer:
         Args:
             verified: the verified split (`datasets.Dataset` with model inputs and `config.label_column`).
             train_dataset: the data the model was trained on; the fine-tuning methods ("retention", "erase",
-                "projection+retention") need it, "projection" ignores it.
+                "projection+retention", "projection+erase") need it, "projection" ignores it.
             identification: a `Repairer.identify(train_dataset, verified)` result to reuse instead of identifying again.
         """
         if self.config.method in FINETUNE_METHODS:

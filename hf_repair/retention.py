@@ -19,13 +19,16 @@ Three steps, each measurable on its own (`method.md`, Method 2):
 
 `method="erase"` is the same fine-tune with the flagged samples removed (the baseline the paper
 argues against); `method="projection+retention"` projects first (`hf_repair.projection`) and retains
-from the projected model. What we measured (benchmarks/retention.py; BENCHMARKS.md) set the design:
-the belief is only as good as the model that holds it, so a model that memorised its noisy labels
-believes them -- retaining flagged samples from the trained weights lost to erase in every variant
-we tried (online belief, agreement, a projected reference's belief, a warm-up on trusted rows first),
-while from the projected model the belief rule beat erase when half the flagged samples were clean.
-Hence `retention` starts with a warm-up on the trusted rows (`retention_warmup`, 0.5 of the budget)
-and `projection+retention` needs none (unless its projection was not adopted).
+from the projected model, and `"projection+erase"` erases from it (the baseline for that one).
+
+What we measured (benchmarks/retention.py; BENCHMARKS.md) set the design: the belief is only as
+good as the model that holds it, and a model that memorised its noisy labels believes them.
+Retaining flagged samples straight from the trained weights lost to erase in every variant we tried
+(online belief, agreement, a projected reference's belief); with a warm-up on the trusted rows first
+it ties erase. From the projected model, which no longer believes what it memorised, the belief rule
+beats erasing from that same model when half the flagged samples are clean. Hence `retention`
+warms up (`retention_warmup`, 0.5 of the budget) and `projection+retention`, the recommended method,
+needs no warm-up (unless its projection was not adopted).
 """
 
 from __future__ import annotations
@@ -66,7 +69,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FINETUNE_METHODS = ("retention", "erase", "projection+retention")
+FINETUNE_METHODS = ("retention", "erase", "projection+retention", "projection+erase")
+
+
+def erases(method: str) -> bool:
+    """Whether the method drops the flagged samples (the baseline) rather than retaining them."""
+    return method.endswith("erase")
+
+
+def projects_first(method: str) -> bool:
+    return method.startswith("projection+")
 HELDOUT_FOLD = 0  # the verified fold that judges the fine-tune; the other folds are trained on
 _GATES = {"belief": GATE_BELIEF, "agreement": GATE_AGREEMENT, "soft": GATE_NONE}
 
@@ -139,7 +151,7 @@ class RetentionRepair:
             logger.warning(
                 "hf_repair %s: identification flagged every training sample; the trusted rows are the %d verified "
                 "training samples alone%s.", config.method, len(verified_rows),
-                "" if config.method == "erase" else ", and the flagged samples are admitted only after the warm-up")
+                "" if erases(config.method) else ", and the flagged samples are admitted only after the warm-up")
 
         # Rows: the verified training folds (part 0), then every training sample (part 1), read in place.
         with_labels = columns + [config.label_column]  # collators may expect the label; batches drop it again
@@ -151,8 +163,8 @@ class RetentionRepair:
         trusted_rows = np.concatenate([np.arange(offset), offset + unflagged])
         trusted = table.subset(trusted_rows)
         penalty_set = table.subset(np.arange(offset)) if config.retention_penalty == "fisher" else None
-        warmup_steps = 0 if config.method == "erase" else int(round(retention_warmup(config, projected) * total_steps))
-        plan = [("erase", total_steps)] if config.method == "erase" else [
+        warmup_steps = 0 if erases(config.method) else int(round(retention_warmup(config, projected) * total_steps))
+        plan = [("erase", total_steps)] if erases(config.method) else [
             ("warm-up", warmup_steps), ("retain", total_steps - warmup_steps)]
 
         for stage, steps in plan:
@@ -263,7 +275,7 @@ def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: A
     projection: Optional[RepairResult] = None
     before = heldout_scores(repairer, split)
     try:
-        if config.method == "projection+retention":
+        if projects_first(config.method):
             from .repairer import Repairer
 
             projection = Repairer(repairer.model, dataclasses.replace(config, method="projection"),
@@ -321,7 +333,7 @@ def _metrics(outcome: RetentionOutcome, projection: Optional[RepairResult], iden
         "num_train": outcome.num_train,
         "num_flagged": outcome.num_flagged,
         "num_trusted": outcome.num_trusted,
-        "separation": None if config.method == "erase" else config.separation,
+        "separation": None if erases(config.method) else config.separation,
         "steps": steps,
         "epochs": steps * batch_size * world / max(outcome.num_train, 1),
         "stages": {name: {"adopted": r.adopted, "steps": r.steps, "best_step": r.best_step, "stop_reason": r.stop_reason,

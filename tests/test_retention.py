@@ -98,7 +98,7 @@ def test_retention_beats_noisy_model_and_erase_when_half_the_flagged_are_clean(f
     assert erase.metrics["steps"] == retention.metrics["steps"]
 
 
-@pytest.mark.parametrize("method", ["erase", "retention", "projection+retention"])
+@pytest.mark.parametrize("method", ["erase", "retention", "projection+retention", "projection+erase"])
 def test_result_is_never_worse_than_the_start_on_heldout_verified(fashion, memorized, method):
     train, verified, _ = fashion
     model, identification = memorized
