@@ -93,6 +93,17 @@ class CLIArguments:
             "instead of computing one; needs no verified split, and the repair options are taken from it."
         },
     )
+    train: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The training data (same formats and columns as --verified), for the methods that fine-tune "
+            "(--method projection+retention, retention, erase, projection+erase): its harmful samples are found "
+            "and the model is fine-tuned briefly on it."
+        },
+    )
+    train_split: Optional[str] = field(
+        default=None, metadata={"help": "Split of --train to use when it has several (e.g. 'train')."}
+    )
     test: Optional[str] = field(
         default=None,
         metadata={
@@ -183,6 +194,13 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
         raise ValueError("Give exactly one of --verified PATH (to compute a repair) and --repair_dir PATH (to re-apply one).")
     if cli_args.test is not None and cli_args.no_report:
         raise ValueError("--test is only scored for the report; drop --test or --no_report.")
+    fine_tunes = config.method != "projection"
+    if fine_tunes and cli_args.train is None:
+        raise ValueError(f"--method {config.method} fine-tunes on the training data: give it with --train PATH.")
+    if fine_tunes and cli_args.repair_dir is not None:
+        raise ValueError("--repair_dir re-applies a saved projection; it cannot be combined with a fine-tuning --method.")
+    if not fine_tunes and cli_args.train is not None:
+        raise ValueError("--train is read by the fine-tuning methods only; drop it or pass e.g. --method projection+retention.")
     check_checkpoint(model_path)
     check_output(model_path, output_path, cli_args.overwrite)  # before the repair, not after it
 
@@ -198,20 +216,25 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
     if cli_args.repair_dir is not None:
         result = RepairResult.from_pretrained(cli_args.repair_dir).apply_to(model)
     else:
+        train = None
         with state.main_process_first():  # the first process fills the datasets cache, the others read it
             verified, collate_fn = load_data(cli_args.verified, cli_args.split, config, model, preprocessor, cli_args)
-        result = Repairer(model, config, collate_fn=collate_fn).repair(verified)
+            if fine_tunes:
+                train, _ = load_data(cli_args.train, cli_args.train_split, config, model, preprocessor, cli_args,
+                                     name="train")
+        result = Repairer(model, config, collate_fn=collate_fn).repair(verified, train_dataset=train)
 
     if state.is_main_process:
         source = {"model_dir": str(model_path.absolute())}
-        for key in ("verified", "repair_dir", "test"):
+        for key in ("verified", "train", "repair_dir", "test"):
             if getattr(cli_args, key) is not None:
                 source[key] = str(Path(getattr(cli_args, key)).absolute())
         with atomic_directory(output_path, overwrite=cli_args.overwrite) as staging:
             model.save_pretrained(staging)
             if preprocessor is not None:
                 preprocessor.save_pretrained(staging)
-            result.save_pretrained(staging / REPAIR_SUBDIR)
+            if not fine_tunes:  # a fine-tune changed every weight: the model written here is the repair
+                result.save_pretrained(staging / REPAIR_SUBDIR)
             report, report_error = (None, None)
             if not cli_args.no_report:
                 report, report_error = write_repair_report(result, staging, model, test, test_collate_fn)
@@ -462,13 +485,25 @@ def model_card(model_dir: Path, result: RepairResult, model_name: str) -> ModelC
     tags = list(card.data.tags or [])
     card.data.tags = tags + [TAG] if TAG not in tags else tags
     m = result.metrics
-    if result.adopted:
+    projection = result.config.method == "projection"
+    if not projection:
+        outcome = (
+            f"{m['num_flagged']} of {m['num_train']} training samples were flagged as harmful and the model was "
+            f"fine-tuned for {m['steps']} steps; the repair was "
+            + ("adopted." if result.adopted else "not adopted (nothing beat the trained model), so the weights are unchanged.")
+        )
+    elif result.adopted:
         outcome = (
             f"The repair was adopted: {m['num_layers']} layers ({m['num_clean_spaces']} clean spaces) were projected "
             f"with alpha = {m['alpha']:g}."
         )
     else:
         outcome = "No projection beat the unrepaired model on held-out verified samples, so the weights are unchanged."
+    saved = (
+        f"\nThe saved repair is in `{REPAIR_SUBDIR}/`: `RepairResult.from_pretrained(\"{REPAIR_SUBDIR}\").apply_to(model)`\n"
+        f"re-creates these weights from the original checkpoint, and `.undo()` on its result reverts them.\n"
+        if projection else ""
+    )
     card.text = card.text.rstrip() + f"""
 
 ## Repaired with hf_repair
@@ -479,10 +514,7 @@ samples. {outcome}
 | held-out verified accuracy | before | after |
 |---|---|---|
 | {result.config.method} | {m['accuracy_before']:.4f} | {m['accuracy_after']:.4f} |
-
-The saved repair is in `{REPAIR_SUBDIR}/`: `RepairResult.from_pretrained("{REPAIR_SUBDIR}").apply_to(model)`
-re-creates these weights from the original checkpoint, and `.undo()` on its result reverts them.
-"""
+{saved}"""
     return card
 
 
@@ -510,9 +542,12 @@ def format_table(result: RepairResult, numbers: dict[str, Any], model_name: str,
     `numbers` is the report's `report.json`, or at least `{"metrics": result.metrics}`.
     """
     m = result.metrics
+    if result.config.method == "projection":
+        what = f"{m['num_layers']} layers in {m['num_clean_spaces']} clean spaces"
+    else:
+        what = f"{result.config.method}, {m['num_flagged']} of {m['num_train']} training samples flagged, {m['steps']} steps"
     lines = [
-        f"hf-repair: {model_name}, {m['num_verified']} verified samples, {m['num_layers']} layers in "
-        f"{m['num_clean_spaces']} clean spaces, {m['repair_time_s']:.1f}s",
+        f"hf-repair: {model_name}, {m['num_verified']} verified samples, {what}, {m['repair_time_s']:.1f}s",
         before_after_table(numbers),
     ]
     metric = result.config.metric_for_selection

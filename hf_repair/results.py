@@ -134,7 +134,10 @@ class RepairResult:
         The directory gets `repair_config.json`, `repair_result.json` (metrics, alpha sweep, per-layer
         name, kind, group, weight shape and fingerprint) and `clean_spaces.safetensors` (basis and
         energies of every clean space). It is written to a temporary sibling and renamed into place.
+        Only projection repairs are saved this way: a fine-tuning repair changed every weight, so save
+        the repaired model itself (`model.save_pretrained`).
         """
+        self._check_reapplicable()
         self._check_consistent()
         layers = {name: self._completed_record(record) for name, record in self.layers.items()}
         report = self.to_dict()
@@ -184,6 +187,7 @@ class RepairResult:
         kind or weight shape, or (with `check_weights`) if a weight is not the one the repair started
         from, e.g. because the repair was already applied. A repair that was not adopted changes nothing.
         """
+        self._check_reapplicable()
         self._check_consistent()
         targets = find_saved_layers(model, {name: record.kind for name, record in self.layers.items()})
         # The snapshot reads each full weight (also when sharded): checked first, then projected or restored.
@@ -226,6 +230,13 @@ class RepairResult:
             )
         original = self._snapshot.original(record.name)
         return dataclasses.replace(record, weight_shape=tuple(original.shape), weight_sha256=weight_fingerprint(original))
+
+    def _check_reapplicable(self) -> None:
+        if self.config.method != "projection":
+            raise ValueError(
+                f"A {self.config.method!r} repair fine-tuned every weight; it cannot be saved or re-applied as clean "
+                f"spaces. Save the repaired model itself (model.save_pretrained / trainer.save_model)."
+            )
 
     def _check_consistent(self) -> None:
         missing = sorted({r.group for r in self.layers.values()} - set(self.spaces))

@@ -170,6 +170,27 @@ def image_predictions(model_dir, images):
         return model(pixel_values=pixels).logits.argmax(-1).numpy(), np.array(labels)
 
 
+def test_fine_tuning_method_reads_the_training_data(workdir, tmp_path, capsys):
+    model_dir, out = workdir / "bert", tmp_path / "out"
+    data = str(workdir / "verified.csv")  # stands in for the training set too
+    argv = [model_dir, "--verified", data, "--output_dir", out, "--method", "erase", "--score", "loss",
+            "--flag_rule", "budget", "--flag_fraction", "0.25", "--retention_learning_rate", "1e-2"]
+    fails(argv, capsys, "--method erase fine-tunes on the training data", "--train PATH")
+    assert not out.exists()
+
+    assert main([str(a) for a in argv + ["--train", data]]) == 0
+    results = json.loads((out / RESULTS).read_text())
+    metrics = results["metrics"]
+    assert metrics["num_train"] == NUM_TEXTS and metrics["num_flagged"] == NUM_TEXTS // 4 and metrics["steps"] > 0
+    assert results["source"]["train"] == str((workdir / "verified.csv").absolute())
+    assert "repair" not in os.listdir(out)  # a fine-tune is not a re-appliable projection: the model is the repair
+    assert f"{NUM_TEXTS // 4} of {NUM_TEXTS} training samples were flagged" in ModelCard.load(out / "README.md").text
+    printed = capsys.readouterr().out
+    assert f"erase, {NUM_TEXTS // 4} of {NUM_TEXTS} training samples flagged" in printed
+    repaired = AutoModelForSequenceClassification.from_pretrained(out)
+    assert same_weights(repaired, AutoModelForSequenceClassification.from_pretrained(model_dir)) != metrics["adopted"]
+
+
 def test_image_folder_checkpoint_with_test_data(workdir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = [workdir / "vit", "--verified", workdir / "images", "--test", workdir / "test_images", "--output_dir", out]

@@ -227,6 +227,18 @@ def test_sharded_models_are_refused_before_anything_runs(small):
     assert _same_state(model, start)
 
 
+def test_a_fine_tune_is_saved_as_the_model_not_as_clean_spaces(small, tmp_path):
+    train, verified = small
+    model = _tiny()
+    config = RepairConfig(method="erase", flag_rule="budget", flag_fraction=0.2, retention_epochs=0.3, **CHEAP)
+    result = Repairer(model, config).repair(verified, train_dataset=train)
+    with pytest.raises(ValueError, match="Save the repaired model itself"):
+        result.save_pretrained(tmp_path / "repair")
+    with pytest.raises(ValueError, match="cannot be saved or re-applied"):
+        result.apply_to(_tiny())
+    assert not (tmp_path / "repair").exists()
+
+
 def test_identification_of_another_dataset_is_refused(small):
     train, verified = small
     model = _tiny()
