@@ -228,7 +228,7 @@ class GuardedFinetuner:
         sign = 1.0 if args.greater_is_better else -1.0
         before = evaluate()
         best: dict[str, Any] = {"step": 0, "scores": before, "state": None}
-        history = [{"step": 0, **before}]
+        history = [{"step": 0, **{f"heldout_{k}": v for k, v in before.items()}}]
         stop_reason, step, stale, epoch = "completed", 0, 0, 0
         progress = tqdm(total=total_steps, desc=f"hf_repair: {desc}", unit="step",
                         disable=args.disable_tqdm or not accelerator.is_main_process)

@@ -337,7 +337,8 @@ def _metrics(outcome: RetentionOutcome, projection: Optional[RepairResult], iden
         "steps": steps,
         "epochs": steps * batch_size * world / max(outcome.num_train, 1),
         "stages": {name: {"adopted": r.adopted, "steps": r.steps, "best_step": r.best_step, "stop_reason": r.stop_reason,
-                          "accuracy_before": r.scores_before["accuracy"], "accuracy_after": r.scores_after["accuracy"]}
+                          "accuracy_before": r.scores_before["accuracy"], "accuracy_after": r.scores_after["accuracy"],
+                          "history": r.history}  # per step: train_loss, trusted_fraction, and heldout_* when scored
                    for name, r in outcome.stages},
         "stop_reason": outcome.skipped or (outcome.stages[-1][1].stop_reason if outcome.stages else None),
         "num_layers": len(projection.layers) if projection is not None else 0,

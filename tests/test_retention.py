@@ -110,6 +110,12 @@ def test_result_is_never_worse_than_the_start_on_heldout_verified(fashion, memor
     assert after >= before
     for stage in result.metrics["stages"].values():
         assert stage["accuracy_after"] >= stage["accuracy_before"]
+        history = stage["history"]  # one record per step, held-out scores where it was judged
+        assert [r["step"] for r in history] == list(range(stage["steps"] + 1))
+        assert history[0]["heldout_accuracy"] == pytest.approx(stage["accuracy_before"])
+        assert all(np.isfinite(r["train_loss"]) for r in history[1:])
+        if stage["adopted"]:
+            assert history[stage["best_step"]]["heldout_accuracy"] == pytest.approx(stage["accuracy_after"])
     result.undo()
     assert _same_state(repaired, _state(model))
 
