@@ -23,7 +23,7 @@ TARGET_KEYWORDS = ("all-linear", "all")
 IDENTIFICATION_SCORES = ("auto", "probe", "influence", "refit", "projection", "combined", "loss")
 FLAG_RULES = ("noise_rate", "threshold", "budget")
 # retention
-SEPARATIONS = ("belief", "agreement", "soft")
+SEPARATIONS = ("belief", "agreement", "soft", "surgery")
 RETENTION_PENALTIES = ("none", "l2", "fisher")
 INFLUENCE_AGGREGATIONS = ("negative_sum", "min", "mean", "balanced")
 
@@ -245,7 +245,8 @@ class RepairConfig:
             "probability of it (p^belief_power, not differentiated), so corrupted labels the repaired model "
             "contradicts fade out and wrongly flagged clean samples come back; 'agreement': its label only while "
             "the model predicts it; 'soft': the model's predicted distribution (distils the model's mistakes; "
-            "measured worse than erase).",
+            "measured worse than erase); 'surgery': its label, but each step the flagged samples' summed gradient "
+            "loses its component that conflicts with the other samples' gradient.",
             "choices": list(SEPARATIONS),
         },
     )

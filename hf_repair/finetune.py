@@ -12,6 +12,7 @@ NaN or inf loss, every parameter and buffer is restored bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -37,7 +38,7 @@ from .weights import ModelSnapshot
 logger = logging.getLogger(__name__)
 
 _TARGET, _EXTRA = "__hf_repair_target__", "__hf_repair_extra__"
-GATE_NONE, GATE_BELIEF, GATE_AGREEMENT = 0, 1, 2
+GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_SURGERY = 0, 1, 2, 3
 
 
 class FinetuneSet(Dataset):
@@ -47,7 +48,9 @@ class FinetuneSet(Dataset):
     read in place (no copy, no cast). Its target is the class id `labels[i]` (cross-entropy) or, when
     `soft_targets` has an entry for i, that probability vector. `gates[i]` says how far the label is
     trusted: `GATE_NONE` fully; `GATE_BELIEF` in proportion to the model's current probability of it,
-    p(y|x)^power (not differentiated); `GATE_AGREEMENT` only while the model predicts it. Rows are
+    p(y|x)^power (not differentiated); `GATE_AGREEMENT` only while the model predicts it;
+    `GATE_SURGERY` fully, but the gated rows' gradient loses its component that conflicts with the
+    other rows' (gradient surgery, `FinetuneArguments.gradient_surgery`). Rows are
     fetched in batches (`__getitems__`) and batched by the user's collator, so text keeps its padding;
     when the parts carry `label_column` (collators may expect it), the collated batch drops it again.
     """
@@ -149,6 +152,9 @@ class FinetuneArguments:
     min_improvement: float = 0.0
     seed: int = 0
     disable_tqdm: bool = False
+    # Rows gated GATE_SURGERY: drop the part of their summed gradient that conflicts with the other
+    # rows' gradient (PCGrad between the two groups), every step, on every process alike.
+    gradient_surgery: bool = False
 
 
 @dataclass
@@ -214,6 +220,10 @@ class GuardedFinetuner:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
         was_training = model.training
         prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if args.gradient_surgery and accelerator.mixed_precision == "fp16":
+            _release(accelerator, model)
+            raise ValueError("Gradient surgery does not support fp16 loss scaling; use bf16 or full precision.")
+        sync_context = (lambda m: accelerator.no_sync(m)) if args.gradient_surgery else (lambda m: contextlib.nullcontext())
 
         heldout_batches = list(heldout.batches(heldout_fold))  # a few hundred samples, read once
 
@@ -243,16 +253,22 @@ class GuardedFinetuner:
                     for batch in loader:
                         batch = batch.to(device)
                         prepared.train()
-                        with accelerator.autocast():
+                        # Surgery reduces its gradients by hand: DDP must not expect its own backward.
+                        with sync_context(prepared), accelerator.autocast():
                             logits = self.forward_fn(prepared, batch.inputs)
-                        loss, trusted = _retention_loss(logits, batch, args.belief_power)
-                        if penalize:
-                            loss = loss + args.penalty_strength / 2 * _penalty(params, anchor, fisher)
+                        rows, trusted = _retention_terms(logits, batch, args.belief_power)
+                        penalty = args.penalty_strength / 2 * _penalty(params, anchor, fisher) if penalize else 0.0
+                        loss = rows.sum() / len(rows) + penalty
                         if _nonfinite_anywhere(loss):
                             stop_reason = "nan_loss"
                             break
                         optimizer.zero_grad(set_to_none=True)
-                        accelerator.backward(loss)
+                        if args.gradient_surgery:
+                            flagged = batch.gates == GATE_SURGERY
+                            _surgery_backward(rows[~flagged].sum() / len(rows) + penalty, rows[flagged].sum() / len(rows),
+                                              params, accelerator)
+                        else:
+                            accelerator.backward(loss)
                         optimizer.step()
                         step += 1
                         progress.update(1)
@@ -352,10 +368,10 @@ def predict_distributions(model: nn.Module, data: FinetuneSet, forward_fn: Forwa
         model.train(was_training)
 
 
-def _retention_loss(logits: torch.Tensor, batch: TargetBatch, power: float) -> tuple[torch.Tensor, float]:
-    """Weighted cross-entropy; gated rows count as much as the model currently trusts their label.
+def _retention_terms(logits: torch.Tensor, batch: TargetBatch, power: float) -> tuple[torch.Tensor, float]:
+    """Per-row weighted cross-entropy; gated rows count as much as the model currently trusts their label.
 
-    Returns the loss (summed over rows, divided by the batch size) and the batch's trusted weight share.
+    Returns the rows' terms (the loss is their sum over the batch size) and the batch's trusted weight share.
     """
     log_probs = logits.float().log_softmax(-1)
     per_row = -(batch.targets * log_probs).sum(-1)
@@ -368,7 +384,31 @@ def _retention_loss(logits: torch.Tensor, batch: TargetBatch, power: float) -> t
         if agreement.any():
             trust[agreement] = (log_probs[agreement].argmax(-1) == batch.labels[agreement]).float()
     weights = batch.weights * trust
-    return (weights * per_row).sum() / len(per_row), float(weights.sum() / batch.weights.sum().clamp_min(1e-12))
+    return weights * per_row, float(weights.sum() / batch.weights.sum().clamp_min(1e-12))
+
+
+def surgery_gradient(trusted: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+    """trusted + flagged, less the flagged gradient's component against the trusted one (if they conflict)."""
+    dot = torch.dot(trusted, flagged)
+    if dot < 0:
+        flagged = flagged - dot / torch.dot(trusted, trusted).clamp_min(1e-30) * trusted
+    return trusted + flagged
+
+
+def _surgery_backward(trusted_loss: torch.Tensor, flagged_loss: torch.Tensor, params: list[nn.Parameter],
+                      accelerator: Accelerator) -> None:
+    """Set `.grad` to the surgery gradient of the two losses, averaged over processes in one collective."""
+    flat = []
+    for loss in (trusted_loss, flagged_loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                               for g, p in zip(grads, params)]))
+    both = accelerator.reduce(torch.stack(flat), reduction="mean")
+    combined = surgery_gradient(both[0], both[1])
+    offset = 0
+    for p in params:
+        p.grad = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
 
 
 def _penalty(params: list[nn.Parameter], anchor: list[torch.Tensor], fisher: Optional[list[torch.Tensor]]) -> torch.Tensor:

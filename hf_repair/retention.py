@@ -53,6 +53,7 @@ from .finetune import (
     GATE_AGREEMENT,
     GATE_BELIEF,
     GATE_NONE,
+    GATE_SURGERY,
     FinetuneArguments,
     FinetuneResult,
     FinetuneSet,
@@ -80,7 +81,7 @@ def erases(method: str) -> bool:
 def projects_first(method: str) -> bool:
     return method.startswith("projection+")
 HELDOUT_FOLD = 0  # the verified fold that judges the fine-tune; the other folds are trained on
-_GATES = {"belief": GATE_BELIEF, "agreement": GATE_AGREEMENT, "soft": GATE_NONE}
+_GATES = {"belief": GATE_BELIEF, "agreement": GATE_AGREEMENT, "soft": GATE_NONE, "surgery": GATE_SURGERY}
 
 
 @dataclass
@@ -180,7 +181,8 @@ class RetentionRepair:
                 data = table.subset(rows, gates, soft)
             else:
                 data = trusted
-            args = self._finetune_arguments(steps, batch_size, seed=config.repair_seed + len(outcome.stages))
+            args = self._finetune_arguments(steps, batch_size, seed=config.repair_seed + len(outcome.stages),
+                                            gradient_surgery=stage == "retain" and config.separation == "surgery")
             result = GuardedFinetuner(self.model, args, self.repairer.forward_fn, self.repairer.collate_fn,
                                       self.repairer.compute_metrics).run(
                 data, split, HELDOUT_FOLD, num_classes, penalty_set=penalty_set, desc=f"{config.method} {stage}")
@@ -189,7 +191,7 @@ class RetentionRepair:
                 break  # the stage restored its starting weights; later stages would start from the same place
         return outcome
 
-    def _finetune_arguments(self, steps: int, batch_size: int, seed: int) -> FinetuneArguments:
+    def _finetune_arguments(self, steps: int, batch_size: int, seed: int, gradient_surgery: bool) -> FinetuneArguments:
         config = self.config
         return FinetuneArguments(
             learning_rate=config.retention_learning_rate,
@@ -205,6 +207,7 @@ class RetentionRepair:
             min_improvement=config.min_improvement,
             seed=seed,
             disable_tqdm=config.repair_disable_tqdm,
+            gradient_surgery=gradient_surgery,
         )
 
     def _num_classes(self, split: VerifiedSplit) -> int:

@@ -17,7 +17,15 @@ from torch.utils.data import DataLoader
 from hf_repair import RepairConfig, Repairer
 from hf_repair.data import stratified_folds
 from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
-from hf_repair.finetune import GATE_AGREEMENT, GATE_BELIEF, GATE_NONE, FinetuneSet, TargetBatch, _retention_loss
+from hf_repair.finetune import (
+    GATE_AGREEMENT,
+    GATE_BELIEF,
+    GATE_NONE,
+    FinetuneSet,
+    TargetBatch,
+    _retention_terms,
+    surgery_gradient,
+)
 from hf_repair.noise import corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist
 from hf_repair.retention import HELDOUT_FOLD
@@ -281,7 +289,7 @@ def test_everything_flagged_falls_back_to_the_verified_rows(small, caplog):
     assert any("flagged every training sample" in record.message for record in caplog.records)
 
 
-@pytest.mark.parametrize("separation", ["belief", "agreement", "soft"])
+@pytest.mark.parametrize("separation", ["belief", "agreement", "soft", "surgery"])
 def test_every_separation_runs_and_leaves_the_model_clean_of_accelerate_state(small, separation):
     train, verified = small
     model = _tiny()
@@ -336,7 +344,8 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     labels = torch.tensor([0, 0, 2, 1])
     batch = TargetBatch({}, torch.nn.functional.one_hot(labels, 3).float(), labels, torch.ones(4),
                         torch.tensor([GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_AGREEMENT]))
-    loss, trusted = _retention_loss(logits, batch, power=1.0)
+    rows, trusted = _retention_terms(logits, batch, power=1.0)
+    loss = rows.sum() / len(rows)
     log_p = logits.log_softmax(-1)
     p_belief = log_p[1, 0].exp()
     expected = -(log_p[0, 0] + p_belief * log_p[1, 0] + log_p[2, 2] + 0.0 * log_p[3, 1]) / 4
@@ -344,10 +353,21 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     assert trusted == pytest.approx(((1 + p_belief + 1 + 0) / 4).item(), rel=1e-6)
     # the belief weight is a constant: no gradient flows through it
     logits.requires_grad_(True)
-    _retention_loss(logits, batch, power=1.0)[0].backward()
+    _retention_terms(logits, batch, power=1.0)[0].sum().div(4).backward()
     grad_row = logits.grad[1]
     expected_grad = p_belief * (logits.detach()[1].softmax(-1) - torch.tensor([1.0, 0.0, 0.0])) / 4
     assert torch.allclose(grad_row, expected_grad, atol=1e-6)
+
+
+def test_surgery_removes_only_the_conflicting_component():
+    trusted = torch.tensor([1.0, 0.0, 2.0])
+    conflicting = torch.tensor([-1.0, 3.0, 0.0])  # dot = -1 < 0
+    combined = surgery_gradient(trusted, conflicting)
+    kept = conflicting - torch.dot(trusted, conflicting) / torch.dot(trusted, trusted) * trusted
+    torch.testing.assert_close(combined, trusted + kept)
+    assert torch.dot(kept, trusted).abs() < 1e-6  # what is left of the flagged gradient no longer opposes
+    agreeing = torch.tensor([1.0, 3.0, 0.0])
+    torch.testing.assert_close(surgery_gradient(trusted, agreeing), trusted + agreeing)  # no conflict: untouched
 
 
 def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
@@ -365,7 +385,8 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 # two processes
 
 
-def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("separation", ["belief", "surgery"])
+def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation):
     import os
     import socket
     import subprocess
@@ -380,7 +401,7 @@ def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-               os.path.join(scripts, "distributed_retention.py"), str(tmp_path)]
+               os.path.join(scripts, "distributed_retention.py"), str(tmp_path), separation]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 

@@ -1,6 +1,6 @@
 """Retention repair in 2 processes; run by tests/test_retention.py.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_retention.py OUT_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_retention.py OUT_DIR [SEPARATION]
 
 The fine-tune runs under DDP (gloo, CPU): every process trains on its shard of each batch, all
 score the same gathered held-out verified samples, so all take the same decisions and end with the
@@ -23,20 +23,21 @@ from hf_repair.noise import corrupt_dataset  # noqa: E402
 from identification_setup import fashion_subsets  # noqa: E402
 
 
-def case():
+def case(separation: str = "belief"):
     """Odd sizes, so shards, folds and the last batch are uneven."""
     train, verified = fashion_subsets(301, 151)
     torch.manual_seed(0)
     model = SmallCNN(width=4).eval()
-    config = RepairConfig(method="retention", score="loss", flag_rule="budget", flag_fraction=0.5, batch_size=16,
-                          retention_epochs=1.0, retention_learning_rate=1e-2, target_modules="all", repair_disable_tqdm=True)
+    config = RepairConfig(method="retention", separation=separation, score="loss", flag_rule="budget", flag_fraction=0.5,
+                          batch_size=16, retention_epochs=1.0, retention_learning_rate=1e-2, target_modules="all",
+                          repair_disable_tqdm=True)
     return model, corrupt_dataset(train, "symmetric", 0.4, seed=0), verified, config
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, separation: str) -> None:
     state = PartialState(cpu=True)
     assert state.num_processes == 2, state
-    model, train, verified, config = case()
+    model, train, verified, config = case(separation)
     result = Repairer(model, config).repair(verified, train_dataset=train)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
     torch.save({"state": model.state_dict(), "metrics": metrics, "prepared": "_is_accelerate_prepared" in model.__dict__},
@@ -44,4 +45,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "belief")
