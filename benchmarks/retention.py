@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hf_repair import RepairConfig, Repairer
+from hf_repair.data import column_array
 from hf_repair.experiments import SmallCNN, evaluate_accuracy, small_vit, train_classifier
 from hf_repair.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist, load_rotten_tomatoes, minilm_path
@@ -114,11 +115,10 @@ def run_setting(arch: str, noise: str, seed: int, args: argparse.Namespace) -> d
     noisy_model, _ = trained(arch, noisy_data, noise, seed, args.cache_dir)
     clean_model, _ = trained(arch, clean_data, "clean", seed, args.cache_dir)
     epoch_s = one_epoch_seconds(arch, noisy_model, noisy_data, seed)
-    corrupted = float(np.mean(noisy_data.with_format("numpy")["is_corrupted"]))
+    corrupted = float(np.mean(column_array(noisy_data, "is_corrupted")))
     flag_fraction = min(1.0, args.flag_multiplier * corrupted)
-    common = dict(base, repair_seed=seed, repair_disable_tqdm=True, score=args.score, flag_rule="budget",
-                  flag_fraction=flag_fraction,
-                  retention_epochs=args.retention_epochs)
+    common = dict(base, repair_seed=seed, repair_disable_tqdm=True, score=args.score, separation=args.separation,
+                  flag_rule="budget", flag_fraction=flag_fraction, retention_epochs=args.retention_epochs)
     row: dict[str, Any] = {"arch": arch, "noise": noise, "seed": seed, "epoch_s": epoch_s,
                            "noisy": evaluate_accuracy(noisy_model, test, batch_size=64),
                            "clean": evaluate_accuracy(clean_model, test, batch_size=64)}
@@ -182,6 +182,7 @@ def main() -> None:
                         help="Flag this many times as many samples as are corrupted (2: half the flagged are clean).")
     parser.add_argument("--retention_epochs", type=float, default=1.0, help="Fine-tune budget in training epochs.")
     parser.add_argument("--score", default="auto", help="Identification score (RepairConfig.score).")
+    parser.add_argument("--separation", default="belief", help="RepairConfig.separation of the retention methods.")
     parser.add_argument("--lr", type=float, default=5e-4, help="Fine-tune learning rate of the image models.")
     parser.add_argument("--text_lr", type=float, default=5e-5, help="Fine-tune learning rate of MiniLM.")
     parser.add_argument("--text_train", type=int, default=2000)
