@@ -95,7 +95,12 @@ class GramCollector:
         return [name for name in self.targets if name not in self.leader]
 
     def all_reduce(self) -> None:
-        """Sum Grams and row counts over processes: one collective per distinct layer input."""
-        for name in sorted(self.grams):
+        """Sum Grams and row counts over processes: one collective per distinct layer input, one for all counts."""
+        names = sorted(self.grams)
+        for name in names:
             self.grams[name] = sum_across_processes(self.grams[name])
-            self.rows[name] = sum_across_processes(self.rows[name])
+        if names:
+            device = self.rows[names[0]].device
+            counts = sum_across_processes(torch.stack([self.rows[name].to(device) for name in names]))
+            for name, count in zip(names, counts):
+                self.rows[name] = count.to(self.rows[name].device)
