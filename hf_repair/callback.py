@@ -189,6 +189,8 @@ class RepairCallback(TrainerCallback):
         config = self.config
         if args.disable_tqdm and not config.repair_disable_tqdm:
             config = dataclasses.replace(config, repair_disable_tqdm=True)
+        if config.method in FINETUNE_METHODS and config.retention_batch_size is None:  # fine-tune as training did
+            config = dataclasses.replace(config, retention_batch_size=args.per_device_train_batch_size)
         return Repairer(
             model,
             config,

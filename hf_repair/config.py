@@ -273,7 +273,9 @@ class RepairConfig:
         default=5e-4, metadata={"help": "AdamW learning rate of the fine-tune (constant; no weight decay)."}
     )
     retention_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Fine-tune batch size per process; None uses batch_size."}
+        default=None,
+        metadata={"help": "Fine-tune batch size per process; None uses batch_size (RepairCallback: the Trainer's "
+                  "per_device_train_batch_size)."},
     )
     retention_penalty: str = field(
         default="none",

@@ -338,6 +338,8 @@ def _metrics(outcome: RetentionOutcome, projection: Optional[RepairResult], iden
         "num_trusted": outcome.num_trusted,
         "separation": None if erases(config.method) else config.separation,
         "steps": steps,
+        "max_steps": outcome.total_steps,  # the budget, retention_epochs of the training set
+        "batch_size": batch_size,
         "epochs": steps * batch_size * world / max(outcome.num_train, 1),
         "stages": {name: {"adopted": r.adopted, "steps": r.steps, "best_step": r.best_step, "stop_reason": r.stop_reason,
                           "accuracy_before": r.scores_before["accuracy"], "accuracy_after": r.scores_after["accuracy"],

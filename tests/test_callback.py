@@ -1,5 +1,6 @@
 """RepairCallback inside real Trainer runs: ordering, reporting, saving, failures, flags."""
 
+import dataclasses
 import glob
 import json
 import logging
@@ -193,8 +194,8 @@ def test_bert_trainer_repairs_with_the_trainers_collator(tmp_path, remove_unused
 def test_fine_tuning_methods_use_the_trainers_training_set_and_collator(tmp_path, method):
     train, verified = text_data(96, seed=1), text_data(60, seed=2)
     model = tiny_bert()
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=12), train_dataset=train,
-                      data_collator=PadCollator())
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=12, per_device_train_batch_size=8),
+                      train_dataset=train, data_collator=PadCollator())
     config = RepairConfig(method=method, score="loss", flag_rule="budget", flag_fraction=0.25, retention_epochs=1.0,
                           batch_size=16, alphas=ALPHAS)
     callback = RepairCallback(config, verified).attach(trainer)
@@ -205,6 +206,7 @@ def test_fine_tuning_methods_use_the_trainers_training_set_and_collator(tmp_path
     assert callback.error is None, callback.error
     metrics = callback.result.metrics
     assert metrics["num_train"] == 96 and metrics["num_flagged"] == 24 and metrics["steps"] > 0
+    assert metrics["batch_size"] == 8 and metrics["max_steps"] == 12  # the Trainer's batch size, one epoch of it
     assert metrics["accuracy_after"] >= metrics["accuracy_before"]
     logged = trainer.state.log_history[-1]
     assert logged["repair/num_flagged"] == 24 and logged["repair/steps"] == metrics["steps"]
@@ -215,7 +217,8 @@ def test_fine_tuning_methods_use_the_trainers_training_set_and_collator(tmp_path
     # the repair is the one a Repairer makes from the trained weights with the same data and collator
     reference = tiny_bert()
     reference.load_state_dict(trained)
-    Repairer(reference, config, collate_fn=PadCollator()).repair(verified, train_dataset=train)
+    Repairer(reference, dataclasses.replace(config, retention_batch_size=8), collate_fn=PadCollator()).repair(
+        verified, train_dataset=train)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-5)
 
