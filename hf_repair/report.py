@@ -545,12 +545,15 @@ def before_after_table(numbers: dict[str, Any]) -> str:
 def summary_text(numbers: dict[str, Any]) -> str:
     """Every headline of the report as plain text (what `summary.txt` holds)."""
     metrics, selection = numbers["metrics"], numbers["selection"]
-    status = "adopted" if numbers["adopted"] else "not adopted: no alpha beat the unrepaired model, weights unchanged"
+    status = "adopted" if numbers["adopted"] else "not adopted: nothing beat the unrepaired model, weights unchanged"
     lines = [f"hf_repair {numbers['method']} report ({status})", "", before_after_table(numbers), ""]
-    chosen = selection["chosen_alpha"]
-    lines.append(f"alpha: {chosen:g}" if chosen is not None else "alpha: none adopted")
-    lines.append(f"alphas tried: {len(selection['points'])}, scored by held-out {selection['metric']} on "
-                 f"{numbers['config']['num_folds']} folds of {metrics.get('num_verified')} verified samples")
+    if selection["points"]:  # a projection ran
+        chosen = selection["chosen_alpha"]
+        lines.append(f"alpha: {chosen:g}" if chosen is not None else "alpha: none adopted")
+        lines.append(f"alphas tried: {len(selection['points'])}, scored by held-out {selection['metric']} on "
+                     f"{numbers['config']['num_folds']} folds of {metrics.get('num_verified')} verified samples")
+    if metrics.get("num_flagged") is not None:  # a fine-tune ran
+        lines.append(_finetune_line(metrics))
     layers = numbers["layers"]
     if layers:
         largest = max(layers, key=lambda layer: layer["relative_change"])
@@ -574,6 +577,11 @@ def summary_text(numbers: dict[str, Any]) -> str:
     if numbers.get("missing"):
         lines += ["", "not shown:"] + [f"  - {m['item']}: {m['reason']}" for m in numbers["missing"]]
     return "\n".join(lines)
+
+
+def _finetune_line(metrics: dict[str, Any]) -> str:
+    return (f"fine-tune: {metrics['steps']} steps ({metrics['epochs']:.2f} training epochs), "
+            f"{metrics['num_flagged']} of {metrics['num_train']} training samples flagged, {metrics.get('stop_reason')}")
 
 
 def _pct(value: Optional[float]) -> str:
@@ -667,10 +675,11 @@ def _render_html(numbers: dict[str, Any], figures: list[ReportFigure], directory
         return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(item.title)}">'
                 f'<figcaption>{_e(item.title)} &middot; <a href="{_e(item.file)}">{_e(item.file)}</a></figcaption></figure>')
 
+    projected = bool(numbers["selection"]["points"])  # erase / retention run no projection: no alpha, no clean spaces
     sections = [
         ("accuracy", "Accuracy", _accuracy_section(numbers, figure)),
-        ("selection", "Choosing alpha", _selection_section(numbers, figure)),
-        ("layers", "Layers", _layers_section(numbers, figure)),
+        *([("selection", "Choosing alpha", _selection_section(numbers, figure)),
+           ("layers", "Layers", _layers_section(numbers, figure))] if projected else []),
         ("confusion", "Confusion", _confusion_section(numbers, figure)),
         ("samples", "Suspect samples", _samples_section(numbers, figure, thumbnails)),
         ("files", "Files", _files_section(numbers)),
@@ -733,10 +742,15 @@ def _cards(numbers: dict[str, Any]) -> str:
         cards.append(_card("Test accuracy", _before_after(test["accuracy_before"], test["accuracy_after"]),
                            f"{_delta_html(test['accuracy_before'], test['accuracy_after'])} &middot; "
                            f"{test['num_samples']:,} test samples"))
-    chosen = numbers["selection"]["chosen_alpha"]
-    cards.append(_card("Chosen alpha", _e(f"{chosen:g}") if chosen is not None else "none",
-                       f"of {len(numbers['selection']['points'])} tried"
-                       + (f" &middot; repair took {metrics['repair_time_s']:.1f}s" if metrics.get("repair_time_s") else "")))
+    took = f" &middot; repair took {metrics['repair_time_s']:.1f}s" if metrics.get("repair_time_s") else ""
+    if numbers["selection"]["points"]:  # a projection ran
+        chosen = numbers["selection"]["chosen_alpha"]
+        cards.append(_card("Chosen alpha", _e(f"{chosen:g}") if chosen is not None else "none",
+                           f"of {len(numbers['selection']['points'])} tried" + took))
+    if metrics.get("num_flagged") is not None:  # a fine-tune ran
+        cards.append(_card("Fine-tune", f"{metrics['steps']:,} steps",
+                           f"{metrics['num_flagged']:,} of {metrics['num_train']:,} training samples flagged &middot; "
+                           f"{_e(metrics.get('stop_reason'))}" + took))
     layers = numbers["layers"]
     if layers:
         largest = max(layer["relative_change"] for layer in layers)
@@ -771,8 +785,13 @@ def _accuracy_section(numbers: dict[str, Any], figure: Any) -> str:
     table = _table(["data", "samples", "before", "after", "change"],
                    [[_e(r[0]), _e(r[3] if r[3] is not None else "?"), _pct(r[1]), _pct(r[2]), _delta_html(r[1], r[2])]
                     for r in rows])
-    intro = ("<p>Held-out verified accuracy: every verified sample is scored by a repair built without it "
-             f"({numbers['config']['num_folds']}-fold). Per-class numbers and confusion matrices are measured on "
+    if metrics.get("num_flagged") is None:
+        held_out = ("every verified sample is scored by a repair built without it "
+                    f"({numbers['config']['num_folds']}-fold)")
+    else:
+        held_out = (f"the {_e(metrics.get('num_heldout', '?'))} verified samples held out from the fine-tune, which "
+                    "judged its checkpoints")
+    intro = (f"<p>Held-out verified accuracy: {held_out}. Per-class numbers and confusion matrices are measured on "
              "the test data.</p>")
     parts = [intro, f'<div class="grid2"><div class="table-wrap">{table}</div>{figure("accuracy")}</div>']
     if test:

@@ -486,3 +486,30 @@ def test_report_of_a_real_identification(image_task, tmp_path):
     assert numbers["identification"]["num_samples"] == len(t["train"])
     lowest = np.argsort(column(table, "score").astype(float), kind="stable")[:6]
     assert [g["index"] for g in numbers["identification"]["gallery"]] == column(table, "index")[lowest].tolist()
+
+
+def test_report_of_a_fine_tune_shows_the_fine_tune_and_no_alpha(image_task, tmp_path):
+    from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
+
+    t = image_task
+    torch.manual_seed(0)
+    model = train_classifier(SmallCNN(width=8), t["train"], epochs=2, progress=False, seed=0)
+    accuracy_before = evaluate_accuracy(model, t["test"])
+    verified = t["test"]  # labelled and disjoint from the training set: stands in for a verified split here
+    config = repair_config(method="erase", score="loss", flag_rule="budget", flag_fraction=0.3, retention_epochs=0.5,
+                           **FORCE)
+    result = Repairer(model, config).repair(verified, train_dataset=t["train"])
+    accuracy_after, repaired = evaluate_accuracy(model, t["test"]), weights_of(model)
+    result.report(tmp_path / "report", model=model, test_dataset=t["test"])
+
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    summary = (tmp_path / "report" / "summary.txt").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
+    # "before" is the trained model, swapped in for the measurement and out again bit for bit
+    assert numbers["test"]["accuracy_before"] == pytest.approx(accuracy_before)
+    assert numbers["test"]["accuracy_after"] == pytest.approx(accuracy_after)
+    assert all(torch.equal(v, repaired[k]) for k, v in model.state_dict().items())
+    metrics = result.metrics
+    assert f"fine-tune: {metrics['steps']} steps" in summary and f"{metrics['num_flagged']} of 800" in summary
+    assert "alpha" not in summary and "Choosing alpha" not in page and "Fine-tune" in page
+    assert "held out from the fine-tune" in page
