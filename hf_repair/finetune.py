@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -206,6 +206,8 @@ class GuardedFinetuner:
         snapshot = ModelSnapshot(model)
         # Joins the existing Accelerate state (its processes and mixed precision); the model stays on its device.
         accelerator = Accelerator(device_placement=False)
+        if args.gradient_surgery and accelerator.mixed_precision == "fp16":
+            raise ValueError("Gradient surgery does not support fp16 loss scaling; use bf16 or full precision.")
         device = next(model.parameters()).device
         collator = _TargetCollator(self.collate_fn, num_classes, train_set.label_column)
         loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collator,
@@ -220,10 +222,9 @@ class GuardedFinetuner:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
         was_training = model.training
         prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        if args.gradient_surgery and accelerator.mixed_precision == "fp16":
-            _release(accelerator, model)
-            raise ValueError("Gradient surgery does not support fp16 loss scaling; use bf16 or full precision.")
-        sync_context = (lambda m: accelerator.no_sync(m)) if args.gradient_surgery else (lambda m: contextlib.nullcontext())
+
+        def penalty() -> Any:
+            return args.penalty_strength / 2 * _penalty(params, anchor, fisher) if penalize else 0.0
 
         heldout_batches = list(heldout.batches(heldout_fold))  # a few hundred samples, read once
 
@@ -251,29 +252,14 @@ class GuardedFinetuner:
                     if hasattr(loader, "set_epoch"):
                         loader.set_epoch(epoch)
                     for batch in loader:
-                        batch = batch.to(device)
-                        prepared.train()
-                        # Surgery reduces its gradients by hand: DDP must not expect its own backward.
-                        with sync_context(prepared), accelerator.autocast():
-                            logits = self.forward_fn(prepared, batch.inputs)
-                        rows, trusted = _retention_terms(logits, batch, args.belief_power)
-                        penalty = args.penalty_strength / 2 * _penalty(params, anchor, fisher) if penalize else 0.0
-                        loss = rows.sum() / len(rows) + penalty
-                        if _nonfinite_anywhere(loss):
+                        loss, trusted = self._step(prepared, batch.to(device), params, optimizer, accelerator, penalty)
+                        if loss is None:
                             stop_reason = "nan_loss"
                             break
-                        optimizer.zero_grad(set_to_none=True)
-                        if args.gradient_surgery:
-                            flagged = batch.gates == GATE_SURGERY
-                            _surgery_backward(rows[~flagged].sum() / len(rows) + penalty, rows[flagged].sum() / len(rows),
-                                              params, accelerator)
-                        else:
-                            accelerator.backward(loss)
-                        optimizer.step()
                         step += 1
                         progress.update(1)
-                        record = {"step": step, "train_loss": float(loss.detach()), "trusted_fraction": trusted}
-                        logger.debug("%s step %d: loss %.4f, trusted weight %.3f", desc, step, record["train_loss"], trusted)
+                        record = {"step": step, "train_loss": loss, "trusted_fraction": trusted}
+                        logger.debug("%s step %d: loss %.4f, trusted weight %.3f", desc, step, loss, trusted)
                         if step % eval_steps == 0 or step == total_steps:
                             scores = evaluate()
                             record.update({f"heldout_{k}": v for k, v in scores.items()})
@@ -324,6 +310,29 @@ class GuardedFinetuner:
             time_s=time.perf_counter() - start_time,
             history=history,
         )
+
+    def _step(self, prepared: nn.Module, batch: TargetBatch, params: list[nn.Parameter], optimizer: Any,
+              accelerator: Accelerator, penalty: Callable[[], Any]) -> tuple[Optional[float], float]:
+        """One optimizer step: (the loss, the batch's trusted weight share), or (None, ...) and no step on a NaN/inf loss."""
+        surgery = self.args.gradient_surgery
+        prepared.train()
+        # Surgery reduces its gradients by hand: DDP must not expect its own backward.
+        with (accelerator.no_sync(prepared) if surgery else contextlib.nullcontext()), accelerator.autocast():
+            logits = self.forward_fn(prepared, batch.inputs)
+        rows, trusted = _retention_terms(logits, batch, self.args.belief_power)
+        regularizer = penalty()
+        loss = rows.sum() / len(rows) + regularizer
+        if _nonfinite_anywhere(loss):
+            return None, trusted
+        optimizer.zero_grad(set_to_none=True)
+        if surgery:
+            flagged = batch.gates == GATE_SURGERY
+            _surgery_backward(rows[~flagged].sum() / len(rows) + regularizer, rows[flagged].sum() / len(rows), params,
+                              accelerator)
+        else:
+            accelerator.backward(loss)
+        optimizer.step()
+        return float(loss.detach()), trusted
 
     def _fisher(self, params: list[nn.Parameter], data: Optional[FinetuneSet], collator: "_TargetCollator",
                 accelerator: Accelerator, device: torch.device) -> list[torch.Tensor]:
