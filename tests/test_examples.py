@@ -76,6 +76,27 @@ def test_example_with_accelerate_launch(tmp_path):
     assert stdout.count("held-out verified accuracy") == 1  # only the main process prints
 
 
+@needs_fashion_mnist
+def test_example_fine_tunes_under_accelerate_launch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    output_dir = str(tmp_path / "out")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port)]
+    retention = ["--method", "projection+retention", "--score", "loss", "--flag_rule", "budget", "--flag_fraction", "0.3",
+                 "--retention_epochs", "0.5"]
+    stdout = run([*launch, EXAMPLE, "--output_dir", output_dir, *TINY, *retention])
+    check_outputs(output_dir, stdout)
+    with open(os.path.join(output_dir, "repair_results.json")) as f:
+        metrics = json.load(f)["metrics"]
+    # the Trainer's training set (256 rows), batched per device as training was (8 by default)
+    assert metrics["num_train"] == 256 and metrics["num_flagged"] == round(0.3 * 256)
+    assert metrics["batch_size"] == 8 and metrics["max_steps"] == 8  # 0.5 * 256 / (8 x 2 processes)
+    assert "projection+retention: adopted" in stdout
+
+
 def test_example_flags_cover_data_training_and_repair(monkeypatch):
     spec = importlib.util.spec_from_file_location("train_vit_noisy_labels", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
