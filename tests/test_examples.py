@@ -36,6 +36,15 @@ def run(command, timeout=300):
     return done.stdout
 
 
+def accelerate_launch(num_processes):
+    """`accelerate launch --multi_gpu` on CPU (gloo) with a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
 def check_outputs(output_dir, stdout):
     with open(os.path.join(output_dir, "repair_results.json")) as f:
         report = json.load(f)
@@ -64,30 +73,18 @@ def test_example_with_python(tmp_path, monkeypatch):
 
 @needs_fashion_mnist
 def test_example_with_accelerate_launch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     output_dir = str(tmp_path / "out")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port)]
-    stdout = run([*launch, EXAMPLE, "--output_dir", output_dir, *TINY])
+    stdout = run([*accelerate_launch(2), EXAMPLE, "--output_dir", output_dir, *TINY])
     check_outputs(output_dir, stdout)
     assert stdout.count("held-out verified accuracy") == 1  # only the main process prints
 
 
 @needs_fashion_mnist
 def test_example_fine_tunes_under_accelerate_launch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     output_dir = str(tmp_path / "out")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port)]
     retention = ["--method", "projection+retention", "--score", "loss", "--flag_rule", "budget", "--flag_fraction", "0.3",
                  "--retention_epochs", "0.5"]
-    stdout = run([*launch, EXAMPLE, "--output_dir", output_dir, *TINY, *retention])
+    stdout = run([*accelerate_launch(2), EXAMPLE, "--output_dir", output_dir, *TINY, *retention])
     check_outputs(output_dir, stdout)
     with open(os.path.join(output_dir, "repair_results.json")) as f:
         metrics = json.load(f)["metrics"]
