@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from hf_repair import RepairConfig, identify_harmful
-from hf_repair.data import model_input_names
+from hf_repair.data import model_input_names, training_batches
 from hf_repair.evaluation import default_forward
 from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
-from hf_repair.identification import training_batches
 from hf_repair.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 from hf_repair.offline_data import load_fashion_mnist
 

@@ -1,4 +1,8 @@
-"""The verified split: validation, stratified folds, sharding across processes, batches.
+"""Reading data for a repair: the verified split (folds, shards, batches) and the training set.
+
+Every pass reads the same columns (`model_columns`: the model's inputs and the label, or every
+column when a transform builds the inputs on the fly) and takes the labels out of the collated
+batch the same way (`pop_labels`). Training sets are read in Arrow slices (`numpy_batches`).
 
 A `datasets.Dataset` is split into stratified folds by index (seeded), and each fold is sharded
 as `indices[rank::world]`, so no sample is dropped or counted twice however many processes run.
@@ -335,3 +339,43 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 def _to_cpu(value: Any) -> Any:
     return value.cpu() if torch.is_tensor(value) else value
+
+
+def training_batches(dataset: Any, indices: np.ndarray, label_column: str, input_names: Optional[set[str]],
+                     collate_fn: Optional[CollateFn], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches of `dataset.select(indices)` in order, with the label column and the model's input columns only.
+
+    Without a `collate_fn` or a transform, each batch is read from Arrow in one slice (as numpy, then
+    torch: floats as float32 and integers as int64, like a torch-formatted dataset), which is many
+    times faster than formatting row by row; otherwise rows go through the collator as in a `DataLoader`.
+    """
+    keep = model_columns(dataset, label_column, input_names)
+    if keep == [label_column]:
+        raise ValueError(
+            f"No column of the training dataset is a model input: columns {dataset.column_names}, the model's forward "
+            f"takes {sorted(input_names or [])}. Tokenize or preprocess it first, or pass a forward_fn."
+        )
+    subset = dataset.select(indices).select_columns(keep)
+    try:
+        if collate_fn is not None or has_transform(dataset):
+            yield from DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                  collate_fn=collate_fn or default_data_collator)
+            return
+        for batch in numpy_batches(subset, batch_size):
+            yield {name: _to_tensor(name, value) for name, value in batch.items()}
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ValueError(
+            f"Could not batch the training dataset ({err}). Inputs of different lengths need a padding collator, "
+            f"e.g. collate_fn=DataCollatorWithPadding(tokenizer)."
+        ) from err
+
+
+def _to_tensor(name: str, value: Any) -> Any:
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise ValueError(f"column {name!r} has rows of different shapes")
+    if np.issubdtype(array.dtype, np.floating):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    return value  # strings and other non-numeric columns: passed through for a custom forward_fn

@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,9 +37,7 @@ import datasets
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import default_data_collator
 
 from .config import RepairConfig
 from .data import (
@@ -49,15 +46,14 @@ from .data import (
     VerifiedSplit,
     check_label_range,
     column_array,
-    has_transform,
-    model_columns,
     model_input_names,
-    numpy_batches,
     pop_labels,
+    training_batches,
 )
 from .distributed import gather_uneven, is_main_process, process_info
 from .evaluation import ForwardFn, default_forward
 from .influence import HeadRefit, InfluenceModel, LayerCapture, LinearProbe, TrackedLayer, fit_probe, refit_head
+from .ranking import auroc, average_ranks, flag_lowest
 from .targets import find_target_modules
 
 logger = logging.getLogger(__name__)
@@ -427,46 +423,6 @@ def _projected_copy(model: nn.Module, verified: Any, config: RepairConfig, forwa
 # the training pass
 
 
-def training_batches(dataset: datasets.Dataset, indices: np.ndarray, label_column: str, input_names: Optional[set[str]],
-                     collate_fn: Optional[CollateFn], batch_size: int) -> Iterator[dict[str, Any]]:
-    """Batches of `dataset.select(indices)` in order, with the label column and the model's input columns only.
-
-    Without a `collate_fn` or a transform, each batch is read from Arrow in one slice (as numpy, then
-    torch: floats as float32 and integers as int64, like a torch-formatted dataset), which is many
-    times faster than formatting row by row; otherwise rows go through the collator as in a `DataLoader`.
-    """
-    keep = model_columns(dataset, label_column, input_names)
-    if keep == [label_column]:
-        raise ValueError(
-            f"No column of the training dataset is a model input: columns {dataset.column_names}, the model's forward "
-            f"takes {sorted(input_names or [])}. Tokenize or preprocess it first, or pass a forward_fn."
-        )
-    subset = dataset.select(indices).select_columns(keep)
-    try:
-        if collate_fn is not None or has_transform(dataset):
-            yield from DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                  collate_fn=collate_fn or default_data_collator)
-            return
-        for batch in numpy_batches(subset, batch_size):
-            yield {name: _to_tensor(name, value) for name, value in batch.items()}
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise ValueError(
-            f"Could not batch the training dataset ({err}). Inputs of different lengths need a padding collator, "
-            f"e.g. collate_fn=DataCollatorWithPadding(tokenizer)."
-        ) from err
-
-
-def _to_tensor(name: str, value: Any) -> Any:
-    array = np.asarray(value)
-    if array.dtype == object:
-        raise ValueError(f"column {name!r} has rows of different shapes")
-    if np.issubdtype(array.dtype, np.floating):
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_):
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-    return value  # strings and other non-numeric columns: passed through for a custom forward_fn
-
-
 def _score_training_set(
     model: nn.Module,
     projected: Optional[nn.Module],
@@ -560,23 +516,6 @@ _AGGREGATIONS = {
 # result
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank (like scipy.stats.rankdata)."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + 1 + ends) / 2.0)[inverse]
-
-
-def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Probability that a positive (e.g. corrupted) sample scores lower than a negative one; ties count half."""
-    positives = np.asarray(positives, dtype=bool)
-    num_pos, num_neg = int(positives.sum()), int((~positives).sum())
-    if num_pos == 0 or num_neg == 0:
-        return math.nan
-    ranks = average_ranks(-np.asarray(scores, dtype=np.float64))
-    return float((ranks[positives].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
-
-
 def _build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Dataset, scorer: _VerifiedPass,
                   config: RepairConfig, score_name: str, components: list[str], timings: dict[str, float]
                   ) -> IdentificationResult:
@@ -606,7 +545,7 @@ def _build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Data
     estimates = _noise_rate_estimates(column, labels, scorer)
     noise_source = "probe_disagreement" if "probe_disagreement" in estimates else "negative_influence"
     noise_rate = estimates[noise_source]
-    flagged, threshold = _flag(score, config, noise_rate)
+    flagged, threshold = flag_lowest(score, config, noise_rate)
 
     table: dict[str, Any] = {
         "index": np.arange(n, dtype=np.int64),
@@ -683,20 +622,3 @@ def _noise_rate_estimates(column: dict[str, np.ndarray], labels: np.ndarray, sco
         rate = (disagreement - error) / denominator if denominator > 0 else disagreement
         estimates[f"{name}_disagreement"] = float(min(max(rate, 0.0), 1.0))
     return estimates
-
-
-def _flag(score: np.ndarray, config: RepairConfig, noise_rate: float) -> tuple[np.ndarray, float]:
-    n = len(score)
-    if config.flag_rule == "threshold":
-        return score < config.flag_threshold, float(config.flag_threshold)
-    if config.flag_rule == "budget":
-        count = config.flag_top_k if config.flag_top_k is not None else round(config.flag_fraction * n)
-    else:
-        count = round(noise_rate * n)
-    count = int(min(max(count, 0), n))
-    flagged = np.zeros(n, dtype=bool)
-    if count == 0:
-        return flagged, -math.inf
-    order = np.argsort(score, kind="stable")  # ties: lower index first
-    flagged[order[:count]] = True
-    return flagged, float(score[order[count - 1]])

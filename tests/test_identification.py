@@ -18,10 +18,10 @@ from torch import nn
 
 from hf_repair import IdentificationResult, RepairConfig, Repairer, identify_harmful
 from hf_repair.experiments import SmallCNN, small_vit, train_classifier
-from hf_repair.identification import _flag, auroc, average_ranks
 from hf_repair.influence import InfluenceModel, LayerCapture, TrackedLayer, _solve_kfac
 from hf_repair.layers import adapter_for
 from hf_repair.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
+from hf_repair.ranking import auroc, average_ranks, flag_lowest
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 sys.path.insert(0, SCRIPTS)
@@ -170,11 +170,11 @@ def test_flag_rules(symmetric40):
     assert ident.summary["threshold"] == 0.0 and ident.summary["score"] == "influence"
 
     score = np.array([0.3, -1.0, 0.0, -1.0, 2.0])
-    flagged, cut = _flag(score, RepairConfig(flag_rule="budget", flag_top_k=2), noise_rate=0.0)
+    flagged, cut = flag_lowest(score, RepairConfig(flag_rule="budget", flag_top_k=2), noise_rate=0.0)
     assert flagged.tolist() == [False, True, False, True, False] and cut == -1.0
-    flagged, _ = _flag(score, RepairConfig(flag_rule="budget", flag_fraction=0.6), noise_rate=0.0)
+    flagged, _ = flag_lowest(score, RepairConfig(flag_rule="budget", flag_fraction=0.6), noise_rate=0.0)
     assert flagged.tolist() == [False, True, True, True, False]
-    flagged, _ = _flag(score, RepairConfig(), noise_rate=0.2)  # noise_rate: the lowest 20%, ties by index
+    flagged, _ = flag_lowest(score, RepairConfig(), noise_rate=0.2)  # noise_rate: the lowest 20%, ties by index
     assert flagged.tolist() == [False, True, False, False, False]
 
 
