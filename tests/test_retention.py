@@ -385,8 +385,8 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 # two processes
 
 
-@pytest.mark.parametrize("separation", ["belief", "surgery"])
-def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation):
+@pytest.mark.parametrize("separation, precision", [("belief", "no"), ("surgery", "no"), ("belief", "bf16")])
+def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, precision):
     import os
     import socket
     import subprocess
@@ -400,8 +400,8 @@ def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-               os.path.join(scripts, "distributed_retention.py"), str(tmp_path), separation]
+               "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no", "--main_process_port",
+               str(port), os.path.join(scripts, "distributed_retention.py"), str(tmp_path), separation]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 
@@ -414,3 +414,5 @@ def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path
     assert metrics["num_verified"] == 151 and metrics["num_train"] == 301
     assert metrics["steps"] > 0 and metrics["accuracy_after"] >= metrics["accuracy_before"]
     assert not ranks[0]["prepared"] and not ranks[1]["prepared"]
+    assert ranks[0]["mixed_precision"] == precision  # the fine-tune ran in the launcher's precision
+    assert all(value.dtype == torch.float32 for value in ranks[0]["state"].values() if value.is_floating_point())

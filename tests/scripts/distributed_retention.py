@@ -14,6 +14,7 @@ import sys
 
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_repair import RepairConfig, Repairer  # noqa: E402
@@ -40,7 +41,8 @@ def main(out_dir: str, separation: str) -> None:
     model, train, verified, config = case(separation)
     result = Repairer(model, config).repair(verified, train_dataset=train)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    torch.save({"state": model.state_dict(), "metrics": metrics, "prepared": "_is_accelerate_prepared" in model.__dict__},
+    torch.save({"state": model.state_dict(), "metrics": metrics, "prepared": "_is_accelerate_prepared" in model.__dict__,
+                "mixed_precision": str(AcceleratorState().mixed_precision)},
                os.path.join(out_dir, f"rank{state.process_index}.pt"))
 
 
