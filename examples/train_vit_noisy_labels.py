@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import transformers
+from accelerate import PartialState
 from transformers import EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
 
 from hf_repair import RepairCallback, RepairConfig
@@ -113,3 +114,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave the process group cleanly: a gloo/NCCL group left to interpreter shutdown can abort the process.
+    PartialState().destroy_process_group()

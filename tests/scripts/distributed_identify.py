@@ -26,6 +26,7 @@ def main(out_dir: str) -> None:
     model, train, verified, config = distributed_case()
     table = identify_harmful(model, train, verified, config).table.with_format("numpy")
     np.savez(os.path.join(out_dir, f"rank{state.process_index}.npz"), **{c: np.asarray(table[c]) for c in table.column_names})
+    state.destroy_process_group()  # a gloo group left to interpreter shutdown can abort the process
 
 
 if __name__ == "__main__":

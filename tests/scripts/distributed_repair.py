@@ -104,3 +104,4 @@ if __name__ == "__main__":
     for setup in sys.argv[2:]:
         globals()[setup](out)
         state.wait_for_everyone()
+    state.destroy_process_group()  # a gloo group left to interpreter shutdown can abort the process

@@ -44,6 +44,7 @@ def main(out_dir: str, separation: str) -> None:
     torch.save({"state": model.state_dict(), "metrics": metrics, "prepared": "_is_accelerate_prepared" in model.__dict__,
                 "mixed_precision": str(AcceleratorState().mixed_precision)},
                os.path.join(out_dir, f"rank{state.process_index}.pt"))
+    state.destroy_process_group()  # a gloo group left to interpreter shutdown can abort the process
 
 
 if __name__ == "__main__":
