@@ -24,6 +24,7 @@ is read from the Debian package `dataset-fashion-mnist`; nothing is downloaded.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -114,5 +115,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Leave the process group cleanly: a gloo/NCCL group left to interpreter shutdown can abort the process.
-    PartialState().destroy_process_group()
+    # Leave the process group together and cleanly: a gloo/NCCL group left to interpreter shutdown
+    # (or torn down while another rank still talks to it) can abort the process at exit.
+    state = PartialState()
+    state.wait_for_everyone()
+    gc.collect()  # release DDP's reference to the group first
+    state.destroy_process_group()

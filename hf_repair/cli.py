@@ -171,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         logging.getLogger("hf_repair").setLevel(cli_args.log_level.upper() if state.is_main_process else logging.WARNING)
         repair_checkpoint(model_dir, cli_args, config)
-        state.destroy_process_group()  # under accelerate launch: leave the group before interpreter shutdown
+        state.destroy_process_group()  # under accelerate launch: leave the group (together) before interpreter shutdown
     except _USER_ERRORS as err:
         logger.debug("hf-repair failed", exc_info=True)
         parser.exit(2, f"hf-repair: error: {err}\n")

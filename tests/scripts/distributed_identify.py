@@ -8,6 +8,7 @@ the gathered table it ends with to OUT_DIR/rank{r}.npz for the test to compare w
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -26,7 +27,9 @@ def main(out_dir: str) -> None:
     model, train, verified, config = distributed_case()
     table = identify_harmful(model, train, verified, config).table.with_format("numpy")
     np.savez(os.path.join(out_dir, f"rank{state.process_index}.npz"), **{c: np.asarray(table[c]) for c in table.column_names})
-    state.destroy_process_group()  # a gloo group left to interpreter shutdown can abort the process
+    state.wait_for_everyone()  # leave the gloo group together, after DDP let go of it: otherwise a rank can abort at exit
+    gc.collect()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

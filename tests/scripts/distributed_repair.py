@@ -16,6 +16,7 @@ across ranks and with a single-process repair:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -104,4 +105,6 @@ if __name__ == "__main__":
     for setup in sys.argv[2:]:
         globals()[setup](out)
         state.wait_for_everyone()
-    state.destroy_process_group()  # a gloo group left to interpreter shutdown can abort the process
+    state.wait_for_everyone()  # leave the gloo group together, after DDP let go of it: otherwise a rank can abort at exit
+    gc.collect()
+    state.destroy_process_group()

@@ -9,6 +9,7 @@ same weights. Each writes them, and the repair's metrics, to OUT_DIR/rank{r}.pt.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -44,7 +45,9 @@ def main(out_dir: str, separation: str) -> None:
     torch.save({"state": model.state_dict(), "metrics": metrics, "prepared": "_is_accelerate_prepared" in model.__dict__,
                 "mixed_precision": str(AcceleratorState().mixed_precision)},
                os.path.join(out_dir, f"rank{state.process_index}.pt"))
-    state.destroy_process_group()  # a gloo group left to interpreter shutdown can abort the process
+    state.wait_for_everyone()  # leave the gloo group together, after DDP let go of it: otherwise a rank can abort at exit
+    gc.collect()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
