@@ -53,6 +53,7 @@ from .config import RepairConfig
 from .repairer import Repairer
 from .report import REPORT_JSON, before_after_table
 from .results import RepairResult
+from .retention import FINETUNE_METHODS
 from .serialization import atomic_directory, check_output_directory, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
         raise ValueError("Give exactly one of --verified PATH (to compute a repair) and --repair_dir PATH (to re-apply one).")
     if cli_args.test is not None and cli_args.no_report:
         raise ValueError("--test is only scored for the report; drop --test or --no_report.")
-    fine_tunes = config.method != "projection"
+    fine_tunes = config.method in FINETUNE_METHODS
     if fine_tunes and cli_args.train is None:
         raise ValueError(f"--method {config.method} fine-tunes on the training data: give it with --train PATH.")
     if fine_tunes and cli_args.repair_dir is not None:

@@ -65,12 +65,16 @@ def model_columns(dataset: Any, label_column: str, input_names: Optional[set[str
         c not in BOOKKEEPING_COLUMNS and (input_names is None or c in input_names))]
 
 
-def pop_labels(batch: dict[str, Any], label_column: str) -> Any:
-    """Remove and return the labels of a collated batch (collators rename `label` to `labels`)."""
+def pop_labels(batch: dict[str, Any], label_column: str, required: bool = True) -> Any:
+    """Remove and return the labels of a collated batch (collators rename `label` to `labels`).
+
+    `required=False`: where only the model inputs matter, a batch without labels is fine (None).
+    """
     labels = batch.pop(label_column, None)
-    if labels is None and label_column == "label":
-        labels = batch.pop("labels", None)
-    if labels is None:
+    if label_column == "label":
+        renamed = batch.pop("labels", None)
+        labels = renamed if labels is None else labels
+    if labels is None and required:
         raise ValueError(f"The collated batch has no {label_column!r} key (keys: {sorted(batch)}).")
     return labels
 
@@ -93,10 +97,11 @@ def numpy_batches(dataset: Any, batch_size: int) -> Iterator[dict[str, np.ndarra
     """
     for start in range(0, len(dataset), batch_size):
         table = dataset.with_format("arrow")[start : start + batch_size]
-        fallback = [name for name in table.column_names if _uniform_list_array(table.column(name)) is None]
-        formatted = dataset.select_columns(fallback).with_format("numpy")[start : start + batch_size] if fallback else {}
-        yield {name: formatted[name] if name in fallback else _uniform_list_array(table.column(name))
-               for name in table.column_names}
+        batch = {name: _uniform_list_array(table.column(name)) for name in table.column_names}
+        fallback = [name for name, value in batch.items() if value is None]
+        if fallback:
+            batch.update(dataset.select_columns(fallback).with_format("numpy")[start : start + batch_size])
+        yield batch
 
 
 def _uniform_list_array(column: Any) -> Optional[np.ndarray]:

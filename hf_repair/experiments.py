@@ -8,7 +8,6 @@ small `ViTForImageClassification`. Both take `model(**batch)` with `pixel_values
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .data import BOOKKEEPING_COLUMNS
+from .data import BOOKKEEPING_COLUMNS, model_input_names
 from .offline_data import FASHION_MNIST_LABELS
 
 logger = logging.getLogger(__name__)
@@ -103,8 +102,8 @@ def small_vit(
 
 def _input_columns(model: nn.Module, dataset: datasets.Dataset) -> list[str]:
     """Dataset columns named in `model.forward`'s signature, as `transformers.Trainer` selects them."""
-    parameters = inspect.signature(model.forward).parameters
-    columns = [c for c in dataset.column_names if c in parameters and c not in BOOKKEEPING_COLUMNS]
+    names = model_input_names(model)
+    columns = [c for c in dataset.column_names if c not in BOOKKEEPING_COLUMNS and (names is None or c in names)]
     if not columns:
         raise ValueError(
             f"None of the dataset columns {dataset.column_names} is an input of {type(model).__name__}.forward."

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import default_data_collator
 
 from .config import RETENTION_PENALTIES
-from .data import CollateFn, VerifiedSplit
+from .data import CollateFn, VerifiedSplit, pop_labels
 from .distributed import sum_across_processes
 from .evaluation import ForwardFn, compute_scores, predict, selection_value
 from .weights import ModelSnapshot
@@ -129,9 +129,7 @@ class _TargetCollator:
         ])
         inputs = dict(self.collate_fn(rows))
         if self.label_column is not None:  # the targets above stand for it; the forward gets model inputs only
-            inputs.pop(self.label_column, None)
-            if self.label_column == "label":  # collators rename label -> labels
-                inputs.pop("labels", None)
+            pop_labels(inputs, self.label_column, required=False)
         return TargetBatch(inputs, distributions, labels, weights, gates)
 
 

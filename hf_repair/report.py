@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
-from .data import BOOKKEEPING_COLUMNS, CollateFn, model_columns, model_input_names
+from .data import BOOKKEEPING_COLUMNS, CollateFn, model_columns, model_input_names, pop_labels
 from .evaluation import ForwardFn, default_forward
 from .report_figures import ReportFigure, draw_figures, encode_png, image_to_uint8
 from .serialization import atomic_directory, check_output_directory
@@ -284,9 +284,10 @@ def _predict(model: nn.Module, dataset: datasets.Dataset, label_column: str, for
     logits = []
     try:
         for batch in loader:
-            labels = {label_column, "labels"} if label_column == "label" else {label_column}  # collators rename
+            batch = dict(batch)
+            pop_labels(batch, label_column, required=False)
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
-                      if k not in labels and (input_names is None or k in input_names)}
+                      if input_names is None or k in input_names}
             logits.append(forward_fn(model, inputs).detach().float().cpu())
     except (ValueError, TypeError) as err:
         raise ValueError(

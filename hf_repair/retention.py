@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FINETUNE_METHODS = ("retention", "erase", "projection+retention", "projection+erase")
+HELDOUT_FOLD = 0  # the verified fold that judges the fine-tune; the other folds are trained on
+_GATES = {"belief": GATE_BELIEF, "agreement": GATE_AGREEMENT, "soft": GATE_NONE, "surgery": GATE_SURGERY}
 
 
 def erases(method: str) -> bool:
@@ -79,9 +81,8 @@ def erases(method: str) -> bool:
 
 
 def projects_first(method: str) -> bool:
+    """Whether the method projects (`hf_repair.projection`) before it fine-tunes."""
     return method.startswith("projection+")
-HELDOUT_FOLD = 0  # the verified fold that judges the fine-tune; the other folds are trained on
-_GATES = {"belief": GATE_BELIEF, "agreement": GATE_AGREEMENT, "soft": GATE_NONE, "surgery": GATE_SURGERY}
 
 
 @dataclass

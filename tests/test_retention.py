@@ -23,6 +23,7 @@ from hf_repair.finetune import (
     GATE_NONE,
     FinetuneSet,
     TargetBatch,
+    _penalty,
     _retention_terms,
     surgery_gradient,
 )
@@ -313,14 +314,28 @@ def test_projection_retention_warms_up_only_when_the_projection_changed_nothing(
     assert set(result.metrics["stages"]) == ({"retain"} if projection_adopted else {"warm-up", "retain"})
 
 
-def test_fisher_and_l2_penalties_run(small):
+def test_fisher_and_l2_penalties_hold_the_weights_near_the_trained_ones(small):
     train, verified = small
-    for penalty in ("l2", "fisher"):
+    moved = {}
+    for penalty, strength in (("none", 0.0), ("l2", 100.0), ("fisher", 100.0)):
         model = _tiny()
-        config = RepairConfig(method="retention", retention_penalty=penalty, retention_penalty_strength=1.0,
-                              flag_rule="budget", flag_fraction=0.5, retention_epochs=0.3, **CHEAP)
+        start = _state(model)
+        config = RepairConfig(method="erase", retention_penalty=penalty, retention_penalty_strength=strength,
+                              flag_rule="budget", flag_fraction=0.5, retention_epochs=1.0, retention_learning_rate=3e-3,
+                              min_improvement=-1.0, **CHEAP)
         result = Repairer(model, config).repair(verified, train_dataset=train)
-        assert set(result.metrics["stages"]) == {"warm-up", "retain"}
+        assert result.metrics["steps"] > 0
+        moved[penalty] = sum(float((v - start[k]).pow(2).sum()) for k, v in model.state_dict().items())
+    assert moved["none"] > 0
+    assert moved["l2"] < moved["none"] and moved["fisher"] < moved["none"], moved
+
+
+def test_penalty_is_the_squared_distance_weighted_by_the_fisher():
+    params = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[3.0]]))]
+    anchor = [torch.tensor([0.0, 2.0]), torch.tensor([[1.0]])]
+    assert _penalty(params, anchor, None).item() == pytest.approx(1.0 + 0.0 + 4.0)
+    fisher = [torch.tensor([2.0, 5.0]), torch.tensor([[0.5]])]
+    assert _penalty(params, anchor, fisher).item() == pytest.approx(2.0 * 1.0 + 5.0 * 0.0 + 0.5 * 4.0)
 
 
 @pytest.mark.parametrize("overrides, message", [
