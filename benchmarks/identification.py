@@ -14,6 +14,8 @@ training pass), the training pass alone, and a plain forward pass over the same 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import shlex
 import time
@@ -21,12 +23,14 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
+
 from hf_repair import RepairConfig, identify_harmful
-from hf_repair.data import model_input_names, training_batches
-from hf_repair.evaluation import default_forward
-from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
-from hf_repair.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
-from hf_repair.offline_data import load_fashion_mnist
+from hf_repair.data.verified import model_input_names, training_batches
+from hf_repair.evaluation.prediction import default_forward
+from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
+from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
+from testbed.offline_data import load_fashion_mnist
 
 from common import markdown_table
 

@@ -10,18 +10,22 @@ verified split (the clean reference retention uses), plus that refit alone.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import copy
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
+
 from hf_repair import RepairConfig, Repairer
-from hf_repair.data import stratified_folds
-from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
-from hf_repair.influence import refit_head
-from hf_repair.noise import corrupt_dataset
-from hf_repair.offline_data import load_fashion_mnist
+from hf_repair.data.verified import stratified_folds
+from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
+from hf_repair.identification.influence import refit_head
+from testbed.noise import corrupt_dataset
+from testbed.offline_data import load_fashion_mnist
 
 from common import gap_closed, markdown_table
 

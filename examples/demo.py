@@ -12,6 +12,8 @@ followed by beneficial-retention fine-tuning on the training set -- and prints t
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import copy
 import logging
@@ -20,10 +22,12 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
+
 from hf_repair import RepairConfig, Repairer
-from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
-from hf_repair.noise import corrupt_dataset
-from hf_repair.offline_data import load_fashion_mnist
+from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
+from testbed.noise import corrupt_dataset
+from testbed.offline_data import load_fashion_mnist
 
 
 def main() -> None:

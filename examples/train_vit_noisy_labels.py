@@ -24,6 +24,8 @@ is read from the Debian package `dataset-fashion-mnist`; nothing is downloaded.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -33,10 +35,12 @@ import transformers
 from accelerate import PartialState
 from transformers import EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
+
 from hf_repair import RepairCallback, RepairConfig
-from hf_repair.experiments import small_vit
-from hf_repair.noise import NOISE_TYPES, corrupt_dataset
-from hf_repair.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
+from testbed.experiments import small_vit
+from testbed.noise import NOISE_TYPES, corrupt_dataset
+from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """hf_repair: repair models trained on noisy labels with a small verified split."""
 
-from .callback import RepairCallback
-from .clean_space import CleanSpace
-from .config import RepairConfig
-from .identification import IdentificationResult, identify_harmful
+from .integrations.callback import RepairCallback
+from .projection.clean_space import CleanSpace
+from .config.repair_config import RepairConfig
+from .identification.identify import IdentificationResult, identify_harmful
 from .repairer import Repairer
 from .results import LayerRecord, RepairResult
-from .serialization import RepairMismatchError, atomic_directory
-from .targets import find_target_modules
+from .utils.files import RepairMismatchError, atomic_directory
+from .modeling.targets import find_target_modules
 
 __version__ = "0.1.0"
 

@@ -8,16 +8,16 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .config import RepairConfig
-from .data import CollateFn, VerifiedSplit, model_input_names
-from .evaluation import ForwardFn, MetricFn, default_forward
-from .identification import IdentificationResult, identify_harmful
-from .projection import ProjectionOutcome, ProjectionRepair
+from .config.repair_config import RepairConfig
+from .data.verified import CollateFn, VerifiedSplit, model_input_names
+from .evaluation.prediction import ForwardFn, MetricFn, default_forward
+from .identification.identify import IdentificationResult, identify_harmful
+from .projection.search import ProjectionOutcome, ProjectionRepair
 from .results import LayerRecord, RepairResult
-from .retention import FINETUNE_METHODS, repair_with_finetuning
-from .sharding import weight_access_for
-from .targets import find_target_modules
-from .weights import WeightSnapshot
+from .retention.repair import FINETUNE_METHODS, repair_with_finetuning
+from .modeling.sharding import weight_access_for
+from .modeling.targets import find_target_modules
+from .modeling.weights import WeightSnapshot
 
 logger = logging.getLogger(__name__)
 

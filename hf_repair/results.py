@@ -11,10 +11,10 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from .clean_space import CleanSpace
-from .config import RepairConfig
-from .projection import Projector
-from .serialization import (
+from .projection.clean_space import CleanSpace
+from .config.repair_config import RepairConfig
+from .projection.search import Projector
+from .utils.files import (
     FORMAT_VERSION,
     RESULT_NAME,
     SPACES_NAME,
@@ -27,8 +27,8 @@ from .serialization import (
     weight_fingerprint,
     write_json,
 )
-from .sharding import weight_access_for
-from .weights import WeightSnapshot
+from .modeling.sharding import weight_access_for
+from .modeling.weights import WeightSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class RepairResult:
 
         See `hf_repair.report.write_report` for every argument (`forward_fn`, `collate_fn`, `batch_size`).
         """
-        from .report import write_report
+        from .report.writer import write_report
 
         return write_report(
             self, directory, model=model, test_dataset=test_dataset, identification=identification,

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from hf_repair import RepairCallback, RepairConfig, Repairer, RepairResult
-from hf_repair.callback import REPORT_DIR, RESULTS_NAME
+from hf_repair.integrations.callback import REPORT_DIR, RESULTS_NAME
 
 from helpers import PadCollator, image_collate, with_image_transform
 

@@ -27,9 +27,9 @@ from transformers import (
 )
 
 from hf_repair import RepairConfig, RepairResult
-from hf_repair.cli import REPORT_DIR, CLIArguments, main, prepare_labels
-from hf_repair.cli import RESULTS_NAME as RESULTS
-from hf_repair.report import before_after_table
+from hf_repair.cli.command import REPORT_DIR, CLIArguments, main, prepare_labels
+from hf_repair.cli.command import RESULTS_NAME as RESULTS
+from hf_repair.report.writer import before_after_table
 
 WORDS = [f"w{i}" for i in range(40)]
 NUM_TEXTS = 40
@@ -312,7 +312,7 @@ def test_bad_test_data_fails_before_the_repair(workdir, tmp_path, capsys, monkey
     def no_repair(*args, **kwargs):
         raise AssertionError("the repair ran before the test data was checked")
 
-    monkeypatch.setattr("hf_repair.cli.Repairer.repair", no_repair)
+    monkeypatch.setattr("hf_repair.repairer.Repairer.repair", no_repair)
     out = tmp_path / "out"
     common = [workdir / "bert", "--verified", workdir / "verified.csv", "--output_dir", out]
     fails([*common, "--test", tmp_path / "missing.csv"], capsys, "--test", "does not exist")

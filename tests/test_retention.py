@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_repair import RepairConfig, Repairer
-from hf_repair.data import stratified_folds
-from hf_repair.experiments import SmallCNN, evaluate_accuracy, train_classifier
-from hf_repair.finetune import (
+from hf_repair.data.verified import stratified_folds
+from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
+from hf_repair.retention.finetune import (
     GATE_AGREEMENT,
     GATE_BELIEF,
     GATE_NONE,
@@ -27,9 +27,9 @@ from hf_repair.finetune import (
     _retention_terms,
     surgery_gradient,
 )
-from hf_repair.noise import corrupt_dataset
-from hf_repair.offline_data import load_fashion_mnist
-from hf_repair.retention import HELDOUT_FOLD
+from testbed.noise import corrupt_dataset
+from testbed.offline_data import load_fashion_mnist
+from hf_repair.retention.repair import HELDOUT_FOLD
 
 from helpers import image_collate, with_image_transform
 

@@ -13,7 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer, RepairResult
-from hf_repair.serialization import (
+from hf_repair.utils.files import (
     RepairMismatchError,
     atomic_directory,
     check_output_directory,

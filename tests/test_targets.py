@@ -5,7 +5,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from hf_repair import RepairConfig, find_target_modules
-from hf_repair.targets import canonical_name
+from hf_repair.modeling.targets import canonical_name
 
 
 class Block(nn.Module):

@@ -19,8 +19,8 @@ from accelerate.state import AcceleratorState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_repair import RepairConfig, Repairer  # noqa: E402
-from hf_repair.experiments import SmallCNN  # noqa: E402
-from hf_repair.noise import corrupt_dataset  # noqa: E402
+from testbed.experiments import SmallCNN  # noqa: E402
+from testbed.noise import corrupt_dataset  # noqa: E402
 
 from identification_setup import fashion_subsets  # noqa: E402
 

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from hf_repair import RepairConfig
-from hf_repair.experiments import SmallCNN
-from hf_repair.noise import corrupt_dataset
-from hf_repair.offline_data import load_fashion_mnist
+from testbed.experiments import SmallCNN
+from testbed.noise import corrupt_dataset
+from testbed.offline_data import load_fashion_mnist
 
 NUM_TRAIN = 3000
 NUM_VERIFIED = 1000

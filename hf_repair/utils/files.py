@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .clean_space import CleanSpace
-from .layers import LayerAdapter, adapter_for
-from .targets import canonical_name
+from ..projection.clean_space import CleanSpace
+from ..modeling.layers import LayerAdapter, adapter_for
+from ..modeling.targets import canonical_name
 
 PathLike = Union[str, os.PathLike]
 

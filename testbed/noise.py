@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import datasets
 import numpy as np
 
-from .data import column_array
+from hf_repair.data.verified import column_array
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def transition_noise(
     """Draw each noisy label from row `label` of a row-stochastic transition matrix.
 
     Use it with a measured matrix such as
-    `hf_repair.offline_data.cifar10n_transition_matrix()` for realistic human noise. The
+    `testbed.offline_data.cifar10n_transition_matrix()` for realistic human noise. The
     number of corrupted samples is random here; `is_corrupted` marks those whose label
     changed. Returns `(noisy_labels, is_corrupted)`.
     """

@@ -181,7 +181,7 @@ def cifar10n_transition_matrix(kind: str = "worse_label") -> np.ndarray:
     Row i is the distribution of the human label given true class i, estimated from the
     50,000 CIFAR-10N annotations (`kind` picks the label set: about 9% noise in
     `aggre_label`, 17% in `random_label1`, 40% in `worse_label`). Sampling from it with
-    `hf_repair.noise.transition_noise` gives realistic class-dependent noise.
+    `testbed.noise.transition_noise` gives realistic class-dependent noise.
     """
     if kind not in CIFAR10N_KINDS:
         raise ValueError(f"kind must be one of {list(CIFAR10N_KINDS)}, got {kind!r}.")

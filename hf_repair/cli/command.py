@@ -48,13 +48,13 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from .callback import REPORT_DIR, RESULTS_NAME, repair_results
-from .config import RepairConfig
-from .repairer import Repairer
-from .report import REPORT_JSON, before_after_table
-from .results import RepairResult
-from .retention import FINETUNE_METHODS
-from .serialization import atomic_directory, check_output_directory, read_json, write_json
+from ..integrations.callback import REPORT_DIR, RESULTS_NAME, repair_results
+from ..config.repair_config import RepairConfig
+from ..repairer import Repairer
+from ..report.writer import REPORT_JSON, before_after_table
+from ..results import RepairResult
+from ..retention.repair import FINETUNE_METHODS
+from ..utils.files import atomic_directory, check_output_directory, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -561,5 +561,3 @@ def format_table(result: RepairResult, numbers: dict[str, Any], model_name: str,
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
-from .distributed import process_info
+from ..utils.distributed import process_info
 
 logger = logging.getLogger(__name__)
 

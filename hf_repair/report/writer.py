@@ -40,13 +40,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
-from .data import BOOKKEEPING_COLUMNS, CollateFn, model_columns, model_input_names, pop_labels
-from .evaluation import ForwardFn, default_forward
-from .report_figures import ReportFigure, draw_figures, encode_png, image_to_uint8
-from .serialization import atomic_directory, check_output_directory
+from ..data.verified import BOOKKEEPING_COLUMNS, CollateFn, model_columns, model_input_names, pop_labels
+from ..evaluation.prediction import ForwardFn, default_forward
+from .figures import ReportFigure, draw_figures, encode_png, image_to_uint8
+from ..utils.files import atomic_directory, check_output_directory
 
 if TYPE_CHECKING:
-    from .results import RepairResult
+    from ..results import RepairResult
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def write_report(
 
 def _repair_numbers(result: "RepairResult") -> dict[str, Any]:
     """Everything the result itself records: metrics, the selection curve, spaces and layers."""
-    from . import __version__
+    from .. import __version__
 
     metrics = dict(result.metrics)
     metric = result.config.metric_for_selection

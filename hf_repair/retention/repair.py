@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from transformers import default_data_collator
 
-from .config import RepairConfig
-from .data import VerifiedSplit, check_label_range, column_array, model_columns, model_input_names, stratified_folds
-from .distributed import process_info
-from .evaluation import compute_scores, default_forward, predict
+from ..config.repair_config import RepairConfig
+from ..data.verified import VerifiedSplit, check_label_range, column_array, model_columns, model_input_names, stratified_folds
+from ..utils.distributed import process_info
+from ..evaluation.prediction import compute_scores, default_forward, predict
 from .finetune import (
     GATE_AGREEMENT,
     GATE_BELIEF,
@@ -60,13 +60,13 @@ from .finetune import (
     GuardedFinetuner,
     predict_distributions,
 )
-from .identification import IdentificationResult
-from .results import RepairResult
-from .sharding import weight_access_for
-from .weights import ModelSnapshot
+from ..identification.identify import IdentificationResult
+from ..results import RepairResult
+from ..modeling.sharding import weight_access_for
+from ..modeling.weights import ModelSnapshot
 
 if TYPE_CHECKING:
-    from .repairer import Repairer
+    from ..repairer import Repairer
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: A
     before = heldout_scores(repairer, split)
     try:
         if projects_first(config.method):
-            from .repairer import Repairer
+            from ..repairer import Repairer
 
             projection = Repairer(repairer.model, dataclasses.replace(config, method="projection"),
                                   compute_metrics=repairer.compute_metrics, forward_fn=repairer.forward_fn,

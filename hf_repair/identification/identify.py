@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import RepairConfig
-from .data import (
+from ..config.repair_config import RepairConfig
+from ..data.verified import (
     CollateFn,
     LabeledBatch,
     VerifiedSplit,
@@ -50,11 +50,11 @@ from .data import (
     pop_labels,
     training_batches,
 )
-from .distributed import gather_uneven, is_main_process, process_info
-from .evaluation import ForwardFn, default_forward
+from ..utils.distributed import gather_uneven, is_main_process, process_info
+from ..evaluation.prediction import ForwardFn, default_forward
 from .influence import HeadRefit, InfluenceModel, LayerCapture, LinearProbe, TrackedLayer, fit_probe, refit_head
 from .ranking import auroc, average_ranks, flag_lowest
-from .targets import find_target_modules
+from ..modeling.targets import find_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def _class_names(model: nn.Module, classes: list[int]) -> str:
 
 def _projected_copy(model: nn.Module, verified: Any, config: RepairConfig, forward_fn: ForwardFn,
                     collate_fn: Optional[CollateFn]) -> nn.Module:
-    from .repairer import Repairer  # the repairer imports this module
+    from ..repairer import Repairer  # the repairer imports this module
 
     projected = copy.deepcopy(model)
     result = Repairer(projected, dataclasses.replace(config, method="projection"), forward_fn=forward_fn,

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from .capture import GramCollector
 from .clean_space import CleanSpace
-from .config import RepairConfig
-from .data import LabeledBatch, VerifiedSplit, check_label_range
-from .distributed import is_main_process
-from .evaluation import ForwardFn, compute_scores, predict, selection_value
-from .layers import LayerAdapter
-from .weights import WeightSnapshot
+from ..config.repair_config import RepairConfig
+from ..data.verified import LabeledBatch, VerifiedSplit, check_label_range
+from ..utils.distributed import is_main_process
+from ..evaluation.prediction import ForwardFn, compute_scores, predict, selection_value
+from ..modeling.layers import LayerAdapter
+from ..modeling.weights import WeightSnapshot
 
 logger = logging.getLogger(__name__)
 

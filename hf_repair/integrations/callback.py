@@ -40,14 +40,14 @@ import torch
 from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .config import RepairConfig
-from .data import CollateFn, check_label_range
-from .evaluation import ForwardFn, MetricFn
-from .repairer import Repairer
-from .results import RepairResult
-from .retention import FINETUNE_METHODS
-from .serialization import write_json
-from .sharding import weight_access_for
+from ..config.repair_config import RepairConfig
+from ..data.verified import CollateFn, check_label_range
+from ..evaluation.prediction import ForwardFn, MetricFn
+from ..repairer import Repairer
+from ..results import RepairResult
+from ..retention.repair import FINETUNE_METHODS
+from ..utils.files import write_json
+from ..modeling.sharding import weight_access_for
 
 if TYPE_CHECKING:
     from transformers import Trainer

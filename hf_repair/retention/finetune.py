@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
-from .config import RETENTION_PENALTIES
-from .data import CollateFn, VerifiedSplit, pop_labels
-from .distributed import sum_across_processes
-from .evaluation import ForwardFn, compute_scores, predict, selection_value
-from .weights import ModelSnapshot
+from ..config.repair_config import RETENTION_PENALTIES
+from ..data.verified import CollateFn, VerifiedSplit, pop_labels
+from ..utils.distributed import sum_across_processes
+from ..evaluation.prediction import ForwardFn, compute_scores, predict, selection_value
+from ..modeling.weights import ModelSnapshot
 
 logger = logging.getLogger(__name__)
 

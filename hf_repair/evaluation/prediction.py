@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers import EvalPrediction
 
-from .distributed import gather_uneven
+from ..utils.distributed import gather_uneven
 
 if TYPE_CHECKING:
-    from .data import LabeledBatch
+    from ..data.verified import LabeledBatch
 
 ForwardFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 MetricFn = Callable[[EvalPrediction], dict[str, float]]

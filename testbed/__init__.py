@@ -1,0 +1,1 @@
+"""Reference models, offline datasets and label noise for the demo, tests and benchmarks (not installed)."""
