@@ -14,11 +14,11 @@ training pass), the training pass alone, and a plain forward pass over the same 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 import argparse
 import shlex
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
 from hf_repair import RepairConfig, identify_harmful
-from hf_repair.data.verified import model_input_names, training_batches
-from hf_repair.evaluation.prediction import default_forward
+from hf_repair.data import model_input_names, training_batches
+from hf_repair.evaluation import default_forward
 from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 from testbed.offline_data import load_fashion_mnist

@@ -13,10 +13,10 @@ in one run, next to one training epoch.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 import argparse
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,14 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
 from hf_repair import RepairConfig, Repairer
+from hf_repair.data import VerifiedSplit
+from hf_repair.evaluation import default_forward
+from hf_repair.modeling.targets import find_target_modules
 from hf_repair.projection.capture import GramCollector
 from hf_repair.projection.clean_space import CleanSpace
-from hf_repair.data.verified import VerifiedSplit
-from hf_repair.evaluation.prediction import default_forward
 from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
-from hf_repair.modeling.targets import find_target_modules
 
 from common import gap_closed, markdown_table, measure
 

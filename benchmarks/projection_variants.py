@@ -10,10 +10,10 @@ verified split (the clean reference retention uses), plus that refit alone.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 import argparse
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
 from hf_repair import RepairConfig, Repairer
-from hf_repair.data.verified import stratified_folds
-from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
+from hf_repair.data import stratified_folds
 from hf_repair.identification.influence import refit_head
+from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
 

@@ -15,14 +15,14 @@ training epoch of the same model on the same data. Trained models are cached in 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 import argparse
 import copy
 import json
 import logging
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
 from hf_repair import RepairConfig, Repairer
-from hf_repair.data.verified import column_array
+from hf_repair.data import column_array
 from testbed.experiments import SmallCNN, evaluate_accuracy, small_vit, train_classifier
 from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 from testbed.offline_data import load_fashion_mnist, load_rotten_tomatoes, minilm_path

@@ -12,12 +12,12 @@ followed by beneficial-retention fine-tuning on the training set -- and prints t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 import argparse
 import copy
 import logging
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch

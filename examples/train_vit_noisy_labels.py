@@ -24,11 +24,11 @@ is read from the Debian package `dataset-fashion-mnist`; nothing is downloaded.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 import gc
 import logging
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import transformers

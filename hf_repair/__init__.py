@@ -1,17 +1,18 @@
 """hf_repair: repair models trained on noisy labels with a small verified split."""
 
-from .integrations.callback import RepairCallback
-from .projection.clean_space import CleanSpace
 from .config.repair_config import RepairConfig
 from .identification.identify import IdentificationResult, identify_harmful
+from .integrations.callback import RepairCallback
+from .modeling.targets import find_target_modules
+from .projection.clean_space import CleanSpace
+from .projection.saving import RepairMismatchError
 from .repairer import Repairer
 from .results import LayerRecord, RepairResult
-from .utils.files import RepairMismatchError, atomic_directory
-from .modeling.targets import find_target_modules
-
-__version__ = "0.1.0"
+from .utils.files import atomic_directory
+from .utils.version import __version__
 
 __all__ = [
+    "__version__",
     "CleanSpace",
     "IdentificationResult",
     "LayerRecord",

@@ -11,41 +11,25 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from .projection.clean_space import CleanSpace
 from .config.repair_config import RepairConfig
-from .projection.search import Projector
-from .utils.files import (
+from .modeling.sharding import weight_access_for
+from .modeling.weights import WeightSnapshot
+from .projection.clean_space import CleanSpace
+from .projection.pipeline import LayerRecord, ProjectionResult
+from .projection.projector import Projector
+from .projection.saving import (
     FORMAT_VERSION,
     RESULT_NAME,
     SPACES_NAME,
-    atomic_directory,
     check_original_weights,
     find_saved_layers,
     load_clean_spaces,
-    read_json,
     save_clean_spaces,
     weight_fingerprint,
-    write_json,
 )
-from .modeling.sharding import weight_access_for
-from .modeling.weights import WeightSnapshot
+from .utils.files import atomic_directory, read_json, write_json
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerRecord:
-    """One repaired layer: which clean space it used and how much its weight moved."""
-
-    name: str
-    kind: str
-    group: str  # the layer whose input Gram it shares (itself when alone)
-    input_dim: int
-    rank: int
-    relative_change: float
-    weight_shape: Optional[tuple[int, ...]] = None  # of the original weight, in the module's layout
-    weight_sha256: Optional[str] = None  # of the original weight; computed by save_pretrained
-    alpha: Optional[float] = None  # the alpha applied to this layer; None: left as trained
 
 
 @dataclass
@@ -62,6 +46,16 @@ class RepairResult:
     spaces: dict[str, CleanSpace] = field(default_factory=dict)
     selection: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     _snapshot: Optional[WeightSnapshot] = field(default=None, repr=False)
+
+    @classmethod
+    def from_projection(cls, config: RepairConfig, projection: ProjectionResult) -> "RepairResult":
+        return cls(config=config, metrics=projection.metrics, layers=projection.layers, spaces=projection.spaces,
+                   selection=projection.selection, _snapshot=projection.snapshot)
+
+    @property
+    def snapshot(self) -> Optional[WeightSnapshot]:
+        """The original weights of the repaired layers (or of the whole model); None for a result loaded from disk."""
+        return self._snapshot
 
     @property
     def adopted(self) -> bool:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hf_repair.data.verified import BOOKKEEPING_COLUMNS, model_input_names
+from hf_repair.data import BOOKKEEPING_COLUMNS, model_input_names
 from testbed.offline_data import FASHION_MNIST_LABELS
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import datasets
 import numpy as np
 
-from hf_repair.data.verified import column_array
+from hf_repair.data import column_array
 
 logger = logging.getLogger(__name__)
 

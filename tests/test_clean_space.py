@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from hf_repair.modeling.layers import adapter_for
 from hf_repair.projection.capture import GramCollector
 from hf_repair.projection.clean_space import CleanSpace
-from hf_repair.modeling.layers import adapter_for
 
 
 def _gram_of(layer: nn.Module, batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:

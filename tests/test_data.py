@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from hf_repair.data.verified import column_array, numpy_batches
+from hf_repair.data import column_array, numpy_batches
 from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 
 IMAGE = datasets.Array3D(shape=(1, 4, 4), dtype="float32")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
 from hf_repair import Repairer
-from hf_repair.data.verified import VerifiedSplit
+from hf_repair.data import VerifiedSplit
 from hf_repair.modeling.sharding import WeightAccess, ZeRO3WeightAccess, weight_access_for
 from hf_repair.modeling.weights import WeightSnapshot
 

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_repair import IdentificationResult, RepairConfig, Repairer, identify_harmful
-from testbed.experiments import SmallCNN, small_vit, train_classifier
 from hf_repair.identification.influence import InfluenceModel, LayerCapture, TrackedLayer, _solve_kfac
-from hf_repair.modeling.layers import adapter_for
-from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 from hf_repair.identification.ranking import auroc, average_ranks, flag_lowest
+from hf_repair.modeling.layers import adapter_for
+from testbed.experiments import SmallCNN, small_vit, train_classifier
+from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 sys.path.insert(0, SCRIPTS)

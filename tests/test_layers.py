@@ -3,8 +3,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_repair.projection.clean_space import CleanSpace
 from hf_repair.modeling.layers import adapter_for
+from hf_repair.projection.clean_space import CleanSpace
 
 
 def _random_projection(d: int) -> torch.Tensor:

@@ -15,8 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_repair import RepairConfig, Repairer
-from hf_repair.data.verified import stratified_folds
-from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
+from hf_repair.data import stratified_folds
 from hf_repair.retention.finetune import (
     GATE_AGREEMENT,
     GATE_BELIEF,
@@ -27,9 +26,10 @@ from hf_repair.retention.finetune import (
     _retention_terms,
     surgery_gradient,
 )
+from hf_repair.retention.repair import HELDOUT_FOLD
+from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
-from hf_repair.retention.repair import HELDOUT_FOLD
 
 from helpers import image_collate, with_image_transform
 

@@ -13,13 +13,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer, RepairResult
-from hf_repair.utils.files import (
-    RepairMismatchError,
-    atomic_directory,
-    check_output_directory,
-    weight_fingerprint,
-    write_json,
-)
+from hf_repair.projection.saving import RepairMismatchError, weight_fingerprint
+from hf_repair.utils.files import atomic_directory, check_output_directory, write_json
 
 FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even if it does not beat the model, to exercise the update
 NEVER = dict(min_improvement=1.0)  # no alpha can beat the model by a whole accuracy point: never adopted

@@ -48,12 +48,12 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from ..integrations.callback import REPORT_DIR, RESULTS_NAME, repair_results
+from ..config import FINETUNE_METHODS
 from ..config.repair_config import RepairConfig
+from ..integrations.callback import REPORT_DIR, RESULTS_NAME, repair_results
 from ..repairer import Repairer
 from ..report.writer import REPORT_JSON, before_after_table
 from ..results import RepairResult
-from ..retention.repair import FINETUNE_METHODS
 from ..utils.files import atomic_directory, check_output_directory, read_json, write_json
 
 logger = logging.getLogger(__name__)

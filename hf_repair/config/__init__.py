@@ -1,5 +1,5 @@
 """`RepairConfig` and the argument groups it is composed of."""
 
-from .repair_config import RepairConfig
+from .repair_config import FINETUNE_METHODS, METHODS, RepairConfig
 
-__all__ = ["RepairConfig"]
+__all__ = ["FINETUNE_METHODS", "METHODS", "RepairConfig"]

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 CONFIG_NAME = "repair_config.json"
 
 METHODS = ("projection", "retention", "erase", "projection+retention", "projection+erase")
+FINETUNE_METHODS = METHODS[1:]  # the methods that fine-tune on the training set
 TARGET_KEYWORDS = ("all-linear", "all")
 # identification
 IDENTIFICATION_SCORES = ("auto", "probe", "influence", "refit", "projection", "combined", "loss")

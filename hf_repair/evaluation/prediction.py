@@ -1,27 +1,26 @@
-"""Calling the model and scoring its predictions, the way `Trainer` users already do.
+"""Calling the model the way `Trainer` users already do.
 
 The model is called as `model(**inputs)` and logits are read from `.logits` (or the returned
-tensor), unless a `forward_fn(model, inputs) -> logits` is given. The score is accuracy, or a
-`compute_metrics(EvalPrediction)` function, or an `evaluate` metric object.
+tensor), unless a `forward_fn(model, inputs) -> logits` is given. Every pass that reads the
+verified split builds it here (`split_verified`), with one rule for which columns the model takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
 import torch
 from torch import nn
-from transformers import EvalPrediction
 
+from ..data import CollateFn, LabeledBatch, VerifiedSplit, model_input_names
 from ..utils.distributed import gather_uneven
 
 if TYPE_CHECKING:
-    from ..data.verified import LabeledBatch
+    from ..config import RepairConfig
 
 ForwardFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
-MetricFn = Callable[[EvalPrediction], dict[str, float]]
 
 
 def default_forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -39,39 +38,12 @@ def default_forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return logits
 
 
-def compute_scores(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    compute_metrics: Optional[Any] = None,
-) -> dict[str, float]:
-    """Accuracy always; plus whatever `compute_metrics` (a function or an `evaluate` metric) reports."""
-    predictions = logits.argmax(dim=-1)
-    scores = {"accuracy": float((predictions == labels).double().mean())} if labels.numel() else {}
-    if compute_metrics is None:
-        return scores
-    if hasattr(compute_metrics, "compute"):  # an `evaluate.EvaluationModule`
-        extra = compute_metrics.compute(predictions=predictions.cpu().numpy(), references=labels.cpu().numpy())
-    else:
-        extra = compute_metrics(EvalPrediction(predictions=logits.float().cpu().numpy(), label_ids=labels.cpu().numpy()))
-    scores.update({k: float(np.asarray(v)) for k, v in (extra or {}).items() if np.ndim(v) == 0})
-    return scores
-
-
-def selection_value(scores: dict[str, float], metric: str) -> float:
-    if metric not in scores:
-        raise KeyError(
-            f"metric_for_selection={metric!r} is not among the computed metrics {sorted(scores)}; "
-            f"set RepairConfig.metric_for_selection to one of them."
-        )
-    return scores[metric]
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    batches: Iterable["LabeledBatch"],
+    batches: Iterable[LabeledBatch],
     forward_fn: ForwardFn = default_forward,
-    before_forward: Optional[Callable[["LabeledBatch"], None]] = None,
+    before_forward: Optional[Callable[[LabeledBatch], None]] = None,
     progress: Optional[Any] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of every batch, gathered over processes (rank by rank, no duplicates)."""
@@ -86,3 +58,34 @@ def predict(
             progress.update(1)
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     return gather_uneven(logits), gather_uneven(labels)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block (no dropout, BatchNorm statistics frozen), then back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def input_names_for(model: nn.Module, forward_fn: ForwardFn) -> Optional[set[str]]:
+    """The batch keys passed to the model: its named forward arguments, or all of them with a custom forward_fn."""
+    return model_input_names(model) if forward_fn is default_forward else None
+
+
+def split_verified(model: nn.Module, verified: Any, config: "RepairConfig", forward_fn: ForwardFn = default_forward,
+                   collate_fn: Optional[CollateFn] = None) -> VerifiedSplit:
+    """The verified samples as this process's folds of batches, on the model's device; checks the columns."""
+    return VerifiedSplit(
+        verified,
+        num_folds=config.num_folds,
+        batch_size=config.batch_size,
+        seed=config.repair_seed,
+        label_column=config.label_column,
+        collate_fn=collate_fn,
+        input_names=input_names_for(model, forward_fn),
+        device=next(model.parameters()).device,
+    )

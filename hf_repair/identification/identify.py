@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config.repair_config import RepairConfig
-from ..data.verified import (
+from ..data import (
     CollateFn,
     LabeledBatch,
     VerifiedSplit,
@@ -50,11 +50,12 @@ from ..data.verified import (
     pop_labels,
     training_batches,
 )
+from ..evaluation import ForwardFn, default_forward
+from ..modeling.targets import find_target_modules
+from ..projection.pipeline import project
 from ..utils.distributed import gather_uneven, is_main_process, process_info
-from ..evaluation.prediction import ForwardFn, default_forward
 from .influence import HeadRefit, InfluenceModel, LayerCapture, LinearProbe, TrackedLayer, fit_probe, refit_head
 from .ranking import auroc, average_ranks, flag_lowest
-from ..modeling.targets import find_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -410,11 +411,9 @@ def _class_names(model: nn.Module, classes: list[int]) -> str:
 
 def _projected_copy(model: nn.Module, verified: Any, config: RepairConfig, forward_fn: ForwardFn,
                     collate_fn: Optional[CollateFn]) -> nn.Module:
-    from ..repairer import Repairer  # the repairer imports this module
-
     projected = copy.deepcopy(model)
-    result = Repairer(projected, dataclasses.replace(config, method="projection"), forward_fn=forward_fn,
-                      collate_fn=collate_fn).repair(verified)
+    result = project(projected, dataclasses.replace(config, method="projection"), verified, forward_fn=forward_fn,
+                     collate_fn=collate_fn)
     logger.info("Projection reference: %s", "adopted" if result.adopted else "not adopted (equals the trained model)")
     return projected.eval()
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.distributed import sum_across_processes
 from ..modeling.layers import LayerAdapter
+from ..utils.distributed import sum_across_processes
 
 logger = logging.getLogger(__name__)
 

@@ -40,14 +40,14 @@ import torch
 from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..config import FINETUNE_METHODS
 from ..config.repair_config import RepairConfig
-from ..data.verified import CollateFn, check_label_range
-from ..evaluation.prediction import ForwardFn, MetricFn
+from ..data import CollateFn, check_label_range
+from ..evaluation import ForwardFn, MetricFn
+from ..modeling.sharding import weight_access_for
 from ..repairer import Repairer
 from ..results import RepairResult
-from ..retention.repair import FINETUNE_METHODS
 from ..utils.files import write_json
-from ..modeling.sharding import weight_access_for
 
 if TYPE_CHECKING:
     from transformers import Trainer

@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..utils.distributed import sum_across_processes
 from ..modeling.layers import LayerAdapter
+from ..utils.distributed import sum_across_processes
 
 
 class NonFiniteActivationError(ValueError):

@@ -18,20 +18,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import GramCollector
-from .clean_space import CleanSpace
 from ..config.repair_config import RepairConfig
-from ..data.verified import LabeledBatch, VerifiedSplit, check_label_range
-from ..utils.distributed import is_main_process
-from ..evaluation.prediction import ForwardFn, compute_scores, predict, selection_value
+from ..data import LabeledBatch, VerifiedSplit, check_label_range
+from ..evaluation import ForwardFn, compute_scores, predict, selection_value
 from ..modeling.layers import LayerAdapter
 from ..modeling.weights import WeightSnapshot
+from ..utils.distributed import is_main_process
+from .capture import GramCollector
+from .clean_space import CleanSpace
+from .projector import Projector
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ProjectionOutcome:
+class AlphaSearchResult:
     """What the projection decided, and the clean spaces it decided with."""
 
     alpha: Optional[float]  # the best global alpha; None when the repair was not adopted
@@ -45,42 +46,9 @@ class ProjectionOutcome:
     num_samples: int
 
 
-class Projector:
-    """Sets target weights to W_original M(alpha) for any alpha, cheaply.
+class AlphaSearch:
+    """Chooses alpha (globally, or per clean space) by k-fold scores on the verified split, then applies it."""
 
-    With M = U diag(lambda) U^T, W M = ((W U) diag(lambda)) U^T: W U is computed once per set of
-    spaces, so each further alpha costs out x d^2 per layer instead of a d^3 product.
-    """
-
-    def __init__(self, targets: dict[str, tuple[nn.Module, LayerAdapter]], snapshot: WeightSnapshot,
-                 groups: dict[str, list[str]], spaces: dict[str, CleanSpace]) -> None:
-        self.targets = targets
-        self.snapshot = snapshot
-        self.groups = groups
-        self.spaces = spaces
-        self._rotated: dict[str, torch.Tensor] = {}
-        for leader, members in groups.items():
-            basis = spaces[leader].basis
-            for name in members:
-                original = snapshot.original(name).to(device=basis.device, dtype=basis.dtype)
-                self._rotated[name] = targets[name][1].as_matrix(original) @ basis
-
-    def apply(self, alpha: Union[float, Mapping[str, Optional[float]]]) -> None:
-        """One alpha for every layer, or one per clean space (None leaves that space's layers as trained)."""
-        for leader, members in self.groups.items():
-            group_alpha = alpha.get(leader) if isinstance(alpha, Mapping) else alpha
-            if group_alpha is None:
-                for name in members:
-                    self.snapshot.write(name, self.snapshot.original(name))
-                continue
-            space = self.spaces[leader]
-            importance, basis_t = space.importance(group_alpha), space.basis.t()
-            for name in members:
-                matrix = (self._rotated[name] * importance) @ basis_t
-                self.snapshot.write(name, self.targets[name][1].from_matrix(matrix, self.snapshot.original(name)))
-
-
-class ProjectionRepair:
     def __init__(self, model: nn.Module, config: RepairConfig, targets: dict[str, tuple[nn.Module, LayerAdapter]],
                  forward_fn: ForwardFn, compute_metrics: Optional[Any] = None) -> None:
         self.model = model
@@ -89,7 +57,7 @@ class ProjectionRepair:
         self.forward_fn = forward_fn
         self.compute_metrics = compute_metrics
 
-    def run(self, split: VerifiedSplit, snapshot: WeightSnapshot) -> ProjectionOutcome:
+    def run(self, split: VerifiedSplit, snapshot: WeightSnapshot) -> AlphaSearchResult:
         config = self.config
         k = split.num_folds
         dtype = torch.float64 if config.gram_dtype == "float64" else torch.float32
@@ -162,7 +130,7 @@ class ProjectionRepair:
                 "the model is left exactly as it was.",
                 config.metric_for_selection, baseline_value, sign * value(best_scores),
             )
-        return ProjectionOutcome(
+        return AlphaSearchResult(
             alpha=best_alpha if adopted else None,
             layer_alphas=choice if adopted and isinstance(choice, dict) else None,
             adopted=adopted,

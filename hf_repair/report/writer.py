@@ -40,10 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
-from ..data.verified import BOOKKEEPING_COLUMNS, CollateFn, model_columns, model_input_names, pop_labels
-from ..evaluation.prediction import ForwardFn, default_forward
-from .figures import ReportFigure, draw_figures, encode_png, image_to_uint8
+from ..data import BOOKKEEPING_COLUMNS, CollateFn, model_columns, model_input_names, pop_labels
+from ..evaluation import ForwardFn, default_forward
 from ..utils.files import atomic_directory, check_output_directory
+from .figures import ReportFigure, draw_figures, encode_png, image_to_uint8
 
 if TYPE_CHECKING:
     from ..results import RepairResult
@@ -162,7 +162,7 @@ def write_report(
 
 def _repair_numbers(result: "RepairResult") -> dict[str, Any]:
     """Everything the result itself records: metrics, the selection curve, spaces and layers."""
-    from .. import __version__
+    from ..utils.version import __version__
 
     metrics = dict(result.metrics)
     metric = result.config.metric_for_selection
@@ -213,7 +213,7 @@ def _test_numbers(result: "RepairResult", model: nn.Module, dataset: datasets.Da
         raise ValueError(f"test_dataset has no {label_column!r} column (columns: {dataset.column_names}).")
     if len(dataset) == 0:
         raise ValueError("test_dataset is empty; pass labelled held-out samples or leave it out.")
-    snapshot = result._snapshot
+    snapshot = result.snapshot
     if result.adopted and snapshot is not None and snapshot.is_unchanged():
         raise ValueError(
             "The model holds its original weights although the repair was adopted (was result.undo() called?), "
@@ -300,7 +300,7 @@ def _predict(model: nn.Module, dataset: datasets.Dataset, label_column: str, for
 
 
 def _check_same_model(result: "RepairResult", model: nn.Module) -> None:
-    snapshot = result._snapshot
+    snapshot = result.snapshot
     if snapshot is None:
         return
     foreign = snapshot.missing_from(model)

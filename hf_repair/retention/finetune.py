@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from transformers import default_data_collator
 
 from ..config.repair_config import RETENTION_PENALTIES
-from ..data.verified import CollateFn, VerifiedSplit, pop_labels
-from ..utils.distributed import sum_across_processes
-from ..evaluation.prediction import ForwardFn, compute_scores, predict, selection_value
+from ..data import CollateFn, VerifiedSplit, pop_labels
+from ..evaluation import ForwardFn, compute_scores, predict, selection_value
 from ..modeling.weights import ModelSnapshot
+from ..utils.distributed import sum_across_processes
 
 logger = logging.getLogger(__name__)
 

@@ -38,17 +38,31 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import datasets
 import numpy as np
 import torch
+from torch import nn
 from transformers import default_data_collator
 
-from ..config.repair_config import RepairConfig
-from ..data.verified import VerifiedSplit, check_label_range, column_array, model_columns, model_input_names, stratified_folds
+from ..config import RepairConfig
+from ..data import CollateFn, VerifiedSplit, check_label_range, column_array, model_columns, stratified_folds
+from ..evaluation import (
+    ForwardFn,
+    compute_scores,
+    default_forward,
+    eval_mode,
+    input_names_for,
+    predict,
+    split_verified,
+)
+from ..identification.identify import IdentificationResult, identify_harmful
+from ..modeling.sharding import weight_access_for
+from ..modeling.weights import ModelSnapshot
+from ..projection.pipeline import ProjectionResult, check_materialized, project
+from ..results import RepairResult
 from ..utils.distributed import process_info
-from ..evaluation.prediction import compute_scores, default_forward, predict
 from .finetune import (
     GATE_AGREEMENT,
     GATE_BELIEF,
@@ -60,17 +74,9 @@ from .finetune import (
     GuardedFinetuner,
     predict_distributions,
 )
-from ..identification.identify import IdentificationResult
-from ..results import RepairResult
-from ..modeling.sharding import weight_access_for
-from ..modeling.weights import ModelSnapshot
-
-if TYPE_CHECKING:
-    from ..repairer import Repairer
 
 logger = logging.getLogger(__name__)
 
-FINETUNE_METHODS = ("retention", "erase", "projection+retention", "projection+erase")
 HELDOUT_FOLD = 0  # the verified fold that judges the fine-tune; the other folds are trained on
 _GATES = {"belief": GATE_BELIEF, "agreement": GATE_AGREEMENT, "soft": GATE_NONE, "surgery": GATE_SURGERY}
 
@@ -86,7 +92,7 @@ def projects_first(method: str) -> bool:
 
 
 @dataclass
-class RetentionOutcome:
+class RetentionResult:
     """What the fine-tuning repairs did, stage by stage."""
 
     method: str
@@ -113,14 +119,17 @@ class RetentionOutcome:
 class RetentionRepair:
     """Erase or retain the flagged training samples with a short guarded fine-tune, in place."""
 
-    def __init__(self, repairer: "Repairer", input_names: Optional[set[str]]) -> None:
-        self.repairer = repairer
-        self.model = repairer.model
-        self.config = repairer.config
-        self.input_names = input_names
+    def __init__(self, model: nn.Module, config: RepairConfig, *, forward_fn: ForwardFn, collate_fn: Optional[CollateFn],
+                 compute_metrics: Optional[Any]) -> None:
+        self.model = model
+        self.config = config
+        self.forward_fn = forward_fn
+        self.collate_fn = collate_fn
+        self.compute_metrics = compute_metrics
+        self.input_names = input_names_for(model, forward_fn)
 
     def run(self, verified: datasets.Dataset, split: VerifiedSplit, train_dataset: datasets.Dataset,
-            identification: IdentificationResult, projected: bool = False) -> RetentionOutcome:
+            identification: IdentificationResult, projected: bool = False) -> RetentionResult:
         """Fine-tune in place; `projected`: the model was just projected (so it needs no warm-up)."""
         config = self.config
         columns = input_columns(train_dataset, verified, config.label_column, self.input_names)
@@ -142,7 +151,7 @@ class RetentionRepair:
         _, world = process_info()
         batch_size = config.retention_batch_size or config.batch_size
         total_steps = max(1, math.ceil(config.retention_epochs * len(train_dataset) / (batch_size * world)))
-        outcome = RetentionOutcome(method=config.method, num_train=len(train_dataset), num_flagged=int(flagged.size),
+        outcome = RetentionResult(method=config.method, num_train=len(train_dataset), num_flagged=int(flagged.size),
                                    num_trusted=len(verified_rows) + len(unflagged), total_steps=total_steps)
         if flagged.size == 0:
             outcome.skipped = ("identification flagged no training sample, so there is nothing to erase or retain; "
@@ -184,8 +193,7 @@ class RetentionRepair:
                 data = trusted
             args = self._finetune_arguments(steps, batch_size, seed=config.repair_seed + len(outcome.stages),
                                             gradient_surgery=stage == "retain" and config.separation == "surgery")
-            result = GuardedFinetuner(self.model, args, self.repairer.forward_fn, self.repairer.collate_fn,
-                                      self.repairer.compute_metrics).run(
+            result = GuardedFinetuner(self.model, args, self.forward_fn, self.collate_fn, self.compute_metrics).run(
                 data, split, HELDOUT_FOLD, num_classes, penalty_set=penalty_set, desc=f"{config.method} {stage}")
             outcome.stages.append((stage, result))
             if result.stop_reason == "nan_loss":
@@ -213,17 +221,12 @@ class RetentionRepair:
 
     def _num_classes(self, split: VerifiedSplit) -> int:
         batch = next(iter(split.batches(HELDOUT_FOLD)))
-        was_training = self.model.training
-        self.model.eval()  # a forward in train mode would move BatchNorm statistics
-        try:
-            with torch.no_grad():
-                return int(self.repairer.forward_fn(self.model, batch.inputs).shape[-1])
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.no_grad():  # a forward in train mode would move BatchNorm statistics
+            return int(self.forward_fn(self.model, batch.inputs).shape[-1])
 
     def _soft_targets(self, flagged: FinetuneSet, first: int, num_classes: int, batch_size: int) -> dict[int, torch.Tensor]:
         """The current model's predicted distributions for the flagged rows, keyed by their position in the retain set."""
-        probabilities = predict_distributions(self.model, flagged, self.repairer.forward_fn, self.repairer.collate_fn,
+        probabilities = predict_distributions(self.model, flagged, self.forward_fn, self.collate_fn,
                                               batch_size, num_classes)
         return {first + i: p for i, p in enumerate(probabilities)}
 
@@ -239,11 +242,20 @@ def retention_warmup(config: RepairConfig, projected: bool = False) -> float:
     return 0.0 if projected else 0.5
 
 
-def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: Any,
-                           identification: Optional[IdentificationResult]) -> RepairResult:
-    """`Repairer.repair` for the fine-tuning methods: identify, (project,) separate and retain."""
+def repair_with_finetuning(
+    model: nn.Module,
+    config: RepairConfig,
+    verified: Any,
+    train_dataset: Any,
+    identification: Optional[IdentificationResult] = None,
+    *,
+    forward_fn: ForwardFn = default_forward,
+    collate_fn: Optional[CollateFn] = None,
+    compute_metrics: Optional[Any] = None,
+) -> RepairResult:
+    """`Repairer.repair` for the fine-tuning methods: identify, (project,) separate and retain, in place."""
     start = time.perf_counter()
-    config = repairer.config
+    check_materialized(model)
     if train_dataset is None:
         raise ValueError(
             f"method={config.method!r} fine-tunes on the training data: call repair(verified, train_dataset=...) with "
@@ -256,42 +268,40 @@ def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: A
         )
     if not isinstance(train_dataset, datasets.Dataset):
         raise TypeError(f"train_dataset must be a datasets.Dataset, got {type(train_dataset).__name__}.")
-    sharding = weight_access_for(repairer.model).kind
+    sharding = weight_access_for(model).kind
     if sharding != "plain":
         raise ValueError(
             f"method={config.method!r} fine-tunes a whole-model snapshot, which a {sharding}-sharded model does not "
             f"support yet; use method='projection' (it writes sharded weights back layer by layer), or repair the "
             f"unsharded model (one process or DDP)."
         )
-    input_names = None if repairer.forward_fn is not default_forward else model_input_names(repairer.model)
-    columns = input_columns(train_dataset, verified, config.label_column, input_names)  # fail before anything runs
-    check_rows_batch_together(verified, train_dataset, columns, config.label_column, repairer.collate_fn)
-    split = repairer.verified_split(verified)
+    columns = input_columns(train_dataset, verified, config.label_column, input_names_for(model, forward_fn))
+    check_rows_batch_together(verified, train_dataset, columns, config.label_column, collate_fn)  # before any change
+    split = split_verified(model, verified, config, forward_fn, collate_fn)
     if identification is None:
-        identification = repairer.identify(train_dataset, verified)
+        identification = identify_harmful(model, train_dataset, verified, config, forward_fn=forward_fn,
+                                          collate_fn=collate_fn)
     elif len(identification.table) != len(train_dataset):
         raise ValueError(
             f"The identification scored {len(identification.table)} samples but train_dataset has {len(train_dataset)}; "
             f"pass the identification of this training set."
         )
 
-    snapshot = ModelSnapshot(repairer.model)
-    projection: Optional[RepairResult] = None
-    before = heldout_scores(repairer, split)
+    snapshot = ModelSnapshot(model)
+    projection: Optional[ProjectionResult] = None
+    before = heldout_scores(model, split, forward_fn, compute_metrics)
     try:
         if projects_first(config.method):
-            from ..repairer import Repairer
-
-            projection = Repairer(repairer.model, dataclasses.replace(config, method="projection"),
-                                  compute_metrics=repairer.compute_metrics, forward_fn=repairer.forward_fn,
-                                  collate_fn=repairer.collate_fn).repair(verified)
-        outcome = RetentionRepair(repairer, input_names).run(verified, split, train_dataset, identification,
-                                                             projected=projection is not None and projection.adopted)
+            projection = project(model, dataclasses.replace(config, method="projection"), verified,
+                                 forward_fn=forward_fn, collate_fn=collate_fn, compute_metrics=compute_metrics)
+        outcome = RetentionRepair(model, config, forward_fn=forward_fn, collate_fn=collate_fn,
+                                  compute_metrics=compute_metrics).run(
+            verified, split, train_dataset, identification, projected=projection is not None and projection.adopted)
     except BaseException:
         snapshot.restore()
         raise
 
-    after = heldout_scores(repairer, split)
+    after = heldout_scores(model, split, forward_fn, compute_metrics)
     metrics = _metrics(outcome, projection, identification, split, config, before, after, time.perf_counter() - start)
     result = RepairResult(
         config=config,
@@ -301,25 +311,20 @@ def repair_with_finetuning(repairer: "Repairer", verified: Any, train_dataset: A
         selection=projection.selection if projection is not None else [],
         _snapshot=snapshot,
     )
-    logger.info("%s", result.summary())
     return result
 
 
-def heldout_scores(repairer: "Repairer", split: VerifiedSplit) -> dict[str, float]:
+def heldout_scores(model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn,
+                   compute_metrics: Optional[Any] = None) -> dict[str, float]:
     """The model's scores (and cross-entropy) on the held-out verified fold that judges the fine-tune."""
-    model = repairer.model
-    was_training = model.training
-    model.eval()
-    try:
-        logits, labels = predict(model, split.batches(HELDOUT_FOLD), repairer.forward_fn)
-    finally:
-        model.train(was_training)
-    scores = compute_scores(logits, labels, repairer.compute_metrics)
+    with eval_mode(model):
+        logits, labels = predict(model, split.batches(HELDOUT_FOLD), forward_fn)
+    scores = compute_scores(logits, labels, compute_metrics)
     scores["loss"] = float(torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device)))
     return scores
 
 
-def _metrics(outcome: RetentionOutcome, projection: Optional[RepairResult], identification: IdentificationResult,
+def _metrics(outcome: RetentionResult, projection: Optional[ProjectionResult], identification: IdentificationResult,
              split: VerifiedSplit, config: RepairConfig, before: dict[str, float], after: dict[str, float],
              elapsed: float) -> dict[str, Any]:
     """`RepairResult.metrics` of a fine-tuning repair; before/after are the held-out verified fold's scores."""
