@@ -1,6 +1,6 @@
 """hf_repair: repair models trained on noisy labels with a small verified split."""
 
-from .config.repair_config import RepairConfig
+from .config import RepairConfig
 from .identification.identify import IdentificationResult, identify_harmful
 from .integrations.callback import RepairCallback
 from .modeling.targets import find_target_modules

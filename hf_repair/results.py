@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from .config.repair_config import RepairConfig
+from .config import RepairConfig
 from .modeling.sharding import weight_access_for
 from .modeling.weights import WeightSnapshot
 from .projection.clean_space import CleanSpace

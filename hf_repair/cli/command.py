@@ -48,8 +48,7 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from ..config import FINETUNE_METHODS
-from ..config.repair_config import RepairConfig
+from ..config import FINETUNE_METHODS, RepairConfig
 from ..integrations.callback import REPORT_DIR, RESULTS_NAME, repair_results
 from ..repairer import Repairer
 from ..report.writer import REPORT_JSON, before_after_table

@@ -1,5 +1,19 @@
-"""`RepairConfig` and the argument groups it is composed of."""
+"""`RepairConfig` and the argument groups, one per phase, it is composed of."""
 
-from .repair_config import FINETUNE_METHODS, METHODS, RepairConfig
+from .common import FINETUNE_METHODS, METHODS, CommonArguments
+from .identification import IdentificationArguments
+from .projection import ProjectionArguments
+from .repair_config import ARGUMENT_GROUPS, CONFIG_NAME, RepairConfig
+from .retention import RetentionArguments
 
-__all__ = ["FINETUNE_METHODS", "METHODS", "RepairConfig"]
+__all__ = [
+    "ARGUMENT_GROUPS",
+    "CONFIG_NAME",
+    "FINETUNE_METHODS",
+    "METHODS",
+    "CommonArguments",
+    "IdentificationArguments",
+    "ProjectionArguments",
+    "RepairConfig",
+    "RetentionArguments",
+]

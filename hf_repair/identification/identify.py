@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config.repair_config import RepairConfig
+from ..config import RepairConfig
 from ..data import (
     CollateFn,
     LabeledBatch,

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.identification import PRECONDITIONERS
 from ..modeling.layers import LayerAdapter
 from ..utils.distributed import sum_across_processes
 
 logger = logging.getLogger(__name__)
 
-PRECONDITIONERS = ("auto", "exact", "kfac", "identity")
 # "auto" inverts the exact Gauss-Newton block of a layer up to this many parameters (a 4096^2
 # float64 matrix is 128 MiB); larger layers use K-FAC.
 EXACT_MAX_PARAMETERS = 4096

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..config.repair_config import RepairConfig
+from ..config import RepairConfig
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:

@@ -40,8 +40,7 @@ import torch
 from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..config import FINETUNE_METHODS
-from ..config.repair_config import RepairConfig
+from ..config import FINETUNE_METHODS, RepairConfig
 from ..data import CollateFn, check_label_range
 from ..evaluation import ForwardFn, MetricFn
 from ..modeling.sharding import weight_access_for

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config.repair_config import RepairConfig
+from ..config import RepairConfig
 from ..data import LabeledBatch, VerifiedSplit, check_label_range
 from ..evaluation import ForwardFn, compute_scores, predict, selection_value
 from ..modeling.layers import LayerAdapter

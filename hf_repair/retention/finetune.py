@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
-from ..config.repair_config import RETENTION_PENALTIES
+from ..config.retention import RETENTION_PENALTIES
 from ..data import CollateFn, VerifiedSplit, pop_labels
 from ..evaluation import ForwardFn, compute_scores, predict, selection_value
 from ..modeling.weights import ModelSnapshot
