@@ -4,21 +4,23 @@ Every figure is drawn from the JSON-ready numbers of the report alone, so what t
 exactly what `report.json` holds. matplotlib is an optional extra (`pip install "hf_repair[plots]"`):
 without it `draw_figures` draws nothing and says why, and the rest of the report is still written.
 Figures use matplotlib's object API (`Figure` + the Agg canvas), never `pyplot`, so drawing a report
-touches no global plotting state. Sample thumbnails are encoded with a small PNG writer (zlib only),
-so the gallery needs neither matplotlib nor Pillow.
+touches no global plotting state. Sample thumbnails are encoded with Pillow (a dependency), so the
+gallery needs no matplotlib.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+from PIL import Image
+
+from .files import FIGURES_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class ReportFigure:
     reason: Optional[str] = None  # why it was not drawn
 
 
-def draw_figures(numbers: dict[str, Any], directory: str, subdirectory: str = "figures") -> list[ReportFigure]:
+def draw_figures(numbers: dict[str, Any], directory: str, subdirectory: str = FIGURES_DIR) -> list[ReportFigure]:
     """Draw every figure the numbers have data for into `directory/subdirectory/<name>.png`.
 
     Figures without data (no test set, no identification) are not listed; those that could not be
@@ -298,15 +300,8 @@ def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of an (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 array."""
     if array.dtype != np.uint8:
         raise ValueError(f"encode_png takes uint8 arrays, got {array.dtype}; convert with image_to_uint8 first.")
-    color_type = {2: 0, 3: {3: 2, 4: 6}.get(array.shape[-1])}.get(array.ndim)
-    if color_type is None:
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
         raise ValueError(f"encode_png takes (H, W), (H, W, 3) or (H, W, 4) arrays, got shape {array.shape}.")
-    height, width = array.shape[:2]
-    rows = np.ascontiguousarray(array).reshape(height, -1)
-    raw = np.concatenate([np.zeros((height, 1), dtype=np.uint8), rows], axis=1).tobytes()  # filter 0 per row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
