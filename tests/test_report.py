@@ -1,8 +1,11 @@
 """The repair report: page, figures, JSON, summary and CSV for image, text and feature-vector data."""
 
+import copy
 import csv
+import html
 import io
 import json
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_repair import RepairConfig, Repairer
+from hf_repair.report import before_after_table
 from hf_repair.report.figures import encode_png, image_to_uint8
 
 FIGURES = ("accuracy", "per_class", "selection", "spectra", "weight_change", "confusion", "scores")
@@ -470,16 +474,20 @@ def test_report_of_a_real_identification(image_task, tmp_path):
     extra = [c for c in table.column_names if c not in ("index", "score", "given_label", "suggested_label", "flagged", "is_corrupted")]
     assert extra and set(extra) <= set(rows[0])  # each computed score is in the CSV
     page = Path(path).read_text()
+    card = page.split('<section id="samples">', 1)[1].split('<div class="gallery', 1)[0]  # all but the gallery
     for key, value in ident.summary.items():
-        if isinstance(value, dict):  # nested summaries are shown as outer.inner rows
-            assert all(f"{key}.{inner}" in page for inner in value)
+        assert f"<td>{key}</td>" not in card  # each row is labelled for a person, not by its key
+        if isinstance(value, dict):  # nested summaries are written out, never as outer.inner rows
+            assert not any(f"{key}.{inner}" in page for inner in value)
     assert numbers["identification"]["num_flagged"] == int(column(table, "flagged").sum())
     assert numbers["identification"]["num_samples"] == len(t["train"])
     lowest = np.argsort(column(table, "score").astype(float), kind="stable")[:6]
     assert [g["index"] for g in numbers["identification"]["gallery"]] == column(table, "index")[lowest].tolist()
 
 
-def test_report_of_a_fine_tune_shows_the_fine_tune_and_no_alpha(image_task, tmp_path):
+@pytest.fixture(scope="module")
+def finetune_task(image_task):
+    """An erase repair of a freshly trained model: the fine-tune identifies its own flags and judges on one fold."""
     from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 
     t = image_task
@@ -490,7 +498,14 @@ def test_report_of_a_fine_tune_shows_the_fine_tune_and_no_alpha(image_task, tmp_
     config = repair_config(method="erase", score="loss", flag_rule="budget", flag_fraction=0.3, retention_epochs=0.5,
                            **FORCE)
     result = Repairer(model, config).repair(verified, train_dataset=t["train"])
-    accuracy_after, repaired = evaluate_accuracy(model, t["test"]), weights_of(model)
+    return dict(model=model, result=result, accuracy_before=accuracy_before,
+                accuracy_after=evaluate_accuracy(model, t["test"]), repaired=weights_of(model))
+
+
+def test_report_of_a_fine_tune_shows_the_fine_tune_and_no_alpha(image_task, finetune_task, tmp_path):
+    t, f = image_task, finetune_task
+    model, result, repaired = f["model"], f["result"], f["repaired"]
+    accuracy_before, accuracy_after = f["accuracy_before"], f["accuracy_after"]
     result.report(tmp_path / "report", model=model, test_dataset=t["test"])
 
     numbers = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -504,3 +519,109 @@ def test_report_of_a_fine_tune_shows_the_fine_tune_and_no_alpha(image_task, tmp_
     assert f"fine-tune: {metrics['steps']} steps" in summary and f"{metrics['num_flagged']} of 800" in summary
     assert "alpha" not in summary and "Choosing alpha" not in page and "Fine-tune" in page
     assert "held out from the fine-tune" in page
+
+
+# ------------------------------------------------------------------------------------------------
+# a report that does not contradict itself
+
+
+def test_fine_tune_report_without_the_table_shows_its_flags_and_the_fold_that_judged_it(finetune_task, tmp_path):
+    result = finetune_task["result"]
+    metrics = result.metrics
+    assert metrics["num_heldout"] < metrics["num_verified"]  # one held-out fold judged the fine-tune
+    result.report(tmp_path / "report")  # no identification=: the fine-tune's own flags are only in its metrics
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    summary = (tmp_path / "report" / "summary.txt").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
+
+    for text in (page, summary):
+        assert "did not run" not in text.lower()  # it ran, inside the fine-tune
+        assert "per-sample table was not passed" in text or "per-sample identification table was not passed" in text
+    assert f"flagged {metrics['num_flagged']:,} of {metrics['num_train']:,}" in page
+    assert f"precision {metrics['identification_precision']:.2f}" in page  # its quality, from the metrics
+    assert "Flags vs known corruption" in page
+
+    heldout, verified = metrics["num_heldout"], metrics["num_verified"]
+    assert f"{heldout} held-out verified samples" in page
+    assert f"{verified} verified samples" not in page
+    accuracy_table = page.split('<section id="accuracy">', 1)[1].split("</table>", 1)[0]
+    assert f"<td>{heldout}</td>" in accuracy_table and f"<td>{verified}</td>" not in accuracy_table
+    row = next(line for line in before_after_table(numbers).splitlines() if line.startswith("held-out verified"))
+    assert row.split()[-1] == str(heldout)
+    assert row in summary
+
+
+def predictions(model, dataset):
+    with torch.no_grad():
+        return model(pixel_values=torch.as_tensor(column(dataset, "pixel_values"))).logits.argmax(-1).numpy()
+
+
+def test_adopted_repair_whose_test_accuracy_fell_is_flagged_on_the_page_and_in_the_summary(image_task, tmp_path):
+    t = image_task
+    repaired = copy.deepcopy(t["model"]).eval()
+    original = copy.deepcopy(t["model"]).eval()
+    original.load_state_dict(t["original"])
+    pool = t["train"].select_columns(["pixel_values"])
+    before, after = predictions(original, pool), predictions(repaired, pool)
+    changed = np.flatnonzero(before != after)
+    assert len(changed) > 0  # the repair changed some predictions
+    pool = pool.select(changed)
+    # Test labels the original model gets right and the repaired one gets wrong: test accuracy falls 100% -> 0%.
+    fell = pool.add_column("labels", before[changed].tolist())
+    assert t["result"].adopted
+    t["result"].report(tmp_path / "fell", model=t["model"], test_dataset=fell)
+    numbers = json.loads((tmp_path / "fell" / "report.json").read_text())
+    assert (numbers["test"]["accuracy_before"], numbers["test"]["accuracy_after"]) == (1.0, 0.0)
+    assert len(numbers["warnings"]) == 1 and "test accuracy fell" in numbers["warnings"][0]
+    page = (tmp_path / "fell" / "index.html").read_text()
+    title = page.split("<h1>", 1)[1].split("</h1>", 1)[0]
+    assert "adopted" in title and "test accuracy fell" in title  # next to the adopted badge
+    assert page.index('class="warning"') < page.index('class="cards"')  # above everything else
+    assert "100.00% to 0.00%" in page
+    summary = (tmp_path / "fell" / "summary.txt").read_text()
+    assert summary.splitlines()[2].startswith("WARNING: ") and "test accuracy fell from 100.00% to 0.00%" in summary
+
+    # The same samples labelled as the repaired model predicts them: test accuracy rose, nothing to warn about.
+    rose = pool.add_column("labels", after[changed].tolist())
+    t["result"].report(tmp_path / "rose", model=t["model"], test_dataset=rose)
+    numbers = json.loads((tmp_path / "rose" / "report.json").read_text())
+    assert (numbers["test"]["accuracy_before"], numbers["test"]["accuracy_after"]) == (0.0, 1.0)
+    assert numbers["warnings"] == []
+    assert 'class="warning"' not in (tmp_path / "rose" / "index.html").read_text()
+    assert "WARNING" not in (tmp_path / "rose" / "summary.txt").read_text()
+
+
+IDENTIFY_SUMMARY = {  # the keys Repairer.identify writes, with the values of a typical run
+    "num_samples": 800, "num_flagged": 240, "flag_rule": "noise_rate", "threshold": -2.31, "score": "probe",
+    "estimated_noise_rate": 0.3, "noise_rate_source": "probe_disagreement",
+    "noise_rate_estimates": {"negative_influence": 0.41, "probe_disagreement": 0.3}, "blind_classes": [9],
+    "num_verified": 150, "influence_layers": ["fc1", "classifier"], "closed_form": ["classifier"],
+    "preconditioner": {"fc1": "kfac", "classifier": "exact"}, "damping": 1e-3, "trained_verified_accuracy": 0.61,
+    "verified_pass_s": 1.234, "train_pass_s": 65.2, "identify_time_s": 67.0, "samples_per_second": 11.9,
+    "train_pass_samples_per_second": 12.3, "probe_layer": "fc1", "probe_l2": 0.01, "probe_heldout_accuracy": 0.7,
+    "precision": 0.8, "recall": 0.75, "auroc": 0.91, "auroc_by_score": {"influence": 0.8, "loss": 0.85},
+    "suggested_label_accuracy_on_corrupted": float("nan"), "refit_prox": None,
+}
+
+
+def test_identification_card_is_written_for_a_person(image_task, tmp_path):
+    t = image_task
+    ident = FakeIdentification(t["ident"].table, IDENTIFY_SUMMARY)
+    path = t["result"].report(tmp_path / "report", identification=ident, train_dataset=t["train"], top_n=4)
+    page = Path(path).read_text()
+    card = page.split('<section id="samples">', 1)[1].split('<div class="gallery', 1)[0]  # all but the gallery
+    text = re.sub(r"<[^>]+>", " | ", card.split("</figure>")[-1])  # the figure's caption names its file
+    assert "preconditioner" not in text and "verified_pass_s" not in text
+    assert not re.findall(r"[A-Za-z]+_\w+|[A-Za-z]+\.[A-Za-z]+", text), text  # nothing named by an internal key
+    assert "n/a" not in text and "nan" not in text.lower() and "None" not in text  # unmeasured values are left out
+    for label, value in [("Training samples scored", "800"), ("Flagged", "240 (30.00%)"), ("Score threshold", "-2.31"),
+                         ("Estimated share of wrong labels", "30.00%, from the probe's disagreement"),
+                         ("Curvature approximation", "K-FAC for fc1; exact for classifier"),
+                         ("Pass over the verified samples", "1.2 s"), ("Pass over the training set", "1 min 05 s"),
+                         ("Training samples per second, overall", "11.9 samples/s"),
+                         ("Flagged samples whose label was wrong (precision)", "80.00%"),
+                         ("Classes with no verified sample (harm to them is not seen)", "Ankle boot"),
+                         ("Layers the influence reads", "2: fc1, classifier")]:
+        assert re.search(rf"<td>{re.escape(html.escape(label))}</td><td>{re.escape(html.escape(value))}", card), label
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert numbers["identification"]["summary"]["verified_pass_s"] == 1.234  # report.json keeps the keys

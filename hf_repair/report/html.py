@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 
 from .figures import ReportFigure
 from .files import FLAGGED_CSV, REPORT_JSON, SAMPLES_DIR
-from .summary import fmt, pct
+from .identification_card import identification_card
+from .summary import fmt, heldout_count, pct
 
 TEXT_SHOWN = 600  # characters of a text sample shown on the page (report.json keeps more)
 FigureHtml = Callable[[str], str]  # figure name -> its <figure>, a note that it is missing, or ""
@@ -57,6 +58,10 @@ def render_html(numbers: dict[str, Any], figures: list[ReportFigure], directory:
     adopted = numbers["adopted"]
     badge = ('<span class="badge good">adopted</span>' if adopted
              else '<span class="badge neutral">not adopted &middot; model unchanged</span>')
+    if numbers["warnings"]:
+        badge += ' <span class="badge warn">but test accuracy fell</span>'
+    warnings = "".join(f'<div class="warning" role="alert"><b>Check this repair.</b> {_e(w)}</div>'
+                       for w in numbers["warnings"])
     verdict = ("The repair beat the unrepaired model on held-out verified samples and was applied."
                if adopted else "No alpha beat the unrepaired model on held-out verified samples, so every weight "
                "was left exactly as it was.")
@@ -71,6 +76,7 @@ def render_html(numbers: dict[str, Any], figures: list[ReportFigure], directory:
 <p class="sub">{_e(numbers['method'])} &middot; {_e(verdict)}</p>
 <nav>{nav}</nav></div></header>
 <main class="wrap">
+{warnings}
 {_cards(numbers)}
 {_missing_box(numbers)}
 {body}
@@ -100,11 +106,19 @@ def _before_after(before: Optional[float], after: Optional[float]) -> str:
     return f'{pct(before)}<span class="arrow">&rarr;</span>{pct(after)}'
 
 
+def _heldout_note(metrics: dict[str, Any]) -> str:
+    count = heldout_count(metrics)
+    note = f"{count:,} held-out verified samples" if count is not None else "held-out verified samples"
+    if "num_heldout" in metrics and metrics.get("num_verified") is not None:
+        note += f" (one fold of {metrics['num_verified']:,})"
+    return note
+
+
 def _cards(numbers: dict[str, Any]) -> str:
     metrics = numbers["metrics"]
     cards = [_card("Held-out verified accuracy", _before_after(metrics["accuracy_before"], metrics["accuracy_after"]),
                    f"{_delta_html(metrics['accuracy_before'], metrics['accuracy_after'])} &middot; "
-                   f"{_e(metrics.get('num_verified', '?'))} verified samples")]
+                   f"{_heldout_note(metrics)}")]
     test = numbers.get("test")
     if test:
         cards.append(_card("Test accuracy", _before_after(test["accuracy_before"], test["accuracy_after"]),
@@ -129,11 +143,10 @@ def _cards(numbers: dict[str, Any]) -> str:
         share = ident["num_flagged"] / max(ident["num_samples"], 1)
         cards.append(_card("Flagged training samples", f"{ident['num_flagged']:,}",
                            f"of {ident['num_samples']:,} ({100 * share:.1f}%)"))
-        summary = ident["summary"]
-        quality = [(k, summary.get(k)) for k in ("precision", "recall", "auroc") if summary.get(k) is not None]
-        if quality:
-            cards.append(_card("Flags vs known corruption", " / ".join(f"{v:.2f}" for _, v in quality),
-                               " / ".join(k if k != "auroc" else "AUROC" for k, _ in quality)))
+    quality = _flag_quality(numbers)
+    if quality:
+        cards.append(_card("Flags vs known corruption", " / ".join(f"{v:.2f}" for _, v in quality),
+                           " / ".join(name for name, _ in quality)))
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -146,7 +159,7 @@ def _missing_box(numbers: dict[str, Any]) -> str:
 
 def _accuracy_section(numbers: dict[str, Any], figure: FigureHtml) -> str:
     metrics = numbers["metrics"]
-    rows = [("held-out verified", metrics["accuracy_before"], metrics["accuracy_after"], metrics.get("num_verified"))]
+    rows = [("held-out verified", metrics["accuracy_before"], metrics["accuracy_after"], heldout_count(metrics))]
     test = numbers.get("test")
     if test:
         rows.append(("test", test["accuracy_before"], test["accuracy_after"], test["num_samples"]))
@@ -210,16 +223,15 @@ def _confusion_section(numbers: dict[str, Any], figure: FigureHtml) -> str:
     return "<p>Rows are true classes, columns predictions; each row is normalised to its class size.</p>" + figure("confusion")
 
 
-def _samples_section(numbers: dict[str, Any], figure: Any, thumbnails: dict[int, bytes]) -> str:
+def _samples_section(numbers: dict[str, Any], figure: FigureHtml, thumbnails: dict[int, bytes]) -> str:
     ident = numbers.get("identification")
     if not ident:
-        return ('<div class="missing">Identification did not run: pass identification=Repairer(...).identify(...) '
-                "and train_dataset= to see the score distribution and the most suspect training samples.</div>")
-    summary_rows = [[_e(k), _e(v)] for k, v in _flatten(ident["summary"])]
+        return _samples_not_shown(numbers)
+    card = identification_card(ident["summary"], ident["num_flagged"], numbers["class_names"])
     parts = [
         f"<p>Every training sample was scored; lower scores are more harmful. {ident['num_flagged']:,} samples were "
         f'flagged: <a href="{FLAGGED_CSV}">{FLAGGED_CSV}</a> lists all of them, most suspect first, for relabelling.</p>',
-        f'<div class="grid2">{figure("scores")}<div class="table-wrap">{_table(["summary", "value"], summary_rows, name_columns=(1,))}</div></div>',
+        f'<div class="grid2">{figure("scores")}<div class="table-wrap">{_facts_table(card)}</div></div>',
     ]
     gallery = ident["gallery"]
     if gallery:
@@ -253,17 +265,35 @@ def _sample_card(sample: dict[str, Any], thumbnails: dict[int, bytes]) -> str:
             f'<dt>score</dt><dd>{_e(fmt(sample["score"]))}</dd></dl></div>')
 
 
-def _flatten(summary: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """(key, text) rows of a summary; nested dicts become `outer.inner` rows, lists comma-joined."""
+def _samples_not_shown(numbers: dict[str, Any]) -> str:
+    """What the report knows of the flags without the per-sample table: nothing, or a fine-tune's counts."""
+    metrics = numbers["metrics"]
+    if metrics.get("num_flagged") is None:
+        return ('<div class="missing">Identification did not run: pass identification=Repairer(...).identify(...) '
+                "and train_dataset= to see the score distribution and the most suspect training samples.</div>")
+    quality = ", ".join(f"{name} {value:.2f}" for name, value in _flag_quality(numbers))
+    against = f"; against the known corruption: {quality}" if quality else ""
+    return (f"<p>The fine-tune scored its training samples and flagged {metrics['num_flagged']:,} of "
+            f"{metrics['num_train']:,}{_e(against)}.</p>"
+            f'<div class="missing">The per-sample identification table was not passed, so the score distribution, '
+            f"the most suspect samples and {FLAGGED_CSV} are not shown: pass identification=Repairer(...).identify(...) "
+            "and train_dataset= to see them.</div>")
+
+
+def _flag_quality(numbers: dict[str, Any]) -> list[tuple[str, float]]:
+    """Precision, recall and AUROC of the flags against the known corruption, where measured."""
+    ident = numbers.get("identification")
+    found = ident["summary"] if ident else {k.removeprefix("identification_"): v for k, v in numbers["metrics"].items()}
+    names = {"precision": "precision", "recall": "recall", "auroc": "AUROC"}
+    return [(label, found[key]) for key, label in names.items() if found.get(key) is not None]
+
+
+def _facts_table(groups: list[tuple[str, list[tuple[str, str]]]]) -> str:
     rows = []
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            rows += _flatten(value, f"{prefix}{key}.")
-        elif isinstance(value, list):
-            rows.append((f"{prefix}{key}", ", ".join(fmt(v) for v in value) or "none"))
-        else:
-            rows.append((f"{prefix}{key}", fmt(value)))
-    return rows
+    for title, facts in groups:
+        rows.append(f'<tr class="group"><th colspan="2">{_e(title)}</th></tr>')
+        rows += [f"<tr><td>{_e(label)}</td><td>{_e(value)}</td></tr>" for label, value in facts]
+    return f'<table class="facts"><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _files_section(numbers: dict[str, Any]) -> str:

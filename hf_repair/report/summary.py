@@ -24,10 +24,35 @@ def fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
+def heldout_count(metrics: dict[str, Any]) -> Optional[int]:
+    """How many verified samples judged the repair.
+
+    A fine-tune is judged on one held-out fold (`num_heldout`); a projection scores every verified
+    sample with a repair built without it, so all `num_verified` count.
+    """
+    return metrics.get("num_heldout", metrics.get("num_verified"))
+
+
+def contradictions(numbers: dict[str, Any]) -> list[str]:
+    """Where the test data contradicts the repair's decision: adopted on held-out verified samples, yet test accuracy fell."""
+    metrics, test = numbers["metrics"], numbers.get("test")
+    if not numbers["adopted"] or not test or test["accuracy_before"] is None:
+        return []
+    if test["accuracy_after"] >= test["accuracy_before"]:
+        return []
+    return [
+        f"The repair was adopted on the judgement of {heldout_count(metrics)} held-out verified samples "
+        f"({pct(metrics['accuracy_before'])} -> {pct(metrics['accuracy_after'])}), but test accuracy fell "
+        f"from {pct(test['accuracy_before'])} to {pct(test['accuracy_after'])} "
+        f"({delta(test['accuracy_before'], test['accuracy_after'])}) on {test['num_samples']:,} test samples. "
+        f"The verified split may be too small, or unlike the test data: check before keeping the repaired model."
+    ]
+
+
 def before_after_table(numbers: dict[str, Any]) -> str:
     """A short before/after accuracy table for a terminal."""
     rows = [("held-out verified", numbers["metrics"]["accuracy_before"], numbers["metrics"]["accuracy_after"],
-             numbers["metrics"].get("num_verified"))]
+             heldout_count(numbers["metrics"]))]
     if numbers.get("test"):
         test = numbers["test"]
         rows.append(("test", test["accuracy_before"], test["accuracy_after"], test["num_samples"]))
@@ -41,7 +66,10 @@ def summary_text(numbers: dict[str, Any]) -> str:
     """Every headline of the report as plain text (what `summary.txt` holds)."""
     metrics, selection = numbers["metrics"], numbers["selection"]
     status = "adopted" if numbers["adopted"] else "not adopted: nothing beat the unrepaired model, weights unchanged"
-    lines = [f"hf_repair {numbers['method']} report ({status})", "", before_after_table(numbers), ""]
+    lines = [f"hf_repair {numbers['method']} report ({status})", ""]
+    for warning in numbers.get("warnings", []):
+        lines += [f"WARNING: {warning}", ""]
+    lines += [before_after_table(numbers), ""]
     if selection["points"]:  # a projection ran
         chosen = selection["chosen_alpha"]
         lines.append(f"alpha: {chosen:g}" if chosen is not None else "alpha: none adopted")
@@ -49,6 +77,10 @@ def summary_text(numbers: dict[str, Any]) -> str:
                      f"{numbers['config']['num_folds']} folds of {metrics.get('num_verified')} verified samples")
     if metrics.get("num_flagged") is not None:  # a fine-tune ran
         lines.append(finetune_line(metrics))
+        quality = [f"{k} {fmt(metrics[f'identification_{k}'])}" for k in ("precision", "recall", "auroc")
+                   if metrics.get(f"identification_{k}") is not None]
+        if quality:
+            lines.append("  its flags against the known corruption: " + ", ".join(quality))
     layers = numbers["layers"]
     if layers:
         largest = max(layers, key=lambda layer: layer["relative_change"])

@@ -38,7 +38,7 @@ from .files import FLAGGED_CSV, REPORT_HTML, REPORT_JSON, SAMPLES_DIR, SUMMARY_T
 from .html import render_html
 from .identification import identification_numbers, read_identification, write_flagged_csv
 from .numbers import check_same_model, numbers_on_test_data, repair_numbers
-from .summary import before_after_table, summary_text
+from .summary import before_after_table, contradictions, summary_text
 
 if TYPE_CHECKING:
     from ..results import RepairResult
@@ -118,8 +118,8 @@ def write_report(
         )
     else:
         numbers["identification"] = None
-        missing.append({"item": "suspect training samples",
-                        "reason": "identification did not run (pass identification=Repairer(...).identify(...))"})
+        missing.append(_identification_missing(numbers["metrics"]))
+    numbers["warnings"] = contradictions(numbers)
 
     with atomic_directory(directory, overwrite=overwrite) as staging:
         figures = draw_figures(numbers, str(staging))
@@ -144,6 +144,17 @@ def write_report(
     path = os.path.join(os.path.abspath(directory), REPORT_HTML)
     logger.info("Wrote the repair report to %s", path)
     return path
+
+
+def _identification_missing(metrics: dict[str, Any]) -> dict[str, str]:
+    """Why the suspect samples are not shown: a fine-tune identified them but its table was not passed, or none ran."""
+    if metrics.get("num_flagged") is None:
+        return {"item": "suspect training samples",
+                "reason": "identification did not run (pass identification=Repairer(...).identify(...))"}
+    return {"item": f"score distribution, gallery of suspect samples and {FLAGGED_CSV}",
+            "reason": f"the fine-tune flagged {metrics['num_flagged']:,} of {metrics['num_train']:,} training samples, "
+                      f"but its per-sample table was not passed (pass identification=Repairer(...).identify(...) "
+                      f"and train_dataset=)"}
 
 
 def _num_classes(names: Optional[list[str]], test: Optional[dict[str, Any]], flags: Optional[dict[str, Any]]) -> int:
