@@ -16,17 +16,9 @@ from torch.utils.data import DataLoader
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.data import stratified_folds
-from hf_repair.retention.finetune import (
-    GATE_AGREEMENT,
-    GATE_BELIEF,
-    GATE_NONE,
-    FinetuneSet,
-    TargetBatch,
-    _penalty,
-    _retention_terms,
-    surgery_gradient,
-)
-from hf_repair.retention.repair import HELDOUT_FOLD
+from hf_repair.retention.finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_NONE, FinetuneSet, TargetBatch
+from hf_repair.retention.losses import retention_terms, surgery_gradient, weight_penalty
+from hf_repair.retention.retention import HELDOUT_FOLD
 from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
@@ -333,9 +325,9 @@ def test_fisher_and_l2_penalties_hold_the_weights_near_the_trained_ones(small):
 def test_penalty_is_the_squared_distance_weighted_by_the_fisher():
     params = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[3.0]]))]
     anchor = [torch.tensor([0.0, 2.0]), torch.tensor([[1.0]])]
-    assert _penalty(params, anchor, None).item() == pytest.approx(1.0 + 0.0 + 4.0)
+    assert weight_penalty(params, anchor, None).item() == pytest.approx(1.0 + 0.0 + 4.0)
     fisher = [torch.tensor([2.0, 5.0]), torch.tensor([[0.5]])]
-    assert _penalty(params, anchor, fisher).item() == pytest.approx(2.0 * 1.0 + 5.0 * 0.0 + 0.5 * 4.0)
+    assert weight_penalty(params, anchor, fisher).item() == pytest.approx(2.0 * 1.0 + 5.0 * 0.0 + 0.5 * 4.0)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -359,7 +351,7 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     labels = torch.tensor([0, 0, 2, 1])
     batch = TargetBatch({}, torch.nn.functional.one_hot(labels, 3).float(), labels, torch.ones(4),
                         torch.tensor([GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_AGREEMENT]))
-    rows, trusted = _retention_terms(logits, batch, power=1.0)
+    rows, trusted = retention_terms(logits, batch, power=1.0)
     loss = rows.sum() / len(rows)
     log_p = logits.log_softmax(-1)
     p_belief = log_p[1, 0].exp()
@@ -368,7 +360,7 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     assert trusted == pytest.approx(((1 + p_belief + 1 + 0) / 4).item(), rel=1e-6)
     # the belief weight is a constant: no gradient flows through it
     logits.requires_grad_(True)
-    _retention_terms(logits, batch, power=1.0)[0].sum().div(4).backward()
+    retention_terms(logits, batch, power=1.0)[0].sum().div(4).backward()
     grad_row = logits.grad[1]
     expected_grad = p_belief * (logits.detach()[1].softmax(-1) - torch.tensor([1.0, 0.0, 0.0])) / 4
     assert torch.allclose(grad_row, expected_grad, atol=1e-6)
