@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -27,8 +28,12 @@ from transformers import (
 )
 
 from hf_repair import RepairConfig, RepairResult
-from hf_repair.cli.command import REPORT_DIR, CLIArguments, main, prepare_labels
-from hf_repair.cli.command import RESULTS_NAME as RESULTS
+from hf_repair.cli.arguments import CLIArguments, build_parser, parse_arguments
+from hf_repair.cli.command import main
+from hf_repair.cli.loading import prepare_labels
+from hf_repair.config import ARGUMENT_GROUPS
+from hf_repair.integrations.callback import REPORT_DIR
+from hf_repair.integrations.callback import RESULTS_NAME as RESULTS
 from hf_repair.report.writer import before_after_table
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -116,6 +121,40 @@ def test_help_explains_every_option(capsys):
             assert f"--{f.name}" in text, f.name
             assert f.metadata.get("help"), f"{dataclass.__name__}.{f.name} has no help"
     assert "MODEL_DIR" in text and "accelerate launch" in text
+
+
+def test_help_leads_with_the_required_arguments_then_one_group_per_phase(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    usage = text.splitlines()[0]
+    assert all(name in usage for name in ("MODEL_DIR", "--verified", "--output_dir")), usage
+    repair_flags = [f"  --{f.name} " for f in dataclasses.fields(RepairConfig)]
+    first_repair_flag = min(text.index(flag) for flag in repair_flags)
+    assert text.index("  --output_dir ") < first_repair_flag and text.index("  --verified ") < first_repair_flag
+
+    # each phase's flags sit under its own heading, in the order of ARGUMENT_GROUPS
+    headings = [text.index(f"\n{group._argument_group_name}:\n") for group in ARGUMENT_GROUPS]
+    assert headings == sorted(headings)
+    for group, start, end in zip(ARGUMENT_GROUPS, headings, headings[1:] + [len(text)]):
+        for f in dataclasses.fields(group):
+            assert start < text.index(f"  --{f.name} ") < end, f.name
+
+    # one entry per flag (its first line starts at column 2): none states its default twice, none a useless one
+    entries = re.split(r"\n(?=  \S)", text)
+    assert all(entry.lower().count("default") <= 1 for entry in entries), [
+        entry for entry in entries if entry.lower().count("default") > 1]
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_repair_options_from_every_group_make_one_config():
+    parser = build_parser()
+    argv = ["model", "--output_dir", "out", "--verified", "v.csv", "--method", "erase", "--alphas", "1", "3",
+            "--flag_rule", "budget", "--flag_fraction", "0.5", "--retention_patience", "2", "--repair_seed", "5"]
+    cli_args, config = parse_arguments(parser, parser.parse_args(argv))
+    assert cli_args.output_dir == "out" and cli_args.verified == "v.csv"
+    assert config == RepairConfig(method="erase", alphas=[1.0, 3.0], flag_rule="budget", flag_fraction=0.5,
+                                  retention_patience=2, seed=5)
 
 
 def test_text_checkpoint_with_csv(workdir, tmp_path, capsys):
