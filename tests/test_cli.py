@@ -339,6 +339,29 @@ def test_verified_columns_that_do_not_fit_the_model(workdir, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_rows_without_text_are_named_before_anything_is_written(workdir, tmp_path, capsys, suffix):
+    texts = [" ".join(WORDS[i : i + 3]) for i in range(12)]
+    texts[3], texts[7], texts[9] = "", None, "   "  # an empty cell, a missing one, only spaces
+    if suffix == "jsonl":
+        texts[10] = 42  # mixed JSON values: a number among the texts
+    data, out = tmp_path / f"verified.{suffix}", tmp_path / "out"
+    if suffix == "csv":
+        with open(data, "w", newline="") as f:
+            csv.writer(f).writerows([["text", "label"]] + [[t or "", ["neg", "pos"][i % 2]] for i, t in enumerate(texts)])
+    else:
+        data.write_text("".join(json.dumps({"text": t, "label": ["neg", "pos"][i % 2]}) + "\n"
+                                for i, t in enumerate(texts)))
+    rows = "3, 7, 9" + (", 10" if suffix == "jsonl" else "")
+    err = fails([workdir / "bert", "--verified", data, "--output_dir", out], capsys,
+                "Verified column 'text'", f"0-based rows {rows}", f"{len(rows.split(','))} of 12 rows", "Fill in")
+    assert "Traceback" not in err and not out.exists()
+    # the training data of a fine-tune is checked the same way, before any repair
+    fails([workdir / "bert", "--verified", workdir / "verified.csv", "--train", data, "--method", "erase",
+           "--output_dir", out], capsys, "Train column 'text'", f"0-based rows {rows}")
+    assert not out.exists()
+
+
 def test_unreadable_verified_paths(workdir, tmp_path, capsys):
     out = tmp_path / "out"
     fails([workdir / "bert", "--verified", tmp_path / "missing.csv", "--output_dir", out], capsys, "does not exist")

@@ -231,8 +231,7 @@ def _tokenize(dataset: datasets.Dataset, tokenizer: Any, model: PreTrainedModel,
             f"(columns: {dataset.column_names}); name the text column with --text_column, or give tokenized input_ids."
         )
     for column in text_columns:
-        if getattr(dataset.features[column], "dtype", None) not in ("string", "large_string"):
-            raise ValueError(f"{name.capitalize()} column {column!r} holds {dataset.features[column]}, not text.")
+        check_text_cells(dataset, column, name)
     max_length = cli_args.max_length or min(
         tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", tokenizer.model_max_length)
     )
@@ -243,6 +242,22 @@ def _tokenize(dataset: datasets.Dataset, tokenizer: Any, model: PreTrainedModel,
 
     return dataset.map(tokenize, batched=True, remove_columns=text_columns, keep_in_memory=True,
                        desc="hf-repair: tokenize")
+
+
+def check_text_cells(dataset: datasets.Dataset, column: str, name: str = "verified", shown: int = 5) -> None:
+    """Every cell of `column` a non-empty string, or an error naming the rows (the tokenizer fails on None).
+
+    An empty CSV cell arrives as None, a column of numbers as floats, mixed JSON values as they are.
+    """
+    values = dataset[column]
+    empty = [i for i, value in enumerate(values) if not isinstance(value, str) or not value.strip()]
+    if empty:
+        rows = ", ".join(map(str, empty[:shown])) + (", ..." if len(empty) > shown else "")
+        raise ValueError(
+            f"{name.capitalize()} column {column!r} has no text in {len(empty)} of {len(values)} rows "
+            f"(0-based rows {rows}; row {empty[0]} holds {values[empty[0]]!r}): every row needs a non-empty string. "
+            f"Fill in those cells or drop their rows, then run again."
+        )
 
 
 def _process_images(dataset: datasets.Dataset, processor: Any, model: PreTrainedModel, column: str,
