@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -191,6 +192,38 @@ def test_datasets_with_an_on_the_fly_transform_and_a_custom_collator(small, tmp_
     # and the report scores a transformed test set too
     result.report(tmp_path / "report", model=model, test_dataset=raw_verified, collate_fn=image_collate)
     assert (tmp_path / "report" / "index.html").exists()
+
+
+@pytest.mark.parametrize("method, overrides, changed", [
+    ("retention", {}, True),  # the warm-up on the trusted rows is kept, then the retain stage meets the NaN rows
+    ("retention", dict(retention_warmup=0.0), False),  # the NaN comes in the first step: nothing is kept
+    ("projection+erase", dict(min_improvement=-1.0), True),  # the projection is kept; erase never sees a NaN row
+    ("projection+retention", dict(min_improvement=-1.0), True),  # the projection is kept, the fine-tune is not
+])
+def test_a_nan_loss_is_adopted_only_where_weights_changed(small, method, overrides, changed):
+    train, verified = small
+    config = RepairConfig(method=method, flag_rule="budget", flag_fraction=0.3, retention_epochs=2.0,
+                          retention_learning_rate=3e-3, **dict(CHEAP, **overrides))
+    model = _tiny()
+    identification = Repairer(model, config).identify(train, verified)
+    # the flagged training images are NaN: any stage that trains on them meets a NaN loss in its first step
+    pixels = np.asarray(train.with_format("numpy")["pixel_values"]).copy()
+    pixels[identification.flagged_indices] = np.nan
+    poisoned = datasets.Dataset.from_dict({
+        "pixel_values": pixels, "labels": np.asarray(train.with_format("numpy")["labels"])}).with_format("torch")
+    start = _state(model)
+
+    result = Repairer(model, config).repair(verified, train_dataset=poisoned, identification=identification)
+    assert result.adopted is changed
+    assert _same_state(model, start) is not changed
+    assert ("not adopted (model unchanged)" in result.summary()) is not changed
+    erasing = method.endswith("erase")
+    assert (result.metrics["stop_reason"] == "nan_loss") is not erasing
+    assert ("stop reason: nan_loss" in result.summary()) is not erasing
+    if not erasing and method == "retention" and changed:
+        assert result.metrics["stages"]["warm-up"]["adopted"] and not result.metrics["stages"]["retain"]["adopted"]
+    result.undo()
+    assert _same_state(model, start)
 
 
 def test_methods_that_fine_tune_need_the_training_set(small):

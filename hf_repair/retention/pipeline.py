@@ -69,7 +69,10 @@ def repair_with_finetuning(
         raise
 
     after = heldout_scores(model, split, forward_fn, compute_metrics)
-    metrics = _metrics(outcome, projection, identification, split, config, before, after, time.perf_counter() - start)
+    # Adopted means changed: a stage that is not kept, or stops on a NaN loss, restores the weights it started from.
+    adopted = not snapshot.is_unchanged()
+    metrics = _metrics(outcome, projection, identification, split, config, before, after, adopted,
+                       time.perf_counter() - start)
     return RepairResult(
         config=config,
         metrics=metrics,
@@ -90,7 +93,7 @@ def heldout_scores(model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn
 
 def _metrics(outcome: RetentionResult, projection: Optional[ProjectionResult], identification: IdentificationResult,
              split: VerifiedSplit, config: RepairConfig, before: dict[str, float], after: dict[str, float],
-             elapsed: float) -> dict[str, Any]:
+             adopted: bool, elapsed: float) -> dict[str, Any]:
     """`RepairResult.metrics` of a fine-tuning repair; before/after are the held-out verified fold's scores."""
     _, world = process_info()
     steps = sum(result.steps for _, result in outcome.stages)
@@ -100,7 +103,7 @@ def _metrics(outcome: RetentionResult, projection: Optional[ProjectionResult], i
         "accuracy_after": after["accuracy"],
         "heldout_loss_before": before["loss"],
         "heldout_loss_after": after["loss"],
-        "adopted": outcome.adopted or bool(projection is not None and projection.adopted),
+        "adopted": adopted,
         "num_verified": split.total_samples,
         "num_heldout": len(stratified_folds(np.asarray(split.labels_all), split.num_folds, config.repair_seed)[HELDOUT_FOLD]),
         "num_train": outcome.num_train,
@@ -120,8 +123,6 @@ def _metrics(outcome: RetentionResult, projection: Optional[ProjectionResult], i
         "repair_time_s": elapsed,
         "identification_time_s": identification.summary.get("identify_time_s"),
     }
-    if metrics["stop_reason"] == "nan_loss":
-        metrics["adopted"] = bool(projection is not None and projection.adopted)
     if projection is not None:
         metrics["alpha"] = projection.metrics.get("alpha")
         metrics["projection_adopted"] = projection.adopted

@@ -81,10 +81,6 @@ class RetentionResult:
     skipped: Optional[str] = None  # why no fine-tune ran
 
     @property
-    def adopted(self) -> bool:
-        return any(result.adopted for _, result in self.stages)
-
-    @property
     def scores_before(self) -> Optional[dict[str, float]]:
         return self.stages[0][1].scores_before if self.stages else None
 
