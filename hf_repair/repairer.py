@@ -14,7 +14,7 @@ from .identification.identify import IdentificationResult, identify_harmful
 from .modeling.targets import find_target_modules
 from .projection.pipeline import check_materialized, project
 from .results import RepairResult
-from .retention.repair import repair_with_finetuning
+from .retention import repair_with_finetuning
 
 logger = logging.getLogger(__name__)
 

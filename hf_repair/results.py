@@ -75,7 +75,7 @@ class RepairResult:
             lines.append(f"  alpha: {m['alpha']:g}")
         if m.get("num_flagged") is not None:  # the fine-tuning methods (hf_repair.retention)
             lines.append(f"  flagged: {m['num_flagged']} of {m['num_train']}, fine-tune: {m['steps']} steps "
-                         f"({m['epochs']:.2f} training epochs), {m['stop_reason']}")
+                         f"({m['epochs']:.2f} training epochs), stop reason: {m['stop_reason']}")
         lines.append(f"  layers: {m['num_layers']}, verified samples: {m['num_verified']}, time: {m['repair_time_s']:.1f}s")
         return "\n".join(lines)
 

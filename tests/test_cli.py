@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -27,8 +28,12 @@ from transformers import (
 )
 
 from hf_repair import RepairConfig, RepairResult
-from hf_repair.cli.command import REPORT_DIR, CLIArguments, main, prepare_labels
-from hf_repair.cli.command import RESULTS_NAME as RESULTS
+from hf_repair.cli.arguments import CLIArguments, build_parser, parse_arguments
+from hf_repair.cli.command import main
+from hf_repair.cli.loading import prepare_labels
+from hf_repair.config import ARGUMENT_GROUPS
+from hf_repair.integrations.callback import REPORT_DIR
+from hf_repair.integrations.callback import RESULTS_NAME as RESULTS
 from hf_repair.report.writer import before_after_table
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -116,6 +121,40 @@ def test_help_explains_every_option(capsys):
             assert f"--{f.name}" in text, f.name
             assert f.metadata.get("help"), f"{dataclass.__name__}.{f.name} has no help"
     assert "MODEL_DIR" in text and "accelerate launch" in text
+
+
+def test_help_leads_with_the_required_arguments_then_one_group_per_phase(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    usage = text.splitlines()[0]
+    assert all(name in usage for name in ("MODEL_DIR", "--verified", "--output_dir")), usage
+    repair_flags = [f"  --{f.name} " for f in dataclasses.fields(RepairConfig)]
+    first_repair_flag = min(text.index(flag) for flag in repair_flags)
+    assert text.index("  --output_dir ") < first_repair_flag and text.index("  --verified ") < first_repair_flag
+
+    # each phase's flags sit under its own heading, in the order of ARGUMENT_GROUPS
+    headings = [text.index(f"\n{group._argument_group_name}:\n") for group in ARGUMENT_GROUPS]
+    assert headings == sorted(headings)
+    for group, start, end in zip(ARGUMENT_GROUPS, headings, headings[1:] + [len(text)]):
+        for f in dataclasses.fields(group):
+            assert start < text.index(f"  --{f.name} ") < end, f.name
+
+    # one entry per flag (its first line starts at column 2): none states its default twice, none a useless one
+    entries = re.split(r"\n(?=  \S)", text)
+    assert all(entry.lower().count("default") <= 1 for entry in entries), [
+        entry for entry in entries if entry.lower().count("default") > 1]
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_repair_options_from_every_group_make_one_config():
+    parser = build_parser()
+    argv = ["model", "--output_dir", "out", "--verified", "v.csv", "--method", "erase", "--alphas", "1", "3",
+            "--flag_rule", "budget", "--flag_fraction", "0.5", "--retention_patience", "2", "--repair_seed", "5"]
+    cli_args, config = parse_arguments(parser, parser.parse_args(argv))
+    assert cli_args.output_dir == "out" and cli_args.verified == "v.csv"
+    assert config == RepairConfig(method="erase", alphas=[1.0, 3.0], flag_rule="budget", flag_fraction=0.5,
+                                  retention_patience=2, seed=5)
 
 
 def test_text_checkpoint_with_csv(workdir, tmp_path, capsys):
@@ -297,6 +336,29 @@ def test_verified_columns_that_do_not_fit_the_model(workdir, tmp_path, capsys):
     fails([workdir / "bert", "--verified", bad_labels, "--output_dir", out], capsys, "'maybe'", "label2id")
     fails([workdir / "bert", "--verified", workdir / "verified.csv", "--output_dir", out, "--label_column", "y"],
           capsys, "no label column 'y'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_rows_without_text_are_named_before_anything_is_written(workdir, tmp_path, capsys, suffix):
+    texts = [" ".join(WORDS[i : i + 3]) for i in range(12)]
+    texts[3], texts[7], texts[9] = "", None, "   "  # an empty cell, a missing one, only spaces
+    if suffix == "jsonl":
+        texts[10] = 42  # mixed JSON values: a number among the texts
+    data, out = tmp_path / f"verified.{suffix}", tmp_path / "out"
+    if suffix == "csv":
+        with open(data, "w", newline="") as f:
+            csv.writer(f).writerows([["text", "label"]] + [[t or "", ["neg", "pos"][i % 2]] for i, t in enumerate(texts)])
+    else:
+        data.write_text("".join(json.dumps({"text": t, "label": ["neg", "pos"][i % 2]}) + "\n"
+                                for i, t in enumerate(texts)))
+    rows = "3, 7, 9" + (", 10" if suffix == "jsonl" else "")
+    err = fails([workdir / "bert", "--verified", data, "--output_dir", out], capsys,
+                "Verified column 'text'", f"0-based rows {rows}", f"{len(rows.split(','))} of 12 rows", "Fill in")
+    assert "Traceback" not in err and not out.exists()
+    # the training data of a fine-tune is checked the same way, before any repair
+    fails([workdir / "bert", "--verified", workdir / "verified.csv", "--train", data, "--method", "erase",
+           "--output_dir", out], capsys, "Train column 'text'", f"0-based rows {rows}")
     assert not out.exists()
 
 

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -16,17 +17,9 @@ from torch.utils.data import DataLoader
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.data import stratified_folds
-from hf_repair.retention.finetune import (
-    GATE_AGREEMENT,
-    GATE_BELIEF,
-    GATE_NONE,
-    FinetuneSet,
-    TargetBatch,
-    _penalty,
-    _retention_terms,
-    surgery_gradient,
-)
-from hf_repair.retention.repair import HELDOUT_FOLD
+from hf_repair.retention.finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_NONE, FinetuneSet, TargetBatch
+from hf_repair.retention.losses import retention_terms, surgery_gradient, weight_penalty
+from hf_repair.retention.retention import HELDOUT_FOLD
 from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
@@ -201,6 +194,38 @@ def test_datasets_with_an_on_the_fly_transform_and_a_custom_collator(small, tmp_
     assert (tmp_path / "report" / "index.html").exists()
 
 
+@pytest.mark.parametrize("method, overrides, changed", [
+    ("retention", {}, True),  # the warm-up on the trusted rows is kept, then the retain stage meets the NaN rows
+    ("retention", dict(retention_warmup=0.0), False),  # the NaN comes in the first step: nothing is kept
+    ("projection+erase", dict(min_improvement=-1.0), True),  # the projection is kept; erase never sees a NaN row
+    ("projection+retention", dict(min_improvement=-1.0), True),  # the projection is kept, the fine-tune is not
+])
+def test_a_nan_loss_is_adopted_only_where_weights_changed(small, method, overrides, changed):
+    train, verified = small
+    config = RepairConfig(method=method, flag_rule="budget", flag_fraction=0.3, retention_epochs=2.0,
+                          retention_learning_rate=3e-3, **dict(CHEAP, **overrides))
+    model = _tiny()
+    identification = Repairer(model, config).identify(train, verified)
+    # the flagged training images are NaN: any stage that trains on them meets a NaN loss in its first step
+    pixels = np.asarray(train.with_format("numpy")["pixel_values"]).copy()
+    pixels[identification.flagged_indices] = np.nan
+    poisoned = datasets.Dataset.from_dict({
+        "pixel_values": pixels, "labels": np.asarray(train.with_format("numpy")["labels"])}).with_format("torch")
+    start = _state(model)
+
+    result = Repairer(model, config).repair(verified, train_dataset=poisoned, identification=identification)
+    assert result.adopted is changed
+    assert _same_state(model, start) is not changed
+    assert ("not adopted (model unchanged)" in result.summary()) is not changed
+    erasing = method.endswith("erase")
+    assert (result.metrics["stop_reason"] == "nan_loss") is not erasing
+    assert ("stop reason: nan_loss" in result.summary()) is not erasing
+    if not erasing and method == "retention" and changed:
+        assert result.metrics["stages"]["warm-up"]["adopted"] and not result.metrics["stages"]["retain"]["adopted"]
+    result.undo()
+    assert _same_state(model, start)
+
+
 def test_methods_that_fine_tune_need_the_training_set(small):
     _, verified = small
     model = _tiny()
@@ -333,9 +358,9 @@ def test_fisher_and_l2_penalties_hold_the_weights_near_the_trained_ones(small):
 def test_penalty_is_the_squared_distance_weighted_by_the_fisher():
     params = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[3.0]]))]
     anchor = [torch.tensor([0.0, 2.0]), torch.tensor([[1.0]])]
-    assert _penalty(params, anchor, None).item() == pytest.approx(1.0 + 0.0 + 4.0)
+    assert weight_penalty(params, anchor, None).item() == pytest.approx(1.0 + 0.0 + 4.0)
     fisher = [torch.tensor([2.0, 5.0]), torch.tensor([[0.5]])]
-    assert _penalty(params, anchor, fisher).item() == pytest.approx(2.0 * 1.0 + 5.0 * 0.0 + 0.5 * 4.0)
+    assert weight_penalty(params, anchor, fisher).item() == pytest.approx(2.0 * 1.0 + 5.0 * 0.0 + 0.5 * 4.0)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -359,7 +384,7 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     labels = torch.tensor([0, 0, 2, 1])
     batch = TargetBatch({}, torch.nn.functional.one_hot(labels, 3).float(), labels, torch.ones(4),
                         torch.tensor([GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_AGREEMENT]))
-    rows, trusted = _retention_terms(logits, batch, power=1.0)
+    rows, trusted = retention_terms(logits, batch, power=1.0)
     loss = rows.sum() / len(rows)
     log_p = logits.log_softmax(-1)
     p_belief = log_p[1, 0].exp()
@@ -368,7 +393,7 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     assert trusted == pytest.approx(((1 + p_belief + 1 + 0) / 4).item(), rel=1e-6)
     # the belief weight is a constant: no gradient flows through it
     logits.requires_grad_(True)
-    _retention_terms(logits, batch, power=1.0)[0].sum().div(4).backward()
+    retention_terms(logits, batch, power=1.0)[0].sum().div(4).backward()
     grad_row = logits.grad[1]
     expected_grad = p_belief * (logits.detach()[1].softmax(-1) - torch.tensor([1.0, 0.0, 0.0])) / 4
     assert torch.allclose(grad_row, expected_grad, atol=1e-6)

@@ -1,0 +1,15 @@
+"""The fine-tuning repairs: beneficial retention and the erase baseline, each optionally after a projection."""
+
+from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
+from .pipeline import heldout_scores, repair_with_finetuning
+from .retention import RetentionRepair, RetentionResult
+
+__all__ = [
+    "FinetuneArguments",
+    "FinetuneResult",
+    "GuardedFinetuner",
+    "RetentionRepair",
+    "RetentionResult",
+    "heldout_scores",
+    "repair_with_finetuning",
+]

@@ -13,7 +13,7 @@ Three steps, each measurable on its own (`method.md`, Method 2):
    only while the model predicts it; `"soft"` trains flagged samples towards the model's predicted
    distribution (the naive reading of method.md, kept for comparison: it distils the model's
    mistakes and measured worse than erase).
-3. Retain: a guarded fine-tune (`hf_repair.finetune`) on the verified training folds, the unflagged
+3. Retain: a guarded fine-tune (`finetuner.GuardedFinetuner`) on the verified training folds, the unflagged
    samples and the flagged ones, judged on the held-out verified fold; each stage is kept only if it
    is not worse there than where it started.
 
@@ -33,10 +33,8 @@ needs no warm-up (unless its projection was not adopted).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -44,36 +42,15 @@ import datasets
 import numpy as np
 import torch
 from torch import nn
-from transformers import default_data_collator
 
 from ..config import RepairConfig
-from ..data import CollateFn, VerifiedSplit, check_label_range, column_array, model_columns, stratified_folds
-from ..evaluation import (
-    ForwardFn,
-    compute_scores,
-    default_forward,
-    eval_mode,
-    input_names_for,
-    predict,
-    split_verified,
-)
-from ..identification.identify import IdentificationResult, identify_harmful
-from ..modeling.sharding import weight_access_for
-from ..modeling.weights import ModelSnapshot
-from ..projection.pipeline import ProjectionResult, check_materialized, project
-from ..results import RepairResult
+from ..data import CollateFn, VerifiedSplit, check_label_range, column_array, stratified_folds
+from ..evaluation import ForwardFn, eval_mode, input_names_for
+from ..identification.identify import IdentificationResult
 from ..utils.distributed import process_info
-from .finetune import (
-    GATE_AGREEMENT,
-    GATE_BELIEF,
-    GATE_NONE,
-    GATE_SURGERY,
-    FinetuneArguments,
-    FinetuneResult,
-    FinetuneSet,
-    GuardedFinetuner,
-    predict_distributions,
-)
+from .checks import input_columns
+from .finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_NONE, GATE_SURGERY, FinetuneSet, predict_distributions
+from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +79,6 @@ class RetentionResult:
     total_steps: int  # the step budget shared by the stages
     stages: list[tuple[str, FinetuneResult]] = field(default_factory=list)
     skipped: Optional[str] = None  # why no fine-tune ran
-
-    @property
-    def adopted(self) -> bool:
-        return any(result.adopted for _, result in self.stages)
 
     @property
     def scores_before(self) -> Optional[dict[str, float]]:
@@ -240,167 +213,3 @@ def retention_warmup(config: RepairConfig, projected: bool = False) -> float:
     if config.retention_warmup is not None:
         return config.retention_warmup
     return 0.0 if projected else 0.5
-
-
-def repair_with_finetuning(
-    model: nn.Module,
-    config: RepairConfig,
-    verified: Any,
-    train_dataset: Any,
-    identification: Optional[IdentificationResult] = None,
-    *,
-    forward_fn: ForwardFn = default_forward,
-    collate_fn: Optional[CollateFn] = None,
-    compute_metrics: Optional[Any] = None,
-) -> RepairResult:
-    """`Repairer.repair` for the fine-tuning methods: identify, (project,) separate and retain, in place."""
-    start = time.perf_counter()
-    check_materialized(model)
-    if train_dataset is None:
-        raise ValueError(
-            f"method={config.method!r} fine-tunes on the training data: call repair(verified, train_dataset=...) with "
-            f"the datasets.Dataset the model was trained on (model inputs and {config.label_column!r})."
-        )
-    if not isinstance(verified, datasets.Dataset):
-        raise TypeError(
-            f"method={config.method!r} trains on part of the verified split, so it must be a datasets.Dataset, "
-            f"got {type(verified).__name__}."
-        )
-    if not isinstance(train_dataset, datasets.Dataset):
-        raise TypeError(f"train_dataset must be a datasets.Dataset, got {type(train_dataset).__name__}.")
-    sharding = weight_access_for(model).kind
-    if sharding != "plain":
-        raise ValueError(
-            f"method={config.method!r} fine-tunes a whole-model snapshot, which a {sharding}-sharded model does not "
-            f"support yet; use method='projection' (it writes sharded weights back layer by layer), or repair the "
-            f"unsharded model (one process or DDP)."
-        )
-    columns = input_columns(train_dataset, verified, config.label_column, input_names_for(model, forward_fn))
-    check_rows_batch_together(verified, train_dataset, columns, config.label_column, collate_fn)  # before any change
-    split = split_verified(model, verified, config, forward_fn, collate_fn)
-    if identification is None:
-        identification = identify_harmful(model, train_dataset, verified, config, forward_fn=forward_fn,
-                                          collate_fn=collate_fn)
-    elif len(identification.table) != len(train_dataset):
-        raise ValueError(
-            f"The identification scored {len(identification.table)} samples but train_dataset has {len(train_dataset)}; "
-            f"pass the identification of this training set."
-        )
-
-    snapshot = ModelSnapshot(model)
-    projection: Optional[ProjectionResult] = None
-    before = heldout_scores(model, split, forward_fn, compute_metrics)
-    try:
-        if projects_first(config.method):
-            projection = project(model, dataclasses.replace(config, method="projection"), verified,
-                                 forward_fn=forward_fn, collate_fn=collate_fn, compute_metrics=compute_metrics)
-        outcome = RetentionRepair(model, config, forward_fn=forward_fn, collate_fn=collate_fn,
-                                  compute_metrics=compute_metrics).run(
-            verified, split, train_dataset, identification, projected=projection is not None and projection.adopted)
-    except BaseException:
-        snapshot.restore()
-        raise
-
-    after = heldout_scores(model, split, forward_fn, compute_metrics)
-    metrics = _metrics(outcome, projection, identification, split, config, before, after, time.perf_counter() - start)
-    result = RepairResult(
-        config=config,
-        metrics=metrics,
-        layers=projection.layers if projection is not None else {},
-        spaces=projection.spaces if projection is not None else {},
-        selection=projection.selection if projection is not None else [],
-        _snapshot=snapshot,
-    )
-    return result
-
-
-def heldout_scores(model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn,
-                   compute_metrics: Optional[Any] = None) -> dict[str, float]:
-    """The model's scores (and cross-entropy) on the held-out verified fold that judges the fine-tune."""
-    with eval_mode(model):
-        logits, labels = predict(model, split.batches(HELDOUT_FOLD), forward_fn)
-    scores = compute_scores(logits, labels, compute_metrics)
-    scores["loss"] = float(torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device)))
-    return scores
-
-
-def _metrics(outcome: RetentionResult, projection: Optional[ProjectionResult], identification: IdentificationResult,
-             split: VerifiedSplit, config: RepairConfig, before: dict[str, float], after: dict[str, float],
-             elapsed: float) -> dict[str, Any]:
-    """`RepairResult.metrics` of a fine-tuning repair; before/after are the held-out verified fold's scores."""
-    _, world = process_info()
-    steps = sum(result.steps for _, result in outcome.stages)
-    batch_size = config.retention_batch_size or config.batch_size
-    metrics: dict[str, Any] = {
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "heldout_loss_before": before["loss"],
-        "heldout_loss_after": after["loss"],
-        "adopted": outcome.adopted or bool(projection is not None and projection.adopted),
-        "num_verified": split.total_samples,
-        "num_heldout": len(stratified_folds(np.asarray(split.labels_all), split.num_folds, config.repair_seed)[HELDOUT_FOLD]),
-        "num_train": outcome.num_train,
-        "num_flagged": outcome.num_flagged,
-        "num_trusted": outcome.num_trusted,
-        "separation": None if erases(config.method) else config.separation,
-        "steps": steps,
-        "max_steps": outcome.total_steps,  # the budget, retention_epochs of the training set
-        "batch_size": batch_size,
-        "epochs": steps * batch_size * world / max(outcome.num_train, 1),
-        "stages": {name: {"adopted": r.adopted, "steps": r.steps, "best_step": r.best_step, "stop_reason": r.stop_reason,
-                          "accuracy_before": r.scores_before["accuracy"], "accuracy_after": r.scores_after["accuracy"],
-                          "history": r.history}  # per step: train_loss, trusted_fraction, and heldout_* when scored
-                   for name, r in outcome.stages},
-        "stop_reason": outcome.skipped or (outcome.stages[-1][1].stop_reason if outcome.stages else None),
-        "num_layers": len(projection.layers) if projection is not None else 0,
-        "repair_time_s": elapsed,
-        "identification_time_s": identification.summary.get("identify_time_s"),
-    }
-    if metrics["stop_reason"] == "nan_loss":
-        metrics["adopted"] = bool(projection is not None and projection.adopted)
-    if projection is not None:
-        metrics["alpha"] = projection.metrics.get("alpha")
-        metrics["projection_adopted"] = projection.adopted
-    for key in ("precision", "recall", "auroc"):
-        if key in identification.summary:
-            metrics[f"identification_{key}"] = identification.summary[key]
-    return metrics
-
-
-def input_columns(train_dataset: datasets.Dataset, verified: datasets.Dataset, label_column: str,
-                  input_names: Optional[set[str]]) -> list[str]:
-    """The model-input columns both datasets must share, with the same features; a clear error otherwise."""
-    if len(train_dataset) == 0:
-        raise ValueError("The training dataset is empty (0 rows); pass the dataset the model was trained on.")
-    if label_column not in train_dataset.column_names:
-        raise ValueError(
-            f"The training dataset has no {label_column!r} column (columns: {train_dataset.column_names}); rename its "
-            f"label column or set RepairConfig.label_column."
-        )
-    wanted = [c for c in model_columns(verified, label_column, input_names) if c != label_column]
-    missing = [c for c in wanted if c not in train_dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"The training dataset lacks the model-input columns {missing} that the verified split has "
-            f"(training columns: {train_dataset.column_names}). Preprocess both the same way."
-        )
-    return wanted
-
-
-def check_rows_batch_together(verified: datasets.Dataset, train_dataset: datasets.Dataset, columns: list[str],
-                              label_column: str, collate_fn: Optional[Any]) -> None:
-    """The fine-tune batches verified and training rows together: check one of each collates.
-
-    Features may describe the same values differently (`Array3D` vs nested lists), so the test is
-    behavioural: a different tokenizer, image size or dtype fails here, before any weight changes.
-    """
-    rows = [dataset.select_columns(columns + [label_column])[0] for dataset in (verified, train_dataset)]
-    try:
-        (collate_fn or default_data_collator)(rows)
-    except Exception as err:  # collators raise anything from ValueError to RuntimeError on mismatched rows
-        details = "; ".join(f"{c}: verified {verified.features[c]} vs training {train_dataset.features[c]}"
-                            for c in columns if verified.features[c] != train_dataset.features[c])
-        raise ValueError(
-            f"A verified row and a training row cannot be batched together ({err}). Preprocess both datasets the same "
-            f"way (same tokenizer, image size and dtype){': ' + details if details else ''}."
-        ) from err

@@ -1,0 +1,137 @@
+"""The rows a guarded fine-tune trains on, and how they are batched.
+
+A *fine-tune set* is rows of model inputs read in place from one or more `datasets.Dataset`s, each
+with a target (a class id or a soft distribution), a weight and a gate that says how far its label
+is trusted. The batches keep the user's collator (text keeps its padding) and carry the targets,
+weights and gates beside the model inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import default_data_collator
+
+from ..data import CollateFn, pop_labels
+from ..evaluation import ForwardFn, eval_mode
+
+# How far a row's label is trusted (see `FinetuneSet`).
+GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_SURGERY = 0, 1, 2, 3
+
+# Keys under which a row carries its target and (label, weight, gate) to the collator.
+_TARGET, _EXTRA = "__hf_repair_target__", "__hf_repair_extra__"
+
+
+class FinetuneSet(Dataset):
+    """Rows of model inputs drawn from one or more `datasets.Dataset`s, each with a target, a weight and a gate.
+
+    Row i is row `rows[i]` of `parts[part_ids[i]]`, so the verified split and the training set are
+    read in place (no copy, no cast). Its target is the class id `labels[i]` (cross-entropy) or, when
+    `soft_targets` has an entry for i, that probability vector. `gates[i]` says how far the label is
+    trusted: `GATE_NONE` fully; `GATE_BELIEF` in proportion to the model's current probability of it,
+    p(y|x)^power (not differentiated); `GATE_AGREEMENT` only while the model predicts it;
+    `GATE_SURGERY` fully, but the gated rows' gradient loses its component that conflicts with the
+    other rows' (gradient surgery, `FinetuneArguments.gradient_surgery`). Rows are
+    fetched in batches (`__getitems__`) and batched by the user's collator, so text keeps its padding;
+    when the parts carry `label_column` (collators may expect it), the collated batch drops it again.
+    """
+
+    def __init__(self, parts: Sequence[Any], part_ids: Any, rows: Any, labels: Any, weights: Optional[Any] = None,
+                 gates: Optional[Any] = None, soft_targets: Optional[Mapping[int, torch.Tensor]] = None,
+                 label_column: Optional[str] = None) -> None:
+        self.parts = list(parts)
+        self.label_column = label_column
+        self.part_ids = np.asarray(part_ids, dtype=np.int64)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        n = len(self.rows)
+        if not (len(self.part_ids) == len(self.labels) == n):
+            raise ValueError(f"FinetuneSet got {len(self.part_ids)} part ids, {n} rows and {len(self.labels)} labels.")
+        self.weights = torch.ones(n) if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+        self.gates = torch.zeros(n, dtype=torch.long) if gates is None else torch.as_tensor(np.asarray(gates), dtype=torch.long)
+        self.soft_targets = dict(soft_targets or {})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        indices = np.asarray(indices, dtype=np.int64)
+        out: list[Optional[dict[str, Any]]] = [None] * len(indices)
+        for part in np.unique(self.part_ids[indices]):
+            where = np.flatnonzero(self.part_ids[indices] == part)
+            columns = self.parts[part][self.rows[indices[where]].tolist()]  # one batched lookup per part
+            for j, position in enumerate(where):
+                out[position] = {name: values[j] for name, values in columns.items()}
+        for row, index in zip(out, indices.tolist()):
+            soft = self.soft_targets.get(index)
+            row[_TARGET] = self.labels[index] if soft is None else soft
+            row[_EXTRA] = (self.labels[index], self.weights[index], self.gates[index])
+        return out
+
+    def subset(self, positions: Any, gates: Optional[Any] = None,
+               soft_targets: Optional[Mapping[int, torch.Tensor]] = None) -> "FinetuneSet":
+        """These rows (positions into this set), optionally with new gates and soft targets (keyed by new position)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return FinetuneSet(self.parts, self.part_ids[positions], self.rows[positions], self.labels[positions],
+                           self.weights[positions], self.gates[positions] if gates is None else gates, soft_targets,
+                           self.label_column)
+
+
+@dataclass
+class TargetBatch:
+    """A collated batch of model inputs with each row's target distribution, class id, weight and gate."""
+
+    inputs: dict[str, Any]
+    targets: torch.Tensor  # (batch, classes) distributions
+    labels: torch.Tensor  # (batch,) class ids (the argmax of a soft target)
+    weights: torch.Tensor
+    gates: torch.Tensor
+
+    def to(self, device: torch.device) -> "TargetBatch":
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return TargetBatch(inputs, self.targets.to(device), self.labels.to(device), self.weights.to(device),
+                           self.gates.to(device))
+
+
+class TargetCollator:
+    """Runs the user's collator on the model inputs and stacks targets, weights and gates beside them."""
+
+    def __init__(self, collate_fn: Optional[CollateFn], num_classes: int, label_column: Optional[str] = None) -> None:
+        self.collate_fn = collate_fn or default_data_collator
+        self.num_classes = num_classes
+        self.label_column = label_column
+
+    def __call__(self, rows: list[dict[str, Any]]) -> TargetBatch:
+        targets = [row.pop(_TARGET) for row in rows]
+        labels, weights, gates = (torch.stack(column) for column in zip(*(row.pop(_EXTRA) for row in rows)))
+        distributions = torch.stack([
+            F.one_hot(t, self.num_classes).float() if t.dim() == 0 else t.float() for t in targets
+        ])
+        inputs = dict(self.collate_fn(rows))
+        if self.label_column is not None:  # the targets above stand for it; the forward gets model inputs only
+            pop_labels(inputs, self.label_column, required=False)
+        return TargetBatch(inputs, distributions, labels, weights, gates)
+
+
+@torch.no_grad()
+def predict_distributions(model: nn.Module, data: FinetuneSet, forward_fn: ForwardFn, collate_fn: Optional[CollateFn],
+                          batch_size: int, num_classes: int) -> torch.Tensor:
+    """Predicted class distributions (on CPU) for every row of `data`, in order.
+
+    Every process predicts every row, so all hold identical results without a gather.
+    """
+    device = next(model.parameters()).device
+    collator = TargetCollator(collate_fn, num_classes, data.label_column)
+    with eval_mode(model):
+        return torch.cat([forward_fn(model, batch.to(device).inputs).float().softmax(-1).cpu()
+                          for batch in DataLoader(data, batch_size=batch_size, collate_fn=collator)])

@@ -1,0 +1,92 @@
+"""The terms of the retention loss: gated per-row cross-entropy, gradient surgery, and the penalty.
+
+The penalty pulls the weights towards the trained ones: L2 (proximal), or weighted by a diagonal
+Fisher estimated on verified rows (EWC-style).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..evaluation import ForwardFn, eval_mode
+from .finetune_data import GATE_AGREEMENT, GATE_BELIEF, FinetuneSet, TargetBatch, TargetCollator
+
+
+def retention_terms(logits: torch.Tensor, batch: TargetBatch, power: float) -> tuple[torch.Tensor, float]:
+    """Per-row weighted cross-entropy; gated rows count as much as the model currently trusts their label.
+
+    Returns the rows' terms (the loss is their sum over the batch size) and the batch's trusted weight share.
+    """
+    log_probs = logits.float().log_softmax(-1)
+    per_row = -(batch.targets * log_probs).sum(-1)
+    with torch.no_grad():
+        trust = torch.ones_like(per_row)
+        belief = batch.gates == GATE_BELIEF
+        if belief.any():
+            trust[belief] = log_probs[belief].gather(1, batch.labels[belief, None])[:, 0].exp().pow(power)
+        agreement = batch.gates == GATE_AGREEMENT
+        if agreement.any():
+            trust[agreement] = (log_probs[agreement].argmax(-1) == batch.labels[agreement]).float()
+    weights = batch.weights * trust
+    return weights * per_row, float(weights.sum() / batch.weights.sum().clamp_min(1e-12))
+
+
+def surgery_gradient(trusted: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+    """trusted + flagged, less the flagged gradient's component against the trusted one (if they conflict)."""
+    dot = torch.dot(trusted, flagged)
+    if dot < 0:
+        flagged = flagged - dot / torch.dot(trusted, trusted).clamp_min(1e-30) * trusted
+    return trusted + flagged
+
+
+def surgery_backward(trusted_loss: torch.Tensor, flagged_loss: torch.Tensor, params: list[nn.Parameter],
+                     accelerator: Accelerator) -> None:
+    """Set `.grad` to the surgery gradient of the two losses, averaged over processes in one collective."""
+    flat = []
+    for loss in (trusted_loss, flagged_loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                               for g, p in zip(grads, params)]))
+    both = accelerator.reduce(torch.stack(flat), reduction="mean")
+    combined = surgery_gradient(both[0], both[1])
+    offset = 0
+    for p in params:
+        p.grad = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+
+
+def weight_penalty(params: list[nn.Parameter], anchor: list[torch.Tensor],
+                   fisher: Optional[list[torch.Tensor]]) -> torch.Tensor:
+    """sum (theta - theta0)^2, each term weighted by its diagonal Fisher when given (EWC)."""
+    if fisher is None:
+        return sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
+    return sum((f * (p - a).pow(2)).sum() for p, a, f in zip(params, anchor, fisher))
+
+
+def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: Optional[FinetuneSet],
+                    collator: TargetCollator, forward_fn: ForwardFn, batch_size: int, accelerator: Accelerator,
+                    device: torch.device) -> list[torch.Tensor]:
+    """Diagonal empirical Fisher on verified rows, normalised to mean 1 (so strengths compare with L2).
+
+    Every process reads all the rows (a few hundred), so all hold the same Fisher without a collective.
+    """
+    if data is None or len(data) == 0:
+        raise ValueError('penalty="fisher" needs verified samples to estimate the Fisher information.')
+    fisher = [torch.zeros_like(p) for p in params]
+    with eval_mode(model):
+        for batch in DataLoader(data, batch_size=batch_size, collate_fn=collator):
+            batch = batch.to(device)
+            with accelerator.autocast():
+                logits = forward_fn(model, batch.inputs)
+            loss = -(batch.targets * logits.float().log_softmax(-1)).sum(-1).mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for f, g in zip(fisher, grads):
+                if g is not None:  # a batch gradient squared, times its size, estimates the mean per-sample square
+                    f.add_(g.detach().pow(2) * len(batch.labels))
+    mean = float(sum(f.sum() for f in fisher)) / max(sum(f.numel() for f in fisher), 1)
+    return [f / mean if mean > 0 else torch.ones_like(f) for f in fisher]
