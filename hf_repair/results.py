@@ -67,6 +67,19 @@ class RepairResult:
             raise RuntimeError("This result holds no snapshot of the original weights, so it cannot undo.")
         self._snapshot.restore()
 
+    def __repr__(self) -> str:
+        """A line, not the clean spaces' tensors (a saved BERT repair prints megabytes otherwise)."""
+        m = self.metrics
+        parts = [f"method={self.config.method!r}", f"adopted={self.adopted}"]
+        if m.get("accuracy_before") is not None and m.get("accuracy_after") is not None:
+            parts.append(f"heldout_accuracy={m['accuracy_before']:.4f}->{m['accuracy_after']:.4f}")
+        if m.get("alpha") is not None:
+            parts.append(f"alpha={m['alpha']:g}")
+        parts.append(f"layers={len(self.layers)}")
+        if self._snapshot is None and self.layers:
+            parts.append("loaded (no undo)")
+        return f"RepairResult({', '.join(parts)})"
+
     def summary(self) -> str:
         m = self.metrics
         lines = [f"hf_repair {self.config.method}: {'adopted' if self.adopted else 'not adopted (model unchanged)'}"]

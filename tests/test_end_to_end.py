@@ -1,5 +1,6 @@
 """A real repair: a CNN trained on real digits with 40% wrong labels, repaired with 300 verified samples."""
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -29,6 +30,7 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     # Long enough to memorise the wrong labels, as an unregularised model does.
     model = train_classifier(SmallCNN(width=16), train, epochs=40, lr=3e-3, batch_size=64, seed=0, progress=False)
     noisy_accuracy = evaluate_accuracy(model, test)
+    unrepaired = copy.deepcopy(model)
 
     result = Repairer(model, RepairConfig(target_modules="all", seed=0, disable_tqdm=True)).repair(verified)
     repaired_accuracy = evaluate_accuracy(model, test)
@@ -36,3 +38,9 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     assert result.adopted and result.metrics["num_verified"] == 300
     assert result.metrics["accuracy_after"] > result.metrics["accuracy_before"]
     assert repaired_accuracy - noisy_accuracy >= 0.05, (noisy_accuracy, repaired_accuracy)
+
+    # Coarse-to-fine (the default) chooses the alpha that scoring every alpha of the grid chooses.
+    full = Repairer(unrepaired, RepairConfig(target_modules="all", seed=0, disable_tqdm=True, alpha_search="grid"))
+    assert full.repair(verified).metrics["alpha"] == result.metrics["alpha"]
+    for (name, ours), theirs in zip(model.state_dict().items(), unrepaired.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)

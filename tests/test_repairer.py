@@ -236,3 +236,23 @@ def test_per_layer_alphas_match_or_beat_the_global_choice():
         if record.alpha is None:  # "no projection" won for this layer: it is exactly as trained
             assert torch.equal(dict(b.named_parameters())[name + ".weight"], before[name + ".weight"])
     assert {r.alpha for r in glob.layers.values()} == {glob.metrics["alpha"]}
+
+
+def test_image_model_refuses_pixel_values_without_channel_dimension_before_any_change():
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3)
+    model = ViTForImageClassification(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flat = image_split().map(lambda row: {"pixel_values": row["pixel_values"][0]})  # (8, 8): no channel axis
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(\d+, 8, 8\).*\(batch, 1, height, width\)"):
+        Repairer(model, RepairConfig(target_modules="all-linear")).repair(flat)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_result_repr_is_one_short_line(tmp_path):
+    model = TinyCNN()
+    result = Repairer(model, RepairConfig(target_modules="all", **FORCE)).repair(image_split())
+    result.save_pretrained(tmp_path / "repair")
+    for shown in (repr(result), repr(type(result).from_pretrained(tmp_path / "repair"))):
+        assert "\n" not in shown and len(shown) < 200 and shown.startswith("RepairResult(method='projection'")
+    assert "no undo" in repr(type(result).from_pretrained(tmp_path / "repair"))

@@ -301,3 +301,43 @@ def test_loading_bad_directories(tmp_path, repaired_bert):
     (tmp_path / "repair" / "repair_result.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match="format 99"):
         RepairResult.from_pretrained(tmp_path / "repair")
+
+
+def _writer_script(target, mode):
+    """A process that starts an atomic write to `target` and then either dies (kill -9) or keeps writing."""
+    finish = "os.kill(os.getpid(), signal.SIGKILL)" if mode == "killed" else "print('ready', flush=True); time.sleep(60)"
+    return (
+        "import os, signal, time\n"
+        "from hf_repair.utils.files import atomic_directory\n"
+        f"with atomic_directory({str(target)!r}) as tmp:\n"
+        "    (tmp / 'weights.bin').write_bytes(b'x' * 1000)\n"
+        f"    {finish}\n"
+    )
+
+
+def test_next_write_removes_staging_left_by_a_killed_writer_but_not_a_live_one(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", _writer_script(target, "killed")], capture_output=True)
+    assert killed.returncode == -9
+    left = siblings(target)
+    assert len(left) == 1 and left[0].startswith(".out.tmp-")
+
+    live = subprocess.Popen([sys.executable, "-c", _writer_script(tmp_path / "busy", "live")], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert live.stdout.readline().strip() == "ready"
+        busy_staging = siblings(tmp_path / "busy")
+        assert len(busy_staging) == 1
+        with atomic_directory(target) as tmp:
+            (tmp / "done.txt").write_text("ok")
+        assert siblings(target) == []  # the killed writer's staging is gone
+        assert (target / "done.txt").read_text() == "ok"
+        with atomic_directory(tmp_path / "busy", overwrite=True) as tmp:  # same place as the live writer
+            (tmp / "mine.txt").write_text("ok")
+        assert busy_staging[0] in siblings(tmp_path / "busy")  # the live writer's staging is untouched
+    finally:
+        live.kill()
+        live.wait()

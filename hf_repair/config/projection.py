@@ -54,6 +54,14 @@ class ProjectionArguments:
             "choices": ["global", "layer"],
         },
     )
+    alpha_search: str = field(
+        default="coarse_to_fine",
+        metadata={
+            "help": "How many alphas to score (one pass over the verified split each): 'grid' scores them all; "
+            "'coarse_to_fine' every third and the last, then the neighbours of the best (about half the passes).",
+            "choices": ["coarse_to_fine", "grid"],
+        },
+    )
     gram_dtype: str = field(
         default="float64",
         metadata={
@@ -78,6 +86,8 @@ class ProjectionArguments:
             raise ValueError(f"Every alpha must be >= 1 (alpha < 1 amplifies weak directions), got {self.alphas}.")
         if self.alpha_scope not in ("global", "layer"):
             raise ValueError(f"alpha_scope must be 'global' or 'layer', got {self.alpha_scope!r}.")
+        if self.alpha_search not in ("coarse_to_fine", "grid"):
+            raise ValueError(f"alpha_search must be 'coarse_to_fine' or 'grid', got {self.alpha_search!r}.")
         if self.gram_dtype not in ("float64", "float32"):
             raise ValueError(f"gram_dtype must be 'float64' or 'float32', got {self.gram_dtype!r}.")
 

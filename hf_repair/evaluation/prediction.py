@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..data import CollateFn, LabeledBatch, VerifiedSplit, model_input_names
@@ -79,7 +80,7 @@ def input_names_for(model: nn.Module, forward_fn: ForwardFn) -> Optional[set[str
 def split_verified(model: nn.Module, verified: Any, config: "RepairConfig", forward_fn: ForwardFn = default_forward,
                    collate_fn: Optional[CollateFn] = None) -> VerifiedSplit:
     """The verified samples as this process's folds of batches, on the model's device; checks the columns."""
-    return VerifiedSplit(
+    split = VerifiedSplit(
         verified,
         num_folds=config.num_folds,
         batch_size=config.batch_size,
@@ -89,3 +90,23 @@ def split_verified(model: nn.Module, verified: Any, config: "RepairConfig", forw
         input_names=input_names_for(model, forward_fn),
         device=next(model.parameters()).device,
     )
+    check_image_inputs(model, next(iter(split.batches(0))).inputs)  # batches are collated once and cached
+    return split
+
+
+def check_image_inputs(model: nn.Module, inputs: dict[str, Any]) -> None:
+    """Refuse `pixel_values` that are not (batch, num_channels, height, width) for a transformers image model.
+
+    Without it a missing channel dimension fails deep inside the model's patch embedding with a
+    message about convolution weights, far from the data that caused it.
+    """
+    pixel_values = inputs.get("pixel_values")
+    num_channels = getattr(getattr(extract_model_from_parallel(model), "config", None), "num_channels", None)
+    if not torch.is_tensor(pixel_values) or not isinstance(num_channels, int):
+        return
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != num_channels:
+        hint = " (add the channel dimension, e.g. x[:, None] or x.unsqueeze(1))" if pixel_values.dim() == 3 else ""
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, but {type(model).__name__} expects "
+            f"(batch, {num_channels}, height, width): num_channels={num_channels} in its config{hint}."
+        )

@@ -108,6 +108,7 @@ def _result(search: AlphaSearchResult, config: RepairConfig, targets: dict[str, 
         "num_layers": sum(len(m) for m in search.groups.values()),
         "num_clean_spaces": len(search.groups),
         "repair_time_s": seconds,
+        **{f"{phase.removesuffix('_s')}_time_s": value for phase, value in search.timings.items()},
     }
     if metric != "accuracy":
         metrics[f"{metric}_before"] = search.baseline_scores[metric]
