@@ -66,6 +66,9 @@ class RepairConfig(RetentionArguments, IdentificationArguments, ProjectionArgume
     `--repair_seed`, `--repair_disable_tqdm` and `--repair_greater_is_better`.
     """
 
+    # One group for every repair flag next to `TrainingArguments` (the per-phase groups are for `hf-repair`).
+    _argument_group_name = "repair (hf_repair.RepairConfig)"
+
     def __post_init__(self) -> None:
         for group in ARGUMENT_GROUPS:
             group.validate(self)
