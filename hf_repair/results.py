@@ -111,10 +111,12 @@ class RepairResult:
         """
         from .report.writer import write_report
 
-        return write_report(
+        page = write_report(
             self, directory, model=model, test_dataset=test_dataset, identification=identification,
             train_dataset=train_dataset, class_names=class_names, overwrite=overwrite, top_n=top_n, **kwargs,
         )
+        logger.info("Wrote the repair report to %s", page)
+        return page
 
     # --------------------------------------------------------------------------------------------
     # saving, loading and re-applying

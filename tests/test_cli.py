@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -157,7 +158,8 @@ def test_repair_options_from_every_group_make_one_config():
                                   retention_patience=2, seed=5)
 
 
-def test_text_checkpoint_with_csv(workdir, tmp_path, capsys):
+def test_text_checkpoint_with_csv(workdir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="hf_repair")
     model_dir, out = workdir / "bert", tmp_path / "out"
     before = digest(model_dir)
     assert main([str(model_dir), "--verified", str(workdir / "verified.csv"), "--output_dir", str(out), *STRONG]) == 0
@@ -182,6 +184,8 @@ def test_text_checkpoint_with_csv(workdir, tmp_path, capsys):
     assert numbers["metrics"] == metrics and numbers["test"] is None
     assert numbers["layers"] and len(numbers["layers"]) == metrics["num_layers"]
     assert "Held-out verified accuracy" in (out / REPORT_DIR / "index.html").read_text()
+    assert f"Wrote the repaired model and its report to {out}" in caplog.text
+    assert ".tmp-" not in caplog.text  # no log line names a staging path that is renamed away
     printed = capsys.readouterr().out
     assert before_after_table(numbers) in printed
     row = next(line for line in printed.splitlines() if line.startswith("held-out verified"))

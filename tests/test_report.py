@@ -29,7 +29,7 @@ FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even if it is no bett
 
 
 def repair_config(**overrides):
-    return RepairConfig(**{"alphas": ALPHAS, "repair_seed": 0, "repair_disable_tqdm": True, **overrides})
+    return RepairConfig(**{"alphas": ALPHAS, "repair_seed": 0, "repair_disable_tqdm": True, "alpha_search": "grid", **overrides})
 
 
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from ..config import FINETUNE_METHODS, RepairConfig
 from ..integrations.callback import REPORT_DIR, RESULTS_NAME, repair_results
 from ..repairer import Repairer
-from ..report.writer import REPORT_JSON, before_after_table
+from ..report.writer import REPORT_JSON, before_after_table, write_report
 from ..results import RepairResult
 from ..utils.files import atomic_directory, check_output_directory, read_json, write_json
 from .arguments import CLIArguments, build_parser, parse_arguments
@@ -115,6 +115,7 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
                 result, result.config, source, report=report, report_error=report_error,
             ))
             model_card(model_path, result, type(model).__name__).save(staging / "README.md")
+        logger.info("Wrote the repaired model%s to %s", " and its report" if report else "", output_path)
         numbers = read_json(output_path / REPORT_DIR / REPORT_JSON) if report else {"metrics": result.metrics}
         print(format_table(result, numbers, type(model).__name__, output_path, report))
     state.wait_for_everyone()
@@ -141,7 +142,7 @@ def write_repair_report(
     out rather than costing the model.
     """
     try:
-        page = result.report(directory / REPORT_DIR, model=model, test_dataset=test, collate_fn=collate_fn)
+        page = write_report(result, directory / REPORT_DIR, model=model, test_dataset=test, collate_fn=collate_fn)
     except Exception as err:
         logger.exception("Could not write the repair report; writing the repaired model without it.")
         return None, f"{type(err).__name__}: {err}"

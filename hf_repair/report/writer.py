@@ -142,7 +142,8 @@ def write_report(
         (staging / SUMMARY_TXT).write_text(summary_text(numbers) + "\n", encoding="utf-8")
         (staging / REPORT_HTML).write_text(render_html(numbers, figures, staging, thumbnails), encoding="utf-8")
     path = os.path.join(os.path.abspath(directory), REPORT_HTML)
-    logger.info("Wrote the repair report to %s", path)
+    # DEBUG: a caller that writes into a staging directory (the CLI) reports the final path itself.
+    logger.debug("Wrote the repair report to %s", path)
     return path
 
 
