@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testb
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.data import stratified_folds
-from hf_repair.identification.influence import refit_head
+from hf_repair.identification.probes import refit_head
 from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist

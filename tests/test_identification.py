@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_repair import IdentificationResult, RepairConfig, Repairer, identify_harmful
-from hf_repair.identification.influence import InfluenceModel, LayerCapture, TrackedLayer, _solve_kfac
+from hf_repair.identification.influence import InfluenceModel, TrackedLayer, _solve_kfac
 from hf_repair.identification.ranking import auroc, average_ranks, flag_lowest
+from hf_repair.modeling.hooks import LayerCapture
 from hf_repair.modeling.layers import adapter_for
 from testbed.experiments import SmallCNN, small_vit, train_classifier
 from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
@@ -324,7 +325,7 @@ def test_verified_split_missing_classes_warns_and_reports_them(small, caplog):
     train, verified = small
     labels = np.asarray(verified.with_format("numpy")["labels"])
     partial = verified.select(np.flatnonzero(~np.isin(labels, [3, 8])))
-    with caplog.at_level(logging.WARNING, logger="hf_repair.identification.identify"):
+    with caplog.at_level(logging.WARNING, logger="hf_repair.identification"):
         ident = identify_harmful(_tiny_model(), train, partial, RepairConfig(**QUIET))
     assert ident.summary["blind_classes"] == [3, 8]
     assert any("no sample of classes 3, 8" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""Streaming capture of per-layer input Grams through forward pre-hooks.
+"""Streaming capture of per-layer input Grams through forward pre-hooks (`hf_repair.modeling.hooks`).
 
 Memory is O(d^2) per distinct layer input and per fold, independent of how many samples or
 tokens flow through. Layers fed the very same tensor (q, k and v of an attention block) are
@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..modeling.hooks import LayerHooks
 from ..modeling.layers import LayerAdapter
 from ..utils.distributed import sum_across_processes
 
@@ -20,7 +21,7 @@ class NonFiniteActivationError(ValueError):
     pass
 
 
-class GramCollector:
+class GramCollector(LayerHooks):
     """Accumulates sum x x^T of each target layer's input rows, one Gram per fold ("slot").
 
     Use as a context manager around forward passes; set `begin_batch(slot, token_mask)` before
@@ -29,6 +30,7 @@ class GramCollector:
 
     def __init__(self, targets: dict[str, tuple[nn.Module, LayerAdapter]], num_slots: int,
                  dtype: torch.dtype = torch.float64) -> None:
+        super().__init__({name: module for name, (module, _) in targets.items()})
         self.targets = targets
         self.num_slots = num_slots
         self.dtype = dtype
@@ -38,17 +40,9 @@ class GramCollector:
         self._slot = 0
         self._token_mask: Optional[torch.Tensor] = None
         self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> "GramCollector":
-        for name, (module, adapter) in self.targets.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name, adapter), with_kwargs=True))
-        return self
 
     def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().__exit__(*exc)
         self._seen.clear()
 
     def begin_batch(self, slot: int, token_mask: Optional[torch.Tensor] = None) -> None:
@@ -56,32 +50,29 @@ class GramCollector:
         self._token_mask = token_mask
         self._seen.clear()  # tensors are only shared within one forward pass
 
-    def _hook(self, name: str, adapter: LayerAdapter):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
-            key = (id(x), adapter.row_signature(module))
-            seen = self._seen.get(key)
-            if name not in self.leader:
-                shares = seen is not None and seen[0] is x
-                self.leader[name] = seen[1] if shares else name
-            leader = self.leader[name]
-            if leader != name:
-                return
-            self._seen[key] = (x, name)
-            rows = adapter.input_rows(module, x.detach(), self._token_mask).to(self.dtype)
-            if not torch.isfinite(rows).all():
-                raise NonFiniteActivationError(
-                    f"The input of layer {name!r} has NaN or inf on verified samples; the model "
-                    f"or the data is broken, and no clean space can be built from it."
-                )
-            if name not in self.grams:
-                d = rows.shape[1]
-                self.grams[name] = torch.zeros(self.num_slots, d, d, dtype=self.dtype, device=rows.device)
-                self.rows[name] = torch.zeros(self.num_slots, dtype=torch.long, device=rows.device)
-            self.grams[name][self._slot].addmm_(rows.t(), rows)
-            self.rows[name][self._slot] += rows.shape[0]
-
-        return hook
+    def on_input(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        adapter = self.targets[name][1]
+        key = (id(x), adapter.row_signature(module))
+        seen = self._seen.get(key)
+        if name not in self.leader:
+            shares = seen is not None and seen[0] is x
+            self.leader[name] = seen[1] if shares else name
+        leader = self.leader[name]
+        if leader != name:
+            return
+        self._seen[key] = (x, name)
+        rows = adapter.input_rows(module, x.detach(), self._token_mask).to(self.dtype)
+        if not torch.isfinite(rows).all():
+            raise NonFiniteActivationError(
+                f"The input of layer {name!r} has NaN or inf on verified samples; the model "
+                f"or the data is broken, and no clean space can be built from it."
+            )
+        if name not in self.grams:
+            d = rows.shape[1]
+            self.grams[name] = torch.zeros(self.num_slots, d, d, dtype=self.dtype, device=rows.device)
+            self.rows[name] = torch.zeros(self.num_slots, dtype=torch.long, device=rows.device)
+        self.grams[name][self._slot].addmm_(rows.t(), rows)
+        self.rows[name][self._slot] += rows.shape[0]
 
     def groups(self) -> dict[str, list[str]]:
         """leader -> every layer sharing its Gram, in model order."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather, reduce
+from accelerate.utils import gather, pad_across_processes, reduce
 
 
 def process_info() -> tuple[int, int]:
@@ -32,20 +32,12 @@ def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate each process's tensor along dim 0, rank by rank, when lengths differ.
 
     Unlike `Accelerator.gather_for_metrics`, nothing is padded or duplicated: each process
-    tells its length, pads to the longest, and the padding is cut away after the gather.
+    tells its length, Accelerate pads to the longest, and the padding is cut away after the gather.
     """
-    state = PartialState()
-    if state.num_processes == 1:
+    if PartialState().num_processes == 1:
         return tensor
-    length = torch.tensor([tensor.shape[0]], device=tensor.device)
-    lengths = gather(length).tolist()
-    longest = max(lengths)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
+    lengths = gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    padded = pad_across_processes(tensor, dim=0)
+    longest = padded.shape[0]
     gathered = gather(padded.contiguous())
-    pieces = [gathered[i * longest : i * longest + n] for i, n in enumerate(lengths)]
-    return torch.cat(pieces, dim=0)
-
-
-def wait_for_everyone() -> None:
-    PartialState().wait_for_everyone()
+    return torch.cat([gathered[rank * longest : rank * longest + n] for rank, n in enumerate(lengths)], dim=0)
