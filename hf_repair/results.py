@@ -73,6 +73,11 @@ class RepairResult:
         lines.append(f"  held-out verified accuracy: {m['accuracy_before']:.4f} -> {m['accuracy_after']:.4f}")
         if m.get("alpha") is not None:
             lines.append(f"  alpha: {m['alpha']:g}")
+        if m.get("p_value") is not None:  # the significance gate (hf_repair.evaluation.significance)
+            low, high = m["gain_ci"]
+            lines.append(f"  gain: {m['gain']:+.4f}, {1 - m['significance_level']:.0%} CI [{low:+.4f}, {high:+.4f}], "
+                         f"McNemar p = {m['p_value']:.3g} ({m['wins']} wins, {m['losses']} losses; "
+                         f"test {m['significance_test']!r}: {'significant' if m['significant'] else 'not significant'})")
         if m.get("num_flagged") is not None:  # the fine-tuning methods (hf_repair.retention)
             lines.append(f"  flagged: {m['num_flagged']} of {m['num_train']}, fine-tune: {m['steps']} steps "
                          f"({m['epochs']:.2f} training epochs), {m['stop_reason']}")

@@ -5,15 +5,18 @@ from .identification import IdentificationArguments
 from .projection import ProjectionArguments
 from .repair_config import ARGUMENT_GROUPS, CONFIG_NAME, RepairConfig
 from .retention import RetentionArguments
+from .selection import SIGNIFICANCE_TESTS, SelectionArguments
 
 __all__ = [
     "ARGUMENT_GROUPS",
     "CONFIG_NAME",
     "FINETUNE_METHODS",
     "METHODS",
+    "SIGNIFICANCE_TESTS",
     "CommonArguments",
     "IdentificationArguments",
     "ProjectionArguments",
     "RepairConfig",
     "RetentionArguments",
+    "SelectionArguments",
 ]

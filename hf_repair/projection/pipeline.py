@@ -109,6 +109,7 @@ def _result(search: AlphaSearchResult, config: RepairConfig, targets: dict[str, 
         "num_clean_spaces": len(search.groups),
         "repair_time_s": seconds,
     }
+    metrics.update(search.comparison.as_metrics())
     if metric != "accuracy":
         metrics[f"{metric}_before"] = search.baseline_scores[metric]
         metrics[f"{metric}_after"] = chosen[metric]
