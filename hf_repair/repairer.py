@@ -7,9 +7,10 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .config import FINETUNE_METHODS, RepairConfig
+from .config import FINETUNE_METHODS, HEAD_REFIT_METHODS, RepairConfig
 from .data import CollateFn, VerifiedSplit
 from .evaluation import ForwardFn, MetricFn, default_forward, split_verified
+from .head_refit.repair import repair_head
 from .identification.identify import IdentificationResult, identify_harmful
 from .modeling.targets import find_target_modules
 from .projection.pipeline import check_materialized, project
@@ -76,17 +77,20 @@ class Repairer:
         Args:
             verified: the verified split (`datasets.Dataset` with model inputs and `config.label_column`).
             train_dataset: the data the model was trained on; the fine-tuning methods ("retention", "erase",
-                "projection+retention", "projection+erase") need it, "projection" ignores it.
+                "projection+retention", "projection+erase") need it, the others ignore it.
             identification: a `Repairer.identify(train_dataset, verified)` result to reuse instead of identifying again.
         """
+        if train_dataset is not None and self.config.method not in FINETUNE_METHODS:
+            logger.info("method=%r uses the verified split only; train_dataset is not used.", self.config.method)
         if self.config.method in FINETUNE_METHODS:
             result = repair_with_finetuning(
                 self.model, self.config, verified, train_dataset, identification, forward_fn=self.forward_fn,
                 collate_fn=self.collate_fn, compute_metrics=self.compute_metrics,
             )
+        elif self.config.method in HEAD_REFIT_METHODS:
+            result = repair_head(self.model, self.config, verified, forward_fn=self.forward_fn,
+                                 collate_fn=self.collate_fn, compute_metrics=self.compute_metrics)
         else:
-            if train_dataset is not None:
-                logger.info("method='projection' uses the verified split only; train_dataset is not used.")
             projection = project(self.model, self.config, verified, forward_fn=self.forward_fn,
                                  collate_fn=self.collate_fn, compute_metrics=self.compute_metrics)
             result = RepairResult.from_projection(self.config, projection)

@@ -1,6 +1,6 @@
 """`RepairConfig` and the argument groups, one per phase, it is composed of."""
 
-from .common import FINETUNE_METHODS, METHODS, CommonArguments
+from .common import FINETUNE_METHODS, HEAD_REFIT_METHODS, METHODS, CommonArguments
 from .identification import IdentificationArguments
 from .projection import ProjectionArguments
 from .repair_config import ARGUMENT_GROUPS, CONFIG_NAME, RepairConfig
@@ -11,6 +11,7 @@ __all__ = [
     "ARGUMENT_GROUPS",
     "CONFIG_NAME",
     "FINETUNE_METHODS",
+    "HEAD_REFIT_METHODS",
     "METHODS",
     "SIGNIFICANCE_TESTS",
     "CommonArguments",

@@ -271,6 +271,9 @@ def _repair_logs(result: RepairResult) -> dict[str, float]:
     }
     if m.get("alpha") is not None:  # None when the repair was not adopted
         logs["repair/alpha"] = float(m["alpha"])
+    for key in ("gain", "p_value"):  # the significance gate of the adoption
+        if m.get(key) is not None:
+            logs[f"repair/{key}"] = float(m[key])
     for key in ("num_flagged", "steps"):  # the fine-tuning methods
         if m.get(key) is not None:
             logs[f"repair/{key}"] = float(m[key])

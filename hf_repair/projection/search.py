@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 
 from ..config import RepairConfig
 from ..data import LabeledBatch, VerifiedSplit, check_label_range
-from ..evaluation import ForwardFn, PairedComparison, compute_scores, predict, selection_value, significance_gate
+from ..evaluation import (
+    ForwardFn,
+    PairedComparison,
+    compute_scores,
+    predict,
+    predict_by_fold,
+    selection_value,
+    significance_gate,
+)
 from ..modeling.layers import LayerAdapter
 from ..modeling.weights import WeightSnapshot
 from ..utils.distributed import is_main_process
@@ -76,9 +84,7 @@ class AlphaSearch:
             progress.update(len(batch.labels))
 
         with collector:  # fold by fold, so the samples line up with the held-out predictions of each alpha
-            fold_outputs = [predict(self.model, split.batches(fold), self.forward_fn, before_forward=route)
-                            for fold in range(k)]
-        logits, labels = (torch.cat(parts) for parts in zip(*fold_outputs))
+            logits, labels, _ = predict_by_fold(self.model, split, self.forward_fn, before_forward=route)
         check_label_range(labels.cpu().numpy(), logits.shape[-1])
         unused = collector.never_called()
         if unused:
