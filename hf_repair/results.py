@@ -73,6 +73,9 @@ class RepairResult:
         lines.append(f"  held-out verified accuracy: {m['accuracy_before']:.4f} -> {m['accuracy_after']:.4f}")
         if m.get("alpha") is not None:
             lines.append(f"  alpha: {m['alpha']:g}")
+        if m.get("chosen") is not None:  # method "auto" (hf_repair.trajectory)
+            heldout = ", ".join(f"{name} {value:.4f}" for name, value in m["heldout_accuracy"].items())
+            lines.append(f"  chosen: {m['chosen']} (held-out verified accuracy: {heldout})")
         if isinstance(m.get("projection"), dict):  # a projection stage before another repair
             lines.append(_significance_line("projection gain", m["projection"]))
         if m.get("p_value") is not None:  # the significance gate (hf_repair.evaluation.significance)

@@ -1,17 +1,18 @@
 """Head refit as a repair, on Fashion-MNIST with 40% symmetric label noise: judged out-of-fold, gated, undoable."""
 
 import os
+import sys
 
 import pytest
 import torch
-from torch import nn
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.head_refit import out_of_fold_logits
 from testbed.experiments import evaluate_accuracy, train_classifier
-from testbed.noise import corrupt_dataset
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")),
@@ -20,26 +21,9 @@ pytestmark = pytest.mark.skipif(
 QUIET = dict(seed=0, repair_disable_tqdm=True)
 
 
-class MLP(nn.Module):
-    def __init__(self, scale_logits: bool = False):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-        self.scale_logits = scale_logits
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.head(self.body(pixel_values))
-        if self.scale_logits:  # the logits are no longer the output of a layer: no head to refit
-            logits = 2 * logits
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-
 @pytest.fixture(scope="module")
 def data():
-    full = load_fashion_mnist("train")
-    train = corrupt_dataset(full.select(range(2000)), rate=0.4, seed=0).remove_columns(["clean_labels", "is_corrupted"])
-    return train, full.select(range(2000, 2400)), load_fashion_mnist("test").select(range(2000))
+    return *noisy_fashion_mnist(), load_fashion_mnist("test").select(range(2000))
 
 
 def trained(train, epochs, **kwargs):

@@ -6,8 +6,10 @@ from .projection import ProjectionArguments
 from .repair_config import ARGUMENT_GROUPS, CONFIG_NAME, RepairConfig
 from .retention import RetentionArguments
 from .selection import SIGNIFICANCE_TESTS, SelectionArguments
+from .trajectory import AUTO_CANDIDATES, TrajectoryArguments
 
 __all__ = [
+    "AUTO_CANDIDATES",
     "ARGUMENT_GROUPS",
     "CONFIG_NAME",
     "FINETUNE_METHODS",
@@ -20,4 +22,5 @@ __all__ = [
     "RepairConfig",
     "RetentionArguments",
     "SelectionArguments",
+    "TrajectoryArguments",
 ]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 FINETUNE_METHODS = ("retention", "erase", "projection+retention", "projection+erase")  # fine-tune on the training set
 HEAD_REFIT_METHODS = ("head_refit", "projection+head_refit")
-METHODS = ("projection", *FINETUNE_METHODS, *HEAD_REFIT_METHODS)
+METHODS = ("projection", *FINETUNE_METHODS, *HEAD_REFIT_METHODS, "auto")
 
 
 @dataclass
@@ -23,7 +23,10 @@ class CommonArguments:
             "harmful samples: 'retention' keeps the flagged samples, each label weighted by how far the model "
             "believes it; 'erase' drops them (the baseline); 'projection+retention' / 'projection+erase' project first. "
             "'head_refit': refit the classification head on the verified split (a regularised softmax regression on "
-            "the features it reads), judged out-of-fold; 'projection+head_refit' projects first.",
+            "the features it reads), judged out-of-fold; 'projection+head_refit' projects first. 'auto': choose among "
+            "the final weights, the best point of the training trajectory, weight averages and soups of its best "
+            "points, and head refit / projection on top, by held-out verified folds (RepairCallback, or "
+            "repair(verified, checkpoints=<Trainer output_dir>)); it judges candidates by accuracy.",
             "choices": list(METHODS),
         },
     )
