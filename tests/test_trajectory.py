@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_repair import RepairCallback, RepairConfig, Repairer
 from hf_repair.trajectory import CandidateBuilder, Trajectory, TrajectoryPoint, list_checkpoints, read_checkpoint
-from testbed.experiments import evaluate_accuracy
+from testbed.experiments import evaluate_accuracy, small_vit
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
@@ -147,6 +147,18 @@ def test_steps_strategy_and_the_best_model_loaded_at_end(data, tmp_path):
     best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
     assert best_step < 100  # the eval loss rose as the model memorised: the best model is an earlier one
     assert [p["step"] for p in trajectory if p["final"]] == [best_step]
+
+
+@needs_fashion_mnist
+def test_a_transformers_checkpoint_is_read_as_the_model_names_its_weights(data, tmp_path):
+    """save_pretrained stores a ViT's weights under its checkpoint names (query/key/value, not q_proj/k_proj/...)."""
+    train, _, _ = data
+    torch.manual_seed(0)
+    model = small_vit(hidden_size=16, num_layers=1, heads=2)
+    trainer_for(model, train.select(range(128)), tmp_path, epochs=1).train()
+    folder = list_checkpoints(tmp_path)[-1]
+    assert read_checkpoint(folder).keys() != model.state_dict().keys()
+    assert_same_state(read_checkpoint(folder, model), model.state_dict())
 
 
 def point(predictions, weights="w"):

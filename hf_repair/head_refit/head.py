@@ -63,8 +63,7 @@ def read_head_inputs(model: nn.Module, head: TrackedLayer, split: VerifiedSplit,
             for fold in range(split.num_folds):
                 local_rows.clear()
                 fold_logits, fold_labels = predict(model, split.batches(fold), forward_fn)
-                rows = torch.cat(local_rows) if local_rows else fold_logits.new_zeros((0, head.shape()[1]), dtype=torch.float64)
-                features.append(gather_uneven(rows).cpu())
+                features.append(gather_uneven(torch.cat(local_rows)).cpu())  # every process has samples of every fold
                 logits.append(fold_logits.cpu())
                 labels.append(fold_labels.cpu())
                 folds.append(torch.full_like(labels[-1], fold))

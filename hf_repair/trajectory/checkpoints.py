@@ -3,7 +3,9 @@
 A checkpoint folder holds the model's weights as `Trainer` saved them (`model.safetensors`, a sharded
 `model.safetensors.index.json`, or the `pytorch_model.bin` equivalents); its step comes from its name
 and its epoch from the `trainer_state.json` beside the weights. `save_pretrained` leaves out weights
-tied to another (an output layer tied to the embeddings); loading fills them through the tie.
+tied to another (an output layer tied to the embeddings); loading fills them through the tie. A
+transformers model's checkpoint is read through `from_pretrained`, which undoes the renaming and
+conversion `save_pretrained` applied to its weights.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any, Optional, Union
 import safetensors.torch
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 StateDict = dict[str, torch.Tensor]
 Checkpoints = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, StateDict]]]
@@ -62,11 +65,19 @@ def checkpoint_position(folder: str) -> tuple[Optional[int], Optional[float]]:
     return step, epoch
 
 
-def read_checkpoint(folder: Union[str, os.PathLike]) -> StateDict:
-    """The weights saved in a checkpoint folder, on CPU."""
+def read_checkpoint(folder: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> StateDict:
+    """The weights saved in a checkpoint folder, on CPU, named as `model.state_dict()` names them.
+
+    `save_pretrained` may store a transformers model's weights under other names or layouts than the model
+    uses (its checkpoint conversion mapping); given such a `model`, the folder is loaded the way
+    `from_pretrained` loads it. Other checkpoints (`Trainer` saves a plain module's state dict) are read as is.
+    """
     files = _weights_files(Path(folder))
     if not files:
         raise FileNotFoundError(f"{folder} holds no {SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} or sharded index.")
+    if isinstance(model, PreTrainedModel) and (Path(folder) / CONFIG_NAME).is_file():
+        loaded = type(model).from_pretrained(folder, dtype=model.dtype)
+        return {key: value.detach().to("cpu", copy=True) for key, value in loaded.state_dict().items()}
     state: StateDict = {}
     for file in files:
         if file.suffix == ".safetensors":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -39,10 +39,12 @@ class TrajectoryPoint:
 class Trajectory:
     """The evaluation points of one training run, on one verified split, with the keep policy above."""
 
-    def __init__(self, labels: torch.Tensor, folds: torch.Tensor, keep: int) -> None:
+    def __init__(self, labels: torch.Tensor, folds: torch.Tensor, keep: int,
+                 reader: Callable[[str], StateDict] = read_checkpoint) -> None:
         self.labels = labels.cpu()
         self.folds = folds.cpu()
         self.keep = keep
+        self.reader = reader  # reads a checkpoint folder's weights
         self.points: list[TrajectoryPoint] = []
         self._read: dict[int, StateDict] = {}  # checkpoint folders read so far, while usable
 
@@ -97,7 +99,7 @@ class Trajectory:
         if index not in self._read:
             usable = self.usable()
             self._read = {i: state for i, state in self._read.items() if i in usable}
-            self._read[index] = read_checkpoint(weights)
+            self._read[index] = self.reader(weights)
         return self._read[index]
 
     def release_weights(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from ..data import VerifiedSplit
 from ..evaluation import ForwardFn, eval_mode, predict_by_fold
-from .checkpoints import same_weights
+from .checkpoints import read_checkpoint, same_weights
 from .points import StateDict, Trajectory, TrajectoryPoint
 
 
@@ -34,7 +35,7 @@ class TrajectoryRecorder:
         with eval_mode(self.model):
             logits, labels, folds = predict_by_fold(self.model, self.split, self.forward_fn)
         if self.trajectory is None:
-            self.trajectory = Trajectory(labels, folds, self.keep)
+            self.trajectory = Trajectory(labels, folds, self.keep, reader=partial(read_checkpoint, model=self.model))
         elif not torch.equal(labels.cpu(), self.trajectory.labels):
             raise ValueError("The trajectory was recorded on other verified samples (or folds): score every point on "
                              "the same verified split with the same num_folds, batch_size and seed.")

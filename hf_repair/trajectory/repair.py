@@ -85,7 +85,7 @@ def _trajectory(model: nn.Module, split: VerifiedSplit, config: RepairConfig,
             logger.info("method='auto' got no checkpoints: it weighs head refit and projection on top of the final "
                         "weights only. Pass checkpoints=<Trainer output_dir> or use RepairCallback to add the trajectory.")
         for state in states:
-            load_weights(model, state if isinstance(state, dict) else read_checkpoint(state))
+            load_weights(model, state if isinstance(state, dict) else read_checkpoint(state, model))
             step, epoch = checkpoint_position(state) if isinstance(state, str) else (None, None)
             recorder.record(step, epoch, weights=state)
         snapshot.restore()
