@@ -31,7 +31,9 @@ class TrajectoryArguments:
         default=5,
         metadata={
             "help": "How many of the best trajectory points (by verified accuracy) weight averaging and the greedy "
-            "soup draw on; RepairCallback keeps the weights of those that can still be drawn on in CPU memory."
+            "soup draw on. RepairCallback keeps the weights of the points still among the best on some fold's "
+            "complement in CPU memory: at most (num_folds + 1) x trajectory_keep + 1 copies of the model, usually "
+            "about trajectory_keep + 1."
         },
     )
     auto_candidates: list[str] = field(
