@@ -1,7 +1,7 @@
 """hf_repair: repair models trained on noisy labels with a small verified split."""
 
 from .config import RepairConfig
-from .identification.identify import IdentificationResult, identify_harmful
+from .identification import IdentificationResult, identify_harmful
 from .integrations.callback import RepairCallback
 from .modeling.targets import find_target_modules
 from .projection.clean_space import CleanSpace

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import nn
 
-from .config import FINETUNE_METHODS, RepairConfig
+from .config import FINETUNE_METHODS, HEAD_REFIT_METHODS, RepairConfig
 from .data import CollateFn, VerifiedSplit
 from .evaluation import ForwardFn, MetricFn, default_forward, split_verified
-from .identification.identify import IdentificationResult, identify_harmful
+from .head_refit.repair import repair_head
+from .identification import IdentificationResult, identify_harmful
 from .modeling.targets import find_target_modules
 from .projection.pipeline import check_materialized, project
 from .results import RepairResult
 from .retention import repair_with_finetuning
+from .trajectory.checkpoints import Checkpoints
+from .trajectory.points import Trajectory
+from .trajectory.repair import repair_from_trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +74,35 @@ class Repairer:
         )
 
     def repair(self, verified: Any, train_dataset: Any = None, *,
-               identification: Optional[IdentificationResult] = None) -> RepairResult:
+               identification: Optional[IdentificationResult] = None,
+               checkpoints: Union[Checkpoints, Trajectory, None] = None) -> RepairResult:
         """Repair the model in place with `config.method` and return what was done; on any error the model is restored.
 
         Args:
             verified: the verified split (`datasets.Dataset` with model inputs and `config.label_column`).
             train_dataset: the data the model was trained on; the fine-tuning methods ("retention", "erase",
-                "projection+retention", "projection+erase") need it, "projection" ignores it.
+                "projection+retention", "projection+erase") need it, the others ignore it.
             identification: a `Repairer.identify(train_dataset, verified)` result to reuse instead of identifying again.
+            checkpoints: method "auto" only: the training trajectory to choose from -- a `Trainer` output_dir with
+                `checkpoint-*` folders, a list of checkpoint folders or state dicts in training order, or the
+                `Trajectory` that `RepairCallback` records. The model itself is taken as the final weights.
         """
+        if checkpoints is not None and self.config.method != "auto":
+            raise ValueError(f"checkpoints are chosen among by method='auto' only, not method={self.config.method!r}.")
+        if train_dataset is not None and self.config.method not in FINETUNE_METHODS:
+            logger.info("method=%r uses the verified split only; train_dataset is not used.", self.config.method)
         if self.config.method in FINETUNE_METHODS:
             result = repair_with_finetuning(
                 self.model, self.config, verified, train_dataset, identification, forward_fn=self.forward_fn,
                 collate_fn=self.collate_fn, compute_metrics=self.compute_metrics,
             )
+        elif self.config.method == "auto":
+            result = repair_from_trajectory(self.model, self.config, verified, checkpoints, forward_fn=self.forward_fn,
+                                            collate_fn=self.collate_fn)
+        elif self.config.method in HEAD_REFIT_METHODS:
+            result = repair_head(self.model, self.config, verified, forward_fn=self.forward_fn,
+                                 collate_fn=self.collate_fn, compute_metrics=self.compute_metrics)
         else:
-            if train_dataset is not None:
-                logger.info("method='projection' uses the verified split only; train_dataset is not used.")
             projection = project(self.model, self.config, verified, forward_fn=self.forward_fn,
                                  collate_fn=self.collate_fn, compute_metrics=self.compute_metrics)
             result = RepairResult.from_projection(self.config, projection)

@@ -86,6 +86,13 @@ class RepairResult:
         lines.append(f"  held-out verified accuracy: {m['accuracy_before']:.4f} -> {m['accuracy_after']:.4f}")
         if m.get("alpha") is not None:
             lines.append(f"  alpha: {m['alpha']:g}")
+        if m.get("chosen") is not None:  # method "auto" (hf_repair.trajectory)
+            heldout = ", ".join(f"{name} {value:.4f}" for name, value in m["heldout_accuracy"].items())
+            lines.append(f"  chosen: {m['chosen']} (held-out verified accuracy: {heldout})")
+        if isinstance(m.get("projection"), dict):  # a projection stage before another repair
+            lines.append(_significance_line("projection gain", m["projection"]))
+        if m.get("p_value") is not None:  # the significance gate (hf_repair.evaluation.significance)
+            lines.append(_significance_line("head refit gain" if m.get("head_refit_adopted") is not None else "gain", m))
         if m.get("num_flagged") is not None:  # the fine-tuning methods (hf_repair.retention)
             lines.append(f"  flagged: {m['num_flagged']} of {m['num_train']}, fine-tune: {m['steps']} steps "
                          f"({m['epochs']:.2f} training epochs), stop reason: {m['stop_reason']}")
@@ -256,3 +263,11 @@ class RepairResult:
             raise ValueError(f"The clean spaces of {wrong_dim} do not match their layers' input dimension.")
         if self.adopted and self.metrics.get("alpha") is None:
             raise ValueError("This repair is marked adopted but has no alpha; it cannot be re-applied.")
+
+
+def _significance_line(label: str, m: dict[str, Any]) -> str:
+    """The gain a gate judged, its interval and p-value, and its verdict."""
+    low, high = m["gain_ci"]
+    verdict = "significant" if m["significant"] else "not significant"
+    return (f"  {label}: {m['gain']:+.4f}, {1 - m['significance_level']:.0%} CI [{low:+.4f}, {high:+.4f}], McNemar "
+            f"p = {m['p_value']:.3g} ({m['wins']} wins, {m['losses']} losses; {m['significance_test']}: {verdict})")

@@ -41,7 +41,7 @@ WORDS = [f"w{i}" for i in range(40)]
 NUM_TEXTS = 40
 NUM_IMAGES = 30
 TEST_IMAGES = {"cat": 4, "dog": 8}  # unbalanced, so a wrong label mapping changes every test number
-STRONG = ["--alphas", "1", "3", "--min_improvement", "-1"]  # adopt a strong projection whatever it scores
+STRONG = ["--alphas", "1", "3", "--min_improvement", "-1", "--significance_test", "none"]  # adopt a strong projection whatever it scores
 
 
 def word_tokenizer():

@@ -21,7 +21,7 @@ EXAMPLE = os.path.join(ROOT, "examples", "train_vit_noisy_labels.py")
 CONFIGS = os.path.join(ROOT, "examples", "accelerate_configs")
 TINY = ["--use_cpu", "--num_train", "256", "--num_verified", "90", "--num_test", "128", "--max_steps", "8",
         "--hidden_size", "16", "--num_layers", "1", "--heads", "2", "--alphas", "1", "100", "1e4",
-        "--min_improvement", "-1", "--save_strategy", "no", "--disable_tqdm", "true"]
+        "--min_improvement", "-1", "--significance_test", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 needs_fashion_mnist = pytest.mark.skipif(

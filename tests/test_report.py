@@ -25,7 +25,7 @@ from hf_repair.report.figures import encode_png, image_to_uint8
 
 FIGURES = ("accuracy", "per_class", "selection", "spectra", "weight_change", "confusion", "scores")
 ALPHAS = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5]
-FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even if it is no better, so weights really change
+FORCE = dict(min_improvement=-1.0, significance_test="none")  # adopt the best alpha even if it is no better, so weights really change
 
 
 def repair_config(**overrides):

@@ -193,7 +193,8 @@ def image_report(tmp_path_factory):
                                     "labels": datasets.ClassLabel(names=["circle", "square", "triangle"])}),
     ).with_format("torch")
     model = TinyCNN().eval()
-    config = RepairConfig(alphas=[1.0, 100.0, 1e4], repair_seed=0, repair_disable_tqdm=True, min_improvement=-1.0)
+    config = RepairConfig(alphas=[1.0, 100.0, 1e4], repair_seed=0, repair_disable_tqdm=True, min_improvement=-1.0,
+                          significance_test="none")
     result = Repairer(model, config).repair(data.select(range(60)))
     rng = np.random.default_rng(0)
     corrupted = rng.random(90) < 0.3

@@ -333,7 +333,8 @@ def test_projection_retention_warms_up_only_when_the_projection_changed_nothing(
     train, verified = small
     # min_improvement -1 adopts any projection; +1 none (nor any fine-tune: only the stages are checked here)
     config = RepairConfig(method="projection+retention", flag_rule="budget", flag_fraction=0.5, retention_epochs=0.3,
-                          min_improvement=-1.0 if projection_adopted else 1.0, **CHEAP)
+                          min_improvement=-1.0 if projection_adopted else 1.0,
+                          significance_test="none", **CHEAP)
     result = Repairer(_tiny(), config).repair(verified, train_dataset=train)
     assert result.metrics["projection_adopted"] is projection_adopted
     assert set(result.metrics["stages"]) == ({"retain"} if projection_adopted else {"warm-up", "retain"})
@@ -347,7 +348,7 @@ def test_fisher_and_l2_penalties_hold_the_weights_near_the_trained_ones(small):
         start = _state(model)
         config = RepairConfig(method="erase", retention_penalty=penalty, retention_penalty_strength=strength,
                               flag_rule="budget", flag_fraction=0.5, retention_epochs=1.0, retention_learning_rate=3e-3,
-                              min_improvement=-1.0, **CHEAP)
+                              min_improvement=-1.0, significance_test="none", **CHEAP)
         result = Repairer(model, config).repair(verified, train_dataset=train)
         assert result.metrics["steps"] > 0
         moved[penalty] = sum(float((v - start[k]).pow(2).sum()) for k, v in model.state_dict().items())

@@ -16,7 +16,7 @@ from hf_repair import RepairConfig, Repairer, RepairResult
 from hf_repair.projection.saving import RepairMismatchError, weight_fingerprint
 from hf_repair.utils.files import atomic_directory, check_output_directory, write_json
 
-FORCE = dict(min_improvement=-1.0)  # adopt the best alpha even if it does not beat the model, to exercise the update
+FORCE = dict(min_improvement=-1.0, significance_test="none")  # adopt the best alpha even if it does not beat the model, to exercise the update
 NEVER = dict(min_improvement=1.0)  # no alpha can beat the model by a whole accuracy point: never adopted
 
 

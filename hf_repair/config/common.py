@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-METHODS = ("projection", "retention", "erase", "projection+retention", "projection+erase")
-FINETUNE_METHODS = METHODS[1:]  # the methods that fine-tune on the training set
+FINETUNE_METHODS = ("retention", "erase", "projection+retention", "projection+erase")  # fine-tune on the training set
+HEAD_REFIT_METHODS = ("head_refit", "projection+head_refit")
+METHODS = ("projection", *FINETUNE_METHODS, *HEAD_REFIT_METHODS, "auto")
 
 
 @dataclass
@@ -20,7 +21,12 @@ class CommonArguments:
             "help": "Repair method. 'projection': one-shot clean-space projection, verified split only. The others "
             "fine-tune briefly on the training set (repair(verified, train_dataset=...)) after identifying its "
             "harmful samples: 'retention' keeps the flagged samples, each label weighted by how far the model "
-            "believes it; 'erase' drops them (the baseline); 'projection+retention' / 'projection+erase' project first.",
+            "believes it; 'erase' drops them (the baseline); 'projection+retention' / 'projection+erase' project first. "
+            "'head_refit': refit the classification head on the verified split (a regularised softmax regression on "
+            "the features it reads), judged out-of-fold; 'projection+head_refit' projects first. 'auto': choose among "
+            "the final weights, the best point of the training trajectory, weight averages and soups of its best "
+            "points, and head refit / projection on top, by held-out verified folds (RepairCallback, or "
+            "repair(verified, checkpoints=<Trainer output_dir>)); it judges candidates by accuracy.",
             "choices": list(METHODS),
         },
     )

@@ -3,8 +3,8 @@
 It reads like `TrainingArguments` (help metadata, so `HfArgumentParser` turns it into command
 line flags next to `TrainingArguments`) and saves like `PeftConfig` (`save_pretrained` /
 `from_pretrained` to a `repair_config.json`). Its fields come from one argument group per phase
-(`CommonArguments`, `ProjectionArguments`, `IdentificationArguments`, `RetentionArguments`), each
-of which validates its own fields.
+(`CommonArguments`, `SelectionArguments`, `ProjectionArguments`, `IdentificationArguments`,
+`RetentionArguments`, `TrajectoryArguments`), each of which validates its own fields.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from .common import CommonArguments
 from .identification import IdentificationArguments
 from .projection import ProjectionArguments
 from .retention import RetentionArguments
+from .selection import SelectionArguments
+from .trajectory import TrajectoryArguments
 
 CONFIG_NAME = "repair_config.json"
-ARGUMENT_GROUPS = (CommonArguments, ProjectionArguments, IdentificationArguments, RetentionArguments)
+ARGUMENT_GROUPS = (CommonArguments, SelectionArguments, ProjectionArguments, IdentificationArguments, RetentionArguments,
+                   TrajectoryArguments)
 
 # Fields whose plain names `TrainingArguments` already has carry a `repair_` prefix, so that
 # `HfArgumentParser((TrainingArguments, RepairConfig))` never sees two `--seed` flags. In Python
@@ -55,7 +58,8 @@ def _accept_aliases(cls: type) -> type:
 
 @_accept_aliases
 @dataclass
-class RepairConfig(RetentionArguments, IdentificationArguments, ProjectionArguments, CommonArguments):
+class RepairConfig(TrajectoryArguments, RetentionArguments, IdentificationArguments, ProjectionArguments,
+                   SelectionArguments, CommonArguments):
     """How to repair a trained model with a verified (hand-checked) split.
 
     Example:

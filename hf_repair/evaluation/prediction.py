@@ -61,6 +61,26 @@ def predict(
     return gather_uneven(logits), gather_uneven(labels)
 
 
+def predict_by_fold(
+    model: nn.Module,
+    split: VerifiedSplit,
+    forward_fn: ForwardFn = default_forward,
+    before_forward: Optional[Callable[[LabeledBatch], None]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, labels and fold ids of every verified sample, fold by fold, each fold gathered over processes.
+
+    The one sample order of every paired comparison of held-out predictions: the same on every process,
+    and the order in which fold-by-fold scoring (a model fitted without fold f, scored on fold f) pools them.
+    """
+    logits, labels, folds = [], [], []
+    for fold in range(split.num_folds):
+        fold_logits, fold_labels = predict(model, split.batches(fold), forward_fn, before_forward=before_forward)
+        logits.append(fold_logits)
+        labels.append(fold_labels)
+        folds.append(torch.full_like(fold_labels, fold))
+    return torch.cat(logits), torch.cat(labels), torch.cat(folds)
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode for the block (no dropout, BatchNorm statistics frozen), then back as it was."""

@@ -22,6 +22,13 @@ and `trainer.state.log_history`. Without `attach` (`Trainer(callbacks=[...])`), 
 reach `log_history` and `repair_results.json`, and `on_train_begin` refuses to start training when
 `report_to` names an integration that would miss them.
 
+Method "auto". The callback also records the training trajectory: at the end of every epoch (or every
+`trajectory_eval_steps` steps) it scores the model on the verified samples (one forward pass, eval mode,
+sharded over processes and gathered, so every process holds the same numbers) and keeps the weights of
+the points a selection procedure can still use on CPU (`hf_repair.trajectory.points` bounds them). At
+train end `Repairer.repair(verified, checkpoints=trajectory)` chooses among the final weights, the best
+point, weight averages, soups and head refit / projection on top, by nested held-out verified folds.
+
 Outputs. The main process writes `repair_results.json` (the layout `hf-repair` writes too) and the
 HTML report of `RepairResult.report` into `output_dir/repair_report/`, both replacing those of an
 earlier run in the same `output_dir`. Writing the report is best effort: a failure is logged and
@@ -46,6 +53,8 @@ from ..evaluation import ForwardFn, MetricFn
 from ..modeling.sharding import weight_access_for
 from ..repairer import Repairer
 from ..results import RepairResult
+from ..trajectory.points import Trajectory
+from ..trajectory.recorder import TrajectoryRecorder
 from ..utils.files import write_json
 
 if TYPE_CHECKING:
@@ -78,7 +87,8 @@ class RepairCallback(TrainerCallback):
 
     After training, `callback.result` holds the `RepairResult` (`result.undo()` restores the trained
     weights), or `callback.error` the exception that stopped the repair; the model is then exactly as
-    trained. A later `trainer.save_model()` saves the repaired weights.
+    trained. A later `trainer.save_model()` saves the repaired weights. With method "auto",
+    `callback.trajectory` holds the recorded evaluation points (their weights released after the repair).
 
     Example:
         >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val)
@@ -113,6 +123,8 @@ class RepairCallback(TrainerCallback):
         self.train_dataset = train_dataset
         self.result: Optional[RepairResult] = None
         self.error: Optional[Exception] = None
+        self.trajectory: Optional[Trajectory] = None
+        self._recorder: Optional[TrajectoryRecorder] = None
         self._log: Optional[Callable[[dict[str, float]], None]] = None
         self._trainer_collate_fn: Optional[CollateFn] = None
         self._trainer_train_dataset: Optional[Any] = None
@@ -146,18 +158,34 @@ class RepairCallback(TrainerCallback):
             )
         self._trainer_collate_fn = getattr(train_dataloader, "collate_fn", None)
         self._trainer_train_dataset = getattr(train_dataloader, "dataset", None)
-        self._check_fits(self._repairer(model, args))
+        repairer = self._repairer(model, args)
+        self._check_fits(repairer)
+        if self.config.method == "auto":
+            self.trajectory = None
+            self._recorder = TrajectoryRecorder(model, repairer.verified_split(self.verified_dataset),
+                                                repairer.forward_fn, self.config.trajectory_keep)
         if self.config.method in FINETUNE_METHODS:
             self._training_data()
         if self.test_dataset is not None:
             self._check_test_dataset(model)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._recorder is not None and self.config.trajectory_eval_strategy == "epoch":
+            self._recorder.record(state.global_step, state.epoch)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if (self._recorder is not None and self.config.trajectory_eval_strategy == "steps"
+                and state.global_step % self.config.trajectory_eval_steps == 0):
+            self._recorder.record(state.global_step, state.epoch)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: Optional[nn.Module] = None, **kwargs: Any) -> None:
         self.result, self.error = None, None
         try:
             train_dataset = self._training_data() if self.config.method in FINETUNE_METHODS else None
-            self.result = self._repairer(model, args).repair(self.verified_dataset, train_dataset=train_dataset)
+            trajectory = self._final_trajectory(state)
+            self.result = self._repairer(model, args).repair(self.verified_dataset, train_dataset=train_dataset,
+                                                             checkpoints=trajectory)
         except Exception as err:  # training's own outputs stay intact; the Repairer restored the weights
             self.error = err
             logger.exception("hf_repair: the repair failed; the model is left exactly as trained.")
@@ -165,6 +193,9 @@ class RepairCallback(TrainerCallback):
                 write_json(os.path.join(args.output_dir, RESULTS_NAME),
                            repair_results(None, self.config, training_source(state), error=err))
             return
+        finally:
+            if self.trajectory is not None:
+                self.trajectory.release_weights()
 
         logs = _repair_logs(self.result)
         if self._log is not None:
@@ -197,6 +228,15 @@ class RepairCallback(TrainerCallback):
             forward_fn=self.forward_fn,
             collate_fn=self.collate_fn or self._trainer_collate_fn,
         )
+
+    def _final_trajectory(self, state: TrainerState) -> Optional[Trajectory]:
+        """method "auto": the recorded trajectory, with the model as it ends training marked final."""
+        if self._recorder is None:
+            return None
+        recorder, self._recorder = self._recorder, None
+        recorder.record_final(state.global_step, state.epoch)
+        self.trajectory = recorder.trajectory
+        return self.trajectory
 
     def _training_data(self) -> datasets.Dataset:
         """The training set a fine-tuning repair needs: the one given, else the one `Trainer` trained on."""
@@ -259,7 +299,7 @@ class RepairCallback(TrainerCallback):
         check_label_range(split.labels_all, logits.shape[-1])
 
 
-def _repair_logs(result: RepairResult) -> dict[str, float]:
+def _repair_logs(result: RepairResult) -> dict[str, Any]:
     m = result.metrics
     logs = {
         "repair/accuracy_before": float(m["accuracy_before"]),
@@ -271,6 +311,13 @@ def _repair_logs(result: RepairResult) -> dict[str, float]:
     }
     if m.get("alpha") is not None:  # None when the repair was not adopted
         logs["repair/alpha"] = float(m["alpha"])
+    for key in ("gain", "p_value"):  # the significance gate of the adoption
+        if m.get(key) is not None:
+            logs[f"repair/{key}"] = float(m[key])
+    if m.get("chosen") is not None:  # method "auto": the procedure the model ends with, and the runner-up it beat
+        logs["repair/chosen"] = m["chosen"]
+        logs["repair/heldout_accuracy_final"] = float(m["heldout_accuracy"]["final"])
+        logs["repair/heldout_accuracy_candidate"] = float(m["heldout_accuracy"][m["candidate"]])
     for key in ("num_flagged", "steps"):  # the fine-tuning methods
         if m.get(key) is not None:
             logs[f"repair/{key}"] = float(m[key])

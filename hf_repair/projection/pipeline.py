@@ -110,6 +110,7 @@ def _result(search: AlphaSearchResult, config: RepairConfig, targets: dict[str, 
         "repair_time_s": seconds,
         **{f"{phase.removesuffix('_s')}_time_s": value for phase, value in search.timings.items()},
     }
+    metrics.update(search.comparison.as_metrics())
     if metric != "accuracy":
         metrics[f"{metric}_before"] = search.baseline_scores[metric]
         metrics[f"{metric}_after"] = chosen[metric]

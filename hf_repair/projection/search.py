@@ -4,7 +4,9 @@ One pass over the verified split accumulates a Gram per layer input *per fold*. 
 space is built from the other folds (G_total - G_f) and scored on fold f, so every verified
 sample is scored by a projection that never saw it; the pooled held-out score of each alpha is
 compared with the unrepaired model's score on the same samples. The winning alpha is applied with
-the space of the whole split, and only if it beats the unrepaired model.
+the space of the whole split, and only if it beats the unrepaired model by more than `min_improvement`
+and by more than noise: the paired test `significance_test` on the held-out predictions of the chosen
+alpha against the unrepaired model's on the same samples (`hf_repair.evaluation.significance`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from tqdm.auto import tqdm
 
 from ..config import RepairConfig
 from ..data import LabeledBatch, VerifiedSplit, check_label_range
-from ..evaluation import ForwardFn, compute_scores, predict, selection_value
+from ..evaluation import (
+    ForwardFn,
+    PairedComparison,
+    compute_scores,
+    predict,
+    predict_by_fold,
+    selection_value,
+    significance_gate,
+)
 from ..modeling.layers import LayerAdapter
 from ..modeling.weights import WeightSnapshot
 from ..utils.distributed import is_main_process
@@ -41,6 +51,7 @@ class AlphaSearchResult:
     adopted: bool
     baseline_scores: dict[str, float]  # the unrepaired model on every verified sample
     chosen_scores: dict[str, float]  # the adopted choice, each sample scored by a space built without it
+    comparison: PairedComparison  # the best choice's held-out predictions against the unrepaired model's
     alpha_scores: list[tuple[float, dict[str, float]]]  # the global alpha curve
     spaces: dict[str, CleanSpace]
     groups: dict[str, list[str]]
@@ -76,8 +87,8 @@ class AlphaSearch:
             collector.begin_batch(batch.fold, batch.inputs.get("attention_mask"))
             progress.update(len(batch.labels))
 
-        with collector:
-            logits, labels = predict(self.model, split.batches(), self.forward_fn, before_forward=route)
+        with collector:  # fold by fold, so the samples line up with the held-out predictions of each alpha
+            logits, labels, _ = predict_by_fold(self.model, split, self.forward_fn, before_forward=route)
         check_label_range(labels.cpu().numpy(), logits.shape[-1])
         unused = collector.never_called()
         if unused:
@@ -85,6 +96,7 @@ class AlphaSearch:
         collector.all_reduce()
         groups = collector.groups()
         baseline = compute_scores(logits, labels, self.compute_metrics)
+        baseline_correct = logits.argmax(-1) == labels
         baseline_value = selection_value(baseline, config.metric_for_selection)
 
         timings["capture_s"] = time.perf_counter() - start
@@ -102,6 +114,8 @@ class AlphaSearch:
         ]
         timings["decomposition_s"] = time.perf_counter() - start
         start = time.perf_counter()
+        correct: dict[Any, torch.Tensor] = {}  # held-out correctness of every choice scored, for the paired test
+
         def cross_validate(alpha: Union[float, Mapping[str, Optional[float]]]) -> dict[str, float]:
             fold_logits, fold_labels = [], []
             for fold, projector in enumerate(projectors):
@@ -110,7 +124,9 @@ class AlphaSearch:
                                              before_forward=lambda b: progress.update(len(b.labels)))
                 fold_logits.append(logits_f)
                 fold_labels.append(labels_f)
-            return compute_scores(torch.cat(fold_logits), torch.cat(fold_labels), self.compute_metrics)
+            heldout_logits, heldout_labels = torch.cat(fold_logits), torch.cat(fold_labels)
+            correct[_choice_key(alpha)] = heldout_logits.argmax(-1) == heldout_labels
+            return compute_scores(heldout_logits, heldout_labels, self.compute_metrics)
 
         sign = 1.0 if config.repair_greater_is_better else -1.0
 
@@ -128,9 +144,11 @@ class AlphaSearch:
         progress.close()
         timings["selection_s"] = time.perf_counter() - start
 
-        # 3. Adopt the choice, with the space of the whole split, only if it beats no repair.
+        # 3. Adopt the choice, with the space of the whole split, only if it beats no repair by a margin and
+        # significantly, on the same held-out samples.
         start = time.perf_counter()
-        adopted = value(best_scores) > sign * baseline_value + config.min_improvement
+        comparison = significance_gate(correct[_choice_key(choice)], baseline_correct, config)
+        adopted = value(best_scores) > sign * baseline_value + config.min_improvement and comparison.significant
         final_spaces = {leader: CleanSpace.from_gram(totals[leader], int(collector.rows[leader].sum()))
                         for leader in groups}
         timings["decomposition_s"] += time.perf_counter() - start
@@ -138,9 +156,10 @@ class AlphaSearch:
             Projector(self.targets, snapshot, groups, final_spaces).apply(choice)
         else:
             logger.info(
-                "No alpha beat the unrepaired model on held-out verified samples (%s %.4f vs best %.4f); "
-                "the model is left exactly as it was.",
-                config.metric_for_selection, baseline_value, sign * value(best_scores),
+                "No alpha beat the unrepaired model on held-out verified samples by more than min_improvement and "
+                "noise (%s %.4f vs best %.4f; %s, test %r); the model is left exactly as it was.",
+                config.metric_for_selection, baseline_value, sign * value(best_scores), comparison.describe(),
+                config.significance_test,
             )
         return AlphaSearchResult(
             alpha=best_alpha if adopted else None,
@@ -148,6 +167,7 @@ class AlphaSearch:
             adopted=adopted,
             baseline_scores=baseline,
             chosen_scores=best_scores if adopted else baseline,
+            comparison=comparison,
             alpha_scores=alpha_scores,
             spaces=final_spaces,
             groups=groups,
@@ -205,3 +225,13 @@ def search_alphas(
         if 0 <= index < len(alphas) and index not in scored:
             scored[index] = cross_validate(alphas[index])
     return [(alphas[i], scored[i]) for i in sorted(scored)]
+
+
+def _choice_key(choice: Union[float, Mapping[str, Optional[float]]]) -> Any:
+    """A hashable key of a global alpha or a per-space choice; one alpha for every space is that global alpha."""
+    if not isinstance(choice, Mapping):
+        return choice
+    alphas = set(choice.values())
+    if len(alphas) == 1 and None not in alphas:
+        return alphas.pop()
+    return tuple(sorted(choice.items()))

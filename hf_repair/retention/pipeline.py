@@ -17,7 +17,7 @@ from torch import nn
 from ..config import RepairConfig
 from ..data import CollateFn, VerifiedSplit, stratified_folds
 from ..evaluation import ForwardFn, default_forward, eval_mode, input_names_for, predict, split_verified
-from ..identification.identify import IdentificationResult, identify_harmful
+from ..identification import IdentificationResult, identify_harmful
 from ..modeling.weights import ModelSnapshot
 from ..projection.pipeline import ProjectionResult, check_materialized, project
 from ..results import RepairResult

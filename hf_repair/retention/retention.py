@@ -46,7 +46,7 @@ from torch import nn
 from ..config import RepairConfig
 from ..data import CollateFn, VerifiedSplit, check_label_range, column_array, stratified_folds
 from ..evaluation import ForwardFn, eval_mode, input_names_for
-from ..identification.identify import IdentificationResult
+from ..identification import IdentificationResult
 from ..utils.distributed import process_info
 from .checks import input_columns
 from .finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_NONE, GATE_SURGERY, FinetuneSet, predict_distributions

@@ -1,0 +1,59 @@
+"""Arguments of method "auto": which points of the training trajectory are scored, kept and chosen among."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
+AUTO_CANDIDATES = ("best", "average", "soup", "head_refit", "projection")
+
+
+@dataclass
+class TrajectoryArguments:
+    """How `RepairCallback` records the trajectory, and which candidates method "auto" weighs against the final weights."""
+
+    _argument_group_name = "auto (choosing among the training trajectory)"
+
+    trajectory_eval_strategy: str = field(
+        default="epoch",
+        metadata={
+            "help": "method='auto' with RepairCallback: score the model on the verified samples (one forward pass "
+            "each, eval mode) at the end of every epoch ('epoch') or every trajectory_eval_steps steps ('steps'). "
+            "Match the Trainer's save_strategy to repair offline from the same checkpoints.",
+            "choices": list(TRAJECTORY_EVAL_STRATEGIES),
+        },
+    )
+    trajectory_eval_steps: Optional[int] = field(
+        default=None, metadata={"help": "trajectory_eval_strategy='steps': score every this many optimizer steps."}
+    )
+    trajectory_keep: int = field(
+        default=5,
+        metadata={
+            "help": "How many of the best trajectory points (by verified accuracy) weight averaging and the greedy "
+            "soup draw on. RepairCallback keeps the weights of the points still among the best on some fold's "
+            "complement in CPU memory: at most (num_folds + 1) x trajectory_keep + 1 copies of the model, usually "
+            "about trajectory_keep + 1."
+        },
+    )
+    auto_candidates: list[str] = field(
+        default_factory=lambda: list(AUTO_CANDIDATES),
+        metadata={
+            "help": "What method='auto' weighs against the final weights: 'best' (the best trajectory point), "
+            "'average' (uniform average of the best trajectory_keep points), 'soup' (greedy soup); then, on top of "
+            "the best of those, 'head_refit' and 'projection'. Chosen by accuracy on held-out verified folds.",
+        },
+    )
+
+    def validate(self) -> None:
+        self.auto_candidates = list(self.auto_candidates)
+        if self.trajectory_eval_strategy not in TRAJECTORY_EVAL_STRATEGIES:
+            raise ValueError(f"trajectory_eval_strategy must be one of {list(TRAJECTORY_EVAL_STRATEGIES)}, "
+                             f"got {self.trajectory_eval_strategy!r}.")
+        if self.trajectory_eval_strategy == "steps" and (self.trajectory_eval_steps or 0) < 1:
+            raise ValueError("trajectory_eval_strategy='steps' needs trajectory_eval_steps >= 1.")
+        if self.trajectory_keep < 1:
+            raise ValueError(f"trajectory_keep must be at least 1, got {self.trajectory_keep}.")
+        unknown = [c for c in self.auto_candidates if c not in AUTO_CANDIDATES]
+        if unknown:
+            raise ValueError(f"Unknown auto_candidates {unknown}; choose from {list(AUTO_CANDIDATES)}.")

@@ -1,0 +1,196 @@
+"""The selection procedures of method "auto": from the verified samples they may select on, to weights.
+
+A procedure sees a set of verified samples -- all but one fold while it is being judged, all of them
+when it is finally run -- and builds weights from the trajectory with them alone:
+
+- `final`: the final weights (selects nothing);
+- `best`: the point with the best accuracy on those samples (early stopping);
+- `average`: the uniform average of the `keep` best points on those samples (weight averaging);
+- `soup`: a greedy soup (Wortsman et al., 2022): the `keep` best points, best first, each added to the
+  average while the average's accuracy on those samples does not drop;
+- `<base>+head_refit`: the base procedure, then its head refitted on those samples (its strength chosen
+  by inner folds of them);
+- `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples.
+
+`CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
+predicts that fold; `apply(procedure)` runs it on every verified sample and leaves the model so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RepairConfig
+from ..data import CollateFn, VerifiedSplit, stratified_folds
+from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold
+from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
+from ..identification.influence import TrackedLayer
+from ..projection.pipeline import ProjectionResult, project
+from .checkpoints import StateDict, load_weights
+from .points import Trajectory
+
+logger = logging.getLogger(__name__)
+
+BASE_PROCEDURES = ("final", "best", "average", "soup")
+REFINEMENTS = ("head_refit", "projection")
+
+Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
+
+
+class CandidateBuilder:
+    """Builds every procedure's weights in the model (loading trajectory states in place) and predicts with them.
+
+    Predictions and head inputs are cached per set of points, so a soup or refit shared by several folds
+    costs one forward pass.
+    """
+
+    def __init__(self, model: nn.Module, trajectory: Trajectory, split: VerifiedSplit, verified: Any,
+                 config: RepairConfig, forward_fn: ForwardFn, collate_fn: Optional[CollateFn] = None) -> None:
+        self.model = model
+        self.trajectory = trajectory
+        self.split = split
+        self.verified = verified
+        self.config = config
+        self.forward_fn = forward_fn
+        self.collate_fn = collate_fn
+        self._predictions: dict[Points, torch.Tensor] = {}
+        self._head_inputs: dict[Points, tuple[HeadInputs, torch.Tensor]] = {}
+        self._head: Optional[TrackedLayer] = None
+
+    # ------------------------------------------------------------------------------------------
+    # weights and predictions of a set of points
+
+    def averaged(self, points: Points) -> StateDict:
+        """The uniform average of the points' weights (floating tensors; others from the latest point)."""
+        states = [self.trajectory.weights(i) for i in points]
+        if len(states) == 1:
+            return states[0]
+        latest = states[int(np.argmax(points))]
+        averaged = {}
+        for key, value in latest.items():
+            if value.is_floating_point():
+                total = sum(state[key].double() for state in states)
+                averaged[key] = (total / len(states)).to(value.dtype)
+            else:
+                averaged[key] = value
+        return averaged
+
+    def load(self, points: Points) -> None:
+        load_weights(self.model, self.averaged(points))
+
+    def predictions(self, points: Points) -> torch.Tensor:
+        """Every verified sample's predicted class under the points' average (no forward pass for one point)."""
+        if len(points) == 1:
+            return self.trajectory.points[points[0]].predictions
+        if points not in self._predictions:
+            self.load(points)
+            with eval_mode(self.model):
+                logits, _, _ = predict_by_fold(self.model, self.split, self.forward_fn)
+            self._predictions[points] = logits.argmax(-1).cpu()
+        return self._predictions[points]
+
+    def head_inputs(self, points: Points) -> tuple[HeadInputs, torch.Tensor]:
+        """The head's inputs on every verified sample under the points' average, and that head's weight."""
+        if points not in self._head_inputs:
+            self.load(points)
+            if self._head is None:
+                self._head = find_head(self.model, self.split, self.config, self.forward_fn)
+            inputs = read_head_inputs(self.model, self._head, self.split, self.forward_fn)
+            if not torch.equal(inputs.labels, self.trajectory.labels):
+                raise RuntimeError("The head inputs were read in another sample order than the trajectory's.")
+            self._head_inputs[points] = (inputs, self._head.head_weight().cpu())
+        return self._head_inputs[points]
+
+    # ------------------------------------------------------------------------------------------
+    # procedures
+
+    def base_points(self, procedure: str, fold: Optional[int]) -> Points:
+        """The points a base procedure averages, selected on the samples outside `fold` (all for None)."""
+        trajectory = self.trajectory
+        if procedure == "final":
+            return (trajectory.final_index,)
+        if procedure == "best":
+            return (trajectory.top(fold)[0],)
+        if procedure == "average":
+            return tuple(sorted(trajectory.top(fold)))
+        if procedure == "soup":
+            return self._greedy_soup(fold)
+        raise ValueError(f"Unknown base procedure {procedure!r}; choose one of {list(BASE_PROCEDURES)}.")
+
+    def _greedy_soup(self, fold: Optional[int]) -> Points:
+        mask = self.trajectory.training_mask(fold)
+        ranked = self.trajectory.top(fold)
+        soup: Points = (ranked[0],)
+        score = self._accuracy(soup, mask)
+        for point in ranked[1:]:
+            candidate = tuple(sorted((*soup, point)))
+            candidate_score = self._accuracy(candidate, mask)
+            if candidate_score >= score:
+                soup, score = candidate, candidate_score
+        return soup
+
+    def _accuracy(self, points: Points, mask: torch.Tensor) -> float:
+        return float(self.trajectory.correct(self.predictions(points))[mask].double().mean())
+
+    def heldout_predictions(self, procedure: str, fold: int) -> torch.Tensor:
+        """The predictions on fold `fold` of the procedure run on the other folds (fold order of `predict_by_fold`)."""
+        base, _, refinement = procedure.partition("+")
+        points = self.base_points(base, fold)
+        held = self.trajectory.folds == fold
+        if not refinement:
+            return self.predictions(points)[held]
+        if refinement == "head_refit":
+            inputs, anchor = self.head_inputs(points)
+            logits = refit_and_predict(inputs.features, inputs.labels, ~held, anchor, self.config.num_folds,
+                                       self.config.repair_seed)
+            return logits.argmax(-1)
+        if refinement == "projection":
+            self.load(points)
+            outside = np.sort(np.concatenate([
+                indices for f, indices in enumerate(self._dataset_folds()) if f != fold]))
+            project(self.model, self._projection_config(), self.verified.select(outside), forward_fn=self.forward_fn,
+                    collate_fn=self.collate_fn)
+            with eval_mode(self.model):
+                logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
+            return logits.argmax(-1).cpu()
+        raise ValueError(f"Unknown refinement {refinement!r}; choose one of {list(REFINEMENTS)}.")
+
+    def apply(self, procedure: str) -> tuple[Points, Optional[ProjectionResult]]:
+        """Run the procedure on every verified sample and leave the model with its weights in place."""
+        base, _, refinement = procedure.partition("+")
+        points = self.base_points(base, None)
+        self.load(points)
+        projection = None
+        if refinement == "head_refit":
+            inputs, anchor = self.head_inputs(points)
+            refit = fit_head(inputs.features, inputs.labels, anchor, self.config.num_folds, self.config.repair_seed)
+            write_head(self._head, refit.weight)
+        elif refinement == "projection":
+            projection = project(self.model, self._projection_config(), self.verified, forward_fn=self.forward_fn,
+                                 collate_fn=self.collate_fn)
+        return points, projection
+
+    def check_refinement(self, refinement: str) -> Optional[str]:
+        """Why a refinement cannot run on this model or verified split (None: it can)."""
+        if refinement == "projection" and not isinstance(self.verified, datasets.Dataset):
+            return "the projection of each fold's complement needs the verified split as a datasets.Dataset"
+        if refinement == "head_refit" and self._head is None:
+            try:
+                self._head = find_head(self.model, self.split, self.config, self.forward_fn)
+            except ValueError as err:
+                return str(err)
+        return None
+
+    def _projection_config(self) -> RepairConfig:
+        return dataclasses.replace(self.config, method="projection")
+
+    def _dataset_folds(self) -> list[np.ndarray]:
+        """Dataset row indices of each verified fold (the folds the split was built with)."""
+        return stratified_folds(np.asarray(self.split.labels_all), self.split.num_folds, self.config.repair_seed)

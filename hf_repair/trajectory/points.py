@@ -1,0 +1,122 @@
+"""The training trajectory as method "auto" sees it: every evaluation point's verified predictions, and weights.
+
+Every point keeps its predicted class for every verified sample (n integers, in the order of
+`predict_by_fold`), so any selection rule can be scored on any subset of the verified samples without
+another forward pass. Weights are kept only where a selection procedure can still draw on them: a
+point's weights are needed only while it is among the `keep` best points by accuracy on some set of
+samples a procedure ranks on -- the complement of each verified fold (the nested selection) and all
+verified samples (the final run) -- or while it is the latest point (it may turn out to be the final
+weights). A point that drops out of every such top-`keep` never comes back (later points only push it
+further down), so its in-memory weights are freed at once.
+
+Memory, with weights held in memory (`RepairCallback`): at most (num_folds + 1) x keep + 1 CPU copies
+of the model's state dict; since the rankings mostly agree, usually little more than keep + 1. Points
+read from checkpoint folders keep only the folder's path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+from .checkpoints import StateDict, read_checkpoint
+
+
+@dataclass
+class TrajectoryPoint:
+    """One evaluation point: when it was, what it predicted on the verified samples, and where its weights are."""
+
+    step: Optional[int]
+    epoch: Optional[float]
+    predictions: torch.Tensor  # (n,) int64 on CPU: the predicted class of every verified sample
+    weights: Union[StateDict, str, os.PathLike, None]  # CPU state dict, a checkpoint folder, or None (dropped)
+    final: bool = False  # the weights the model ends training with (what `auto` compares every candidate to)
+
+
+class Trajectory:
+    """The evaluation points of one training run, on one verified split, with the keep policy above."""
+
+    def __init__(self, labels: torch.Tensor, folds: torch.Tensor, keep: int,
+                 reader: Callable[[str], StateDict] = read_checkpoint) -> None:
+        self.labels = labels.cpu()
+        self.folds = folds.cpu()
+        self.keep = keep
+        self.reader = reader  # reads a checkpoint folder's weights
+        self.points: list[TrajectoryPoint] = []
+        self._read: dict[int, StateDict] = {}  # checkpoint folders read so far, while usable
+
+    @property
+    def num_folds(self) -> int:
+        return int(self.folds.max()) + 1
+
+    @property
+    def final_index(self) -> int:
+        return next(i for i, point in enumerate(self.points) if point.final)
+
+    def training_mask(self, fold: Optional[int]) -> torch.Tensor:
+        """The samples a procedure may select on: all but fold `fold` (all of them for None)."""
+        return torch.ones_like(self.labels, dtype=torch.bool) if fold is None else self.folds != fold
+
+    def correct(self, predictions: torch.Tensor) -> torch.Tensor:
+        return predictions == self.labels
+
+    def accuracy(self, index: int, mask: torch.Tensor) -> float:
+        return float(self.correct(self.points[index].predictions)[mask].double().mean())
+
+    def ranking(self, mask: torch.Tensor) -> list[int]:
+        """Point indices by accuracy on `mask`, best first; the earlier point on ties (as Trainer's best model)."""
+        return sorted(range(len(self.points)), key=lambda i: (-self.accuracy(i, mask), i))
+
+    def top(self, fold: Optional[int]) -> list[int]:
+        """The `keep` best points on the samples outside `fold` (on all samples for None)."""
+        return self.ranking(self.training_mask(fold))[: self.keep]
+
+    def add(self, point: TrajectoryPoint) -> None:
+        if point.predictions.shape != self.labels.shape:
+            raise ValueError(f"A trajectory point predicts {point.predictions.numel()} verified samples, the trajectory "
+                             f"has {self.labels.numel()}: score every point on the same verified split.")
+        self.points.append(point)
+        self._free_unusable()
+
+    def usable(self) -> set[int]:
+        """The points whose weights some selection procedure can still draw on, plus the latest."""
+        usable = {len(self.points) - 1}
+        for fold in [*range(self.num_folds), None]:
+            usable.update(self.top(fold))
+        return usable
+
+    def weights(self, index: int) -> StateDict:
+        """The weights of point `index` on CPU (a checkpoint folder is read once while it stays usable)."""
+        weights = self.points[index].weights
+        if weights is None:
+            raise RuntimeError(f"The weights of trajectory point {index} were not kept: no selection procedure can use "
+                               f"them (it is not among the trajectory_keep={self.keep} best points on any ranking).")
+        if isinstance(weights, dict):
+            return weights
+        if index not in self._read:
+            usable = self.usable()
+            self._read = {i: state for i, state in self._read.items() if i in usable}
+            self._read[index] = self.reader(weights)
+        return self._read[index]
+
+    def release_weights(self) -> None:
+        """Free every kept state (the predictions stay, for inspection); no procedure can be run afterwards."""
+        for point in self.points:
+            if isinstance(point.weights, dict):
+                point.weights = None
+        self._read.clear()
+
+    def _free_unusable(self) -> None:
+        usable = self.usable()
+        for index, point in enumerate(self.points):
+            if index not in usable and isinstance(point.weights, dict):
+                point.weights = None
+
+    def to_metrics(self) -> list[dict[str, object]]:
+        """Each point's step, epoch and verified accuracy, for `RepairResult.metrics["trajectory"]`."""
+        everything = self.training_mask(None)
+        return [{"step": p.step, "epoch": p.epoch, "accuracy": self.accuracy(i, everything), "final": p.final}
+                for i, p in enumerate(self.points)]

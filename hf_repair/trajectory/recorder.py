@@ -1,0 +1,69 @@
+"""Scoring the model on the verified samples at an evaluation point, and adding the point to the trajectory."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..data import VerifiedSplit
+from ..evaluation import ForwardFn, eval_mode, predict_by_fold
+from .checkpoints import read_checkpoint, same_weights
+from .points import StateDict, Trajectory, TrajectoryPoint
+
+
+class TrajectoryRecorder:
+    """Adds evaluation points of one model on one verified split to a `Trajectory` (forward only, eval mode).
+
+    Under `accelerate launch` every process scores its shard of every fold and the predictions are
+    gathered, so every process holds the same trajectory and makes the same choice from it.
+    """
+
+    def __init__(self, model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn, keep: int,
+                 trajectory: Optional[Trajectory] = None) -> None:
+        self.model = model
+        self.split = split
+        self.forward_fn = forward_fn
+        self.keep = keep
+        self.trajectory = trajectory
+
+    @torch.no_grad()
+    def predictions(self) -> torch.Tensor:
+        """The model's predicted class for every verified sample; sets up the trajectory on first use."""
+        with eval_mode(self.model):
+            logits, labels, folds = predict_by_fold(self.model, self.split, self.forward_fn)
+        if self.trajectory is None:
+            self.trajectory = Trajectory(labels, folds, self.keep, reader=partial(read_checkpoint, model=self.model))
+        elif not torch.equal(labels.cpu(), self.trajectory.labels):
+            raise ValueError("The trajectory was recorded on other verified samples (or folds): score every point on "
+                             "the same verified split with the same num_folds, batch_size and seed.")
+        return logits.argmax(-1).cpu()
+
+    def record(self, step: Optional[int], epoch: Optional[float], weights: Union[StateDict, str, None] = None,
+               *, final: bool = False, predictions: Optional[torch.Tensor] = None) -> TrajectoryPoint:
+        """Score the model as it is now; its weights are `weights` (a checkpoint folder or a state dict) or,
+        by default, a CPU copy of its state dict, kept while a selection procedure can use it."""
+        predictions = self.predictions() if predictions is None else predictions
+        if weights is None:
+            weights = {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()}
+        point = TrajectoryPoint(step=step, epoch=epoch, predictions=predictions, weights=weights, final=final)
+        self.trajectory.add(point)
+        return point
+
+    def record_final(self, step: Optional[int], epoch: Optional[float]) -> TrajectoryPoint:
+        """Mark the model as it is now as the final weights: the point it equals bit for bit, else a new point.
+
+        The last evaluation point usually is the final model; with `load_best_model_at_end` an earlier one is.
+        """
+        predictions = self.predictions()
+        trajectory = self.trajectory
+        for point in trajectory.points:
+            point.final = False
+        for index, point in enumerate(trajectory.points):
+            if (point.weights is not None and torch.equal(point.predictions, predictions)
+                    and same_weights(self.model, trajectory.weights(index))):
+                point.final = True
+                return point
+        return self.record(step, epoch, final=True, predictions=predictions)

@@ -1,0 +1,127 @@
+"""Method "auto" as a repair: the trajectory, from `RepairCallback` or from checkpoints, chosen among and applied."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from ..config import RepairConfig
+from ..data import CollateFn, VerifiedSplit
+from ..evaluation import ForwardFn, default_forward, split_verified
+from ..modeling.sharding import weight_access_for
+from ..modeling.weights import ModelSnapshot
+from ..projection.pipeline import ProjectionResult, check_materialized
+from ..results import RepairResult
+from .candidates import CandidateBuilder, Points
+from .checkpoints import Checkpoints, checkpoint_position, list_checkpoints, load_weights, read_checkpoint
+from .points import Trajectory
+from .recorder import TrajectoryRecorder
+from .selection import TrajectoryChoice, choose
+
+logger = logging.getLogger(__name__)
+
+
+def repair_from_trajectory(
+    model: nn.Module,
+    config: RepairConfig,
+    verified: Any,
+    checkpoints: Union[Checkpoints, Trajectory, None] = None,
+    *,
+    forward_fn: ForwardFn = default_forward,
+    collate_fn: Optional[CollateFn] = None,
+) -> RepairResult:
+    """`Repairer.repair` for method "auto"; the model's weights (the final ones) are restored on any error.
+
+    Args:
+        checkpoints: the trajectory: a `Trainer` output_dir with `checkpoint-*` folders, a list of checkpoint
+            folders or state dicts in training order, or the `Trajectory` `RepairCallback` recorded. None: the
+            final weights alone (the candidates are then the head refit and projection on top of them).
+    """
+    start = time.perf_counter()
+    check_materialized(model)
+    sharding = weight_access_for(model).kind
+    if sharding != "plain":
+        raise ValueError(f"method='auto' loads whole state dicts, which a {sharding}-sharded model does not support "
+                         f"yet; repair the unsharded model (one process or DDP).")
+    split = split_verified(model, verified, config, forward_fn, collate_fn)
+    snapshot = ModelSnapshot(model)  # the final weights: every candidate is loaded over them, undo restores them
+    try:
+        trajectory = _trajectory(model, split, config, checkpoints, forward_fn, snapshot)
+        builder = CandidateBuilder(model, trajectory, split, verified, config, forward_fn, collate_fn)
+        choice = choose(builder, config)
+        snapshot.restore()
+        points, projection = builder.apply(choice.chosen) if choice.adopted else ((trajectory.final_index,), None)
+    except BaseException:
+        snapshot.restore()
+        raise
+    metrics = _metrics(choice, trajectory, points, projection, model, time.perf_counter() - start)
+    return RepairResult(
+        config=config,
+        metrics=metrics,
+        layers=projection.layers if projection is not None else {},
+        spaces=projection.spaces if projection is not None else {},
+        selection=projection.selection if projection is not None else [],
+        _snapshot=snapshot,
+    )
+
+
+def _trajectory(model: nn.Module, split: VerifiedSplit, config: RepairConfig,
+                checkpoints: Union[Checkpoints, Trajectory, None], forward_fn: ForwardFn,
+                snapshot: ModelSnapshot) -> Trajectory:
+    """The trajectory with every point scored and the final weights marked."""
+    if isinstance(checkpoints, Trajectory):
+        if checkpoints.keep != config.trajectory_keep:
+            logger.warning("The trajectory kept the weights of its best %d points; method='auto' draws on those, not "
+                           "on trajectory_keep=%d.", checkpoints.keep, config.trajectory_keep)
+        recorder = TrajectoryRecorder(model, split, forward_fn, checkpoints.keep, trajectory=checkpoints)
+        recorder.predictions()  # the same verified samples, folds and order, or a clear error
+    else:
+        recorder = TrajectoryRecorder(model, split, forward_fn, config.trajectory_keep)
+        states = list_checkpoints(checkpoints) if checkpoints is not None else []
+        if not states:
+            logger.info("method='auto' got no checkpoints: it weighs head refit and projection on top of the final "
+                        "weights only. Pass checkpoints=<Trainer output_dir> or use RepairCallback to add the trajectory.")
+        for state in states:
+            load_weights(model, state if isinstance(state, dict) else read_checkpoint(state, model))
+            step, epoch = checkpoint_position(state) if isinstance(state, str) else (None, None)
+            recorder.record(step, epoch, weights=state)
+        snapshot.restore()
+    if recorder.trajectory is None or not any(point.final for point in recorder.trajectory.points):
+        recorder.record_final(None, None)
+    return recorder.trajectory
+
+
+def _metrics(choice: TrajectoryChoice, trajectory: Trajectory, points: Points,
+             projection: Optional[ProjectionResult], model: nn.Module, elapsed: float) -> dict[str, Any]:
+    final = trajectory.final_index
+    everything = trajectory.training_mask(None)
+    before = trajectory.accuracy(final, everything)
+    metrics: dict[str, Any] = {
+        "accuracy_before": before,
+        "accuracy_after": choice.heldout_accuracy[choice.candidate] if choice.adopted else before,
+        "adopted": choice.adopted,
+        "chosen": choice.chosen,
+        "candidate": choice.candidate,
+        "heldout_accuracy": choice.heldout_accuracy,
+        **choice.comparison.as_metrics(),
+        "chosen_points": list(points),  # indices into metrics["trajectory"] of the points the weights average
+        "trajectory": trajectory.to_metrics(),
+        "alpha": projection.metrics.get("alpha") if projection is not None else None,
+        "num_verified": int(trajectory.labels.numel()),
+        "num_layers": _changed_modules(model, trajectory, final),
+        "repair_time_s": elapsed,
+    }
+    if choice.skipped:
+        metrics["skipped"] = choice.skipped
+    return metrics
+
+
+def _changed_modules(model: nn.Module, trajectory: Trajectory, final: int) -> int:
+    """How many modules' weights differ from the final weights."""
+    original = trajectory.weights(final)
+    changed = {key.rsplit(".", 1)[0] for key, value in model.state_dict().items()
+               if key in original and not value.detach().cpu().equal(original[key])}
+    return len(changed)

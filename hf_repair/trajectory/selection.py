@@ -1,0 +1,104 @@
+"""Method "auto": choose among the final weights and what the trajectory offers, by nested held-out verified folds.
+
+The samples that pick an epoch (or a soup, or a head) must not also be the only evidence that judges
+the final choice. So what is judged is a *selection procedure* (`candidates.py`), never one set of
+weights:
+
+1. For every verified fold f, each procedure is run on the other folds only -- it ranks the trajectory
+   points, builds its average or soup, refits the head or builds the projection on them -- and the
+   result predicts fold f. Pooling the folds gives each procedure one held-out prediction per verified
+   sample, made by weights whose selection never saw that sample.
+2. The base procedures (final, best, average, soup) are compared by pooled held-out accuracy; on ties
+   the simpler one (in that order) wins. Then the refinements (head refit, projection) are run on top
+   of the winning base the same way, fold by fold, and the best of the base and its refinements is the
+   candidate.
+3. The candidate replaces the final weights only if its gain over them is significant (the config's
+   `significance_test` on the same samples' pooled held-out predictions against the final weights'
+   predictions, which nothing was selected on) and larger than `min_improvement`.
+4. The adopted procedure is then run once more on every verified sample, and its weights stay.
+
+Step 2 still picks the best of a handful of procedures on the pooled held-out predictions that step 3
+tests, so the reported gain is slightly optimistic; the significance test and the small number of
+procedures bound that. Candidates are compared by accuracy, the gate's measure (`metric_for_selection`
+is not used here). Every number comes from predictions gathered over processes and every tie is
+broken by a fixed order, so under `accelerate launch` all processes make the same choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RepairConfig
+from ..evaluation import PairedComparison, significance_gate
+from ..utils.distributed import is_main_process
+from .candidates import BASE_PROCEDURES, REFINEMENTS, CandidateBuilder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrajectoryChoice:
+    """What `choose` decided, and every procedure's pooled held-out accuracy it decided with."""
+
+    chosen: str  # the procedure whose weights the model ends with ("final": unchanged)
+    candidate: str  # the procedure with the best pooled held-out accuracy
+    adopted: bool
+    comparison: PairedComparison  # the candidate's held-out predictions against the final weights'
+    heldout_accuracy: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # refinement -> why it could not run
+
+
+def choose(builder: CandidateBuilder, config: RepairConfig) -> TrajectoryChoice:
+    """Steps 1-3 of the module docstring; the model is left with whatever weights were loaded last."""
+    trajectory = builder.trajectory
+    folds = range(trajectory.num_folds)
+    bases = [name for name in BASE_PROCEDURES if name == "final" or name in config.auto_candidates]
+    skipped = {}
+    refinements = []
+    for name in REFINEMENTS:
+        if name in config.auto_candidates:
+            problem = builder.check_refinement(name)
+            if problem is None:
+                refinements.append(name)
+            else:
+                skipped[name] = problem
+                logger.info("method='auto' leaves out %s: %s.", name, problem)
+    progress = tqdm(total=(len(bases) + len(refinements)) * len(folds), desc="hf_repair: auto", unit="fold",
+                    disable=config.repair_disable_tqdm or not is_main_process())
+
+    correct: dict[str, torch.Tensor] = {}
+
+    def judge(procedure: str) -> None:
+        pooled = torch.zeros_like(trajectory.labels, dtype=torch.bool)
+        for fold in folds:
+            held = trajectory.folds == fold
+            pooled[held] = builder.heldout_predictions(procedure, fold) == trajectory.labels[held]
+            progress.update()
+        correct[procedure] = pooled
+
+    def accuracy(procedure: str) -> float:
+        return float(correct[procedure].double().mean())
+
+    for name in bases:
+        judge(name)
+    base = max(bases, key=lambda name: (accuracy(name), -bases.index(name)))
+    order = [base]
+    for refinement in refinements:
+        judge(f"{base}+{refinement}")
+        order.append(f"{base}+{refinement}")
+    progress.close()
+
+    candidate = max(order, key=lambda name: (accuracy(name), -order.index(name)))
+    comparison = significance_gate(correct[candidate], correct["final"], config)
+    adopted = (candidate != "final" and comparison.significant
+               and accuracy(candidate) - accuracy("final") > config.min_improvement)
+    heldout = {name: accuracy(name) for name in correct}
+    logger.info("method='auto': held-out verified accuracy %s; %s %s over the final weights (%s).",
+                ", ".join(f"{name} {value:.4f}" for name, value in heldout.items()), candidate,
+                "adopted" if adopted else "not adopted", comparison.describe())
+    return TrajectoryChoice(chosen=candidate if adopted else "final", candidate=candidate, adopted=adopted,
+                            comparison=comparison, heldout_accuracy=heldout, skipped=skipped)

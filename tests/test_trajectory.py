@@ -1,0 +1,203 @@
+"""Method "auto": the training trajectory recorded by RepairCallback, or read from checkpoints, chosen among by
+nested held-out verified folds. Real data: an MLP memorising Fashion-MNIST with 40% symmetric label noise."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_repair import RepairCallback, RepairConfig, Repairer
+from hf_repair.trajectory import CandidateBuilder, Trajectory, TrajectoryPoint, list_checkpoints, read_checkpoint
+from testbed.experiments import evaluate_accuracy, small_vit
+from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.exists(os.path.join(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")),
+    reason="needs Fashion-MNIST: apt-get update && apt-get install -y dataset-fashion-mnist",
+)
+EPOCHS = 20
+AUTO = RepairConfig(method="auto", seed=0, alphas=[10.0, 1e3], repair_disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return *noisy_fashion_mnist(), load_fashion_mnist("test").select(range(2000))
+
+
+def trainer_for(model, train, output_dir, epochs=EPOCHS, eval_dataset=None, **overrides):
+    args = dict(output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=64,
+                learning_rate=3e-3, lr_scheduler_type="constant", save_strategy="epoch", report_to=[],
+                disable_tqdm=True, use_cpu=True, seed=0, logging_strategy="no")
+    return Trainer(model=model, args=TrainingArguments(**{**args, **overrides}), train_dataset=train,
+                   eval_dataset=eval_dataset)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """Train long enough to memorise the noise, with RepairCallback(method="auto") attached."""
+    train, verified, _ = data
+    output_dir = tmp_path_factory.mktemp("auto")
+    torch.manual_seed(0)
+    model = MLP()
+    trainer = trainer_for(model, train, output_dir)
+    callback = RepairCallback(AUTO, verified, write_report=False).attach(trainer)
+    trainer.train()
+    assert callback.error is None
+    return model, callback, trainer, output_dir
+
+
+def fresh_final_model(output_dir):
+    model = MLP()
+    model.load_state_dict(read_checkpoint(list_checkpoints(output_dir)[-1]))
+    return model
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_fashion_mnist
+def test_auto_ends_above_the_final_model_and_the_best_trajectory_point(data, run):
+    _, _, test = data
+    model, callback, trainer, output_dir = run
+    m = callback.result.metrics
+    assert callback.result.adopted and m["chosen"] not in ("final", "best")
+    heldout = m["heldout_accuracy"]
+    assert heldout[m["chosen"]] > heldout["final"] + 0.1  # memorisation cost the final weights that much
+    assert heldout[m["chosen"]] >= heldout["best"]  # early stopping, judged the same nested way
+    assert m["significant"] and m["gain_ci"][0] > 0 and m["accuracy_after"] == heldout[m["chosen"]]
+
+    trajectory = m["trajectory"]
+    assert [p["step"] for p in trajectory] == [32 * e for e in range(1, EPOCHS + 1)]
+    assert [p["final"] for p in trajectory] == [False] * (EPOCHS - 1) + [True]  # the last epoch is the final model
+    assert trajectory[-1]["accuracy"] == m["accuracy_before"]
+
+    # On test data that nothing was chosen on: above the final weights, and at least what early stopping on the
+    # verified split (load_best_model_at_end with the verified split as eval set) would have given.
+    repaired = evaluate_accuracy(model, test)
+    early_stopping = MLP()
+    best_point = int(np.argmax([p["accuracy"] for p in trajectory]))
+    early_stopping.load_state_dict(read_checkpoint(list_checkpoints(output_dir)[best_point]))
+    assert repaired > evaluate_accuracy(fresh_final_model(output_dir), test) + 0.1
+    assert repaired >= evaluate_accuracy(early_stopping, test)
+
+    logged = next(e for e in trainer.state.log_history if "repair/chosen" in e)
+    assert logged["repair/chosen"] == m["chosen"] and logged["repair/gain"] == pytest.approx(m["gain"])
+    assert callback.trajectory is not None and all(p.weights is None for p in callback.trajectory.points)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("given", ["output_dir", "state_dicts"])
+def test_offline_from_checkpoints_makes_the_callbacks_choice(data, run, given):
+    _, verified, _ = data
+    model, callback, _, output_dir = run
+    folders = list_checkpoints(output_dir)
+    checkpoints = str(output_dir) if given == "output_dir" else [read_checkpoint(f) for f in folders]
+    offline = fresh_final_model(output_dir)
+    result = Repairer(offline, AUTO).repair(verified, checkpoints=checkpoints)
+    m, expected = result.metrics, callback.result.metrics
+    for key in ("chosen", "candidate", "heldout_accuracy", "gain", "gain_ci", "p_value", "chosen_points"):
+        assert m[key] == expected[key], key
+    assert [p["accuracy"] for p in m["trajectory"]] == [p["accuracy"] for p in expected["trajectory"]]
+    assert_same_state(offline.state_dict(), model.state_dict())
+    result.undo()
+    assert_same_state(offline.state_dict(), read_checkpoint(folders[-1]))
+
+
+@needs_fashion_mnist
+def test_without_checkpoints_auto_weighs_refinements_of_the_final_weights(data, run):
+    _, verified, _ = data
+    *_, output_dir = run
+    model = fresh_final_model(output_dir)
+    result = Repairer(model, AUTO).repair(verified)
+    m = result.metrics
+    assert len(m["trajectory"]) == 1 and m["trajectory"][0]["final"]
+    assert set(m["heldout_accuracy"]) == {"final", "best", "average", "soup", "final+head_refit", "final+projection"}
+    assert m["chosen"] == "final+head_refit" and result.adopted  # the memorised head is worth refitting
+
+
+@needs_fashion_mnist
+def test_undo_restores_the_final_weights(run):
+    model, callback, _, output_dir = run
+    callback.result.undo()
+    assert_same_state(model.state_dict(), read_checkpoint(list_checkpoints(output_dir)[-1]))
+
+
+@needs_fashion_mnist
+def test_steps_strategy_and_the_best_model_loaded_at_end(data, tmp_path):
+    """Scored every 10 steps; with load_best_model_at_end the final weights are an earlier point, not a new one."""
+    train, verified, _ = data
+    torch.manual_seed(0)
+    model = MLP()
+    trainer = trainer_for(model, train.select(range(320)), tmp_path, epochs=20, save_strategy="steps", save_steps=10,
+                          eval_strategy="steps", eval_steps=10, load_best_model_at_end=True, eval_dataset=verified)
+    config = RepairConfig(method="auto", seed=0, trajectory_eval_strategy="steps", trajectory_eval_steps=10,
+                          auto_candidates=["best", "average"], repair_disable_tqdm=True)
+    callback = RepairCallback(config, verified, write_report=False).attach(trainer)
+    trainer.train()
+    assert callback.error is None
+    trajectory = callback.result.metrics["trajectory"]
+    assert [p["step"] for p in trajectory] == list(range(10, 101, 10))  # 5 steps an epoch, 20 epochs
+    best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best_step < 100  # the eval loss rose as the model memorised: the best model is an earlier one
+    assert [p["step"] for p in trajectory if p["final"]] == [best_step]
+
+
+@needs_fashion_mnist
+def test_a_transformers_checkpoint_is_read_as_the_model_names_its_weights(data, tmp_path):
+    """save_pretrained stores a ViT's weights under its checkpoint names (query/key/value, not q_proj/k_proj/...)."""
+    train, _, _ = data
+    torch.manual_seed(0)
+    model = small_vit(hidden_size=16, num_layers=1, heads=2)
+    trainer_for(model, train.select(range(128)), tmp_path, epochs=1).train()
+    folder = list_checkpoints(tmp_path)[-1]
+    assert read_checkpoint(folder).keys() != model.state_dict().keys()
+    assert_same_state(read_checkpoint(folder, model), model.state_dict())
+
+
+def point(predictions, weights="w"):
+    return TrajectoryPoint(step=None, epoch=None, predictions=torch.as_tensor(predictions), weights={"w": weights})
+
+
+def test_weights_are_kept_only_while_a_ranking_can_use_them():
+    labels = torch.zeros(6, dtype=torch.long)
+    folds = torch.tensor([0, 0, 1, 1, 2, 2])
+    trajectory = Trajectory(labels, folds, keep=1)
+    for correct in ([1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]):
+        trajectory.add(point([0 if c else 1 for c in correct]))
+    kept = [p.weights is not None for p in trajectory.points]
+    # Point 0 is best everywhere; point 2 never beats it on any fold's complement; the latest is always kept.
+    assert kept == [True, False, False, True]
+    with pytest.raises(RuntimeError, match="were not kept"):
+        trajectory.weights(1)
+    trajectory.add(point([0, 0, 0, 0, 0, 0]))  # a new best: ties go to the earlier point, which stays
+    assert [p.weights is not None for p in trajectory.points] == [True, False, False, False, True]
+
+
+def test_the_best_point_of_a_fold_is_chosen_without_that_fold():
+    """Point 1 is best overall only thanks to fold 0: judged on fold 0, `best` must not know that."""
+    labels = torch.zeros(12, dtype=torch.long)
+    folds = torch.arange(12) // 4
+    trajectory = Trajectory(labels, folds, keep=2)
+    wrong = lambda correct: [0 if c else 1 for c in correct]  # noqa: E731
+    trajectory.add(point(wrong([1, 1, 0, 0] * 3)))  # 6/12 right; 4/8 outside fold 0
+    trajectory.add(point(wrong([1, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0])))  # 7/12 right; 3/8 outside fold 0
+    builder = CandidateBuilder(None, trajectory, None, None, AUTO, None)
+    assert builder.base_points("best", fold=None) == (1,)
+    assert builder.base_points("best", fold=0) == (0,)
+    assert torch.equal(builder.heldout_predictions("best", fold=0), torch.tensor([0, 0, 1, 1]))
+
+
+def test_the_trajectory_options_are_checked():
+    with pytest.raises(ValueError, match="trajectory_eval_steps"):
+        RepairConfig(method="auto", trajectory_eval_strategy="steps")
+    with pytest.raises(ValueError, match="auto_candidates"):
+        RepairConfig(method="auto", auto_candidates=["ensemble"])
+    with pytest.raises(ValueError, match="method='auto' only"):
+        Repairer(MLP(), RepairConfig()).repair(None, checkpoints=[])

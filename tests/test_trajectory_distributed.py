@@ -1,0 +1,70 @@
+"""Method "auto" under DDP: 2 real processes on CPU (gloo) train with RepairCallback and end bit-identical."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_repair import Repairer
+from hf_repair.trajectory import list_checkpoints, read_checkpoint
+from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+sys.path.insert(0, SCRIPTS)
+from trajectory_setup import MLP, distributed_auto  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,  # two processes launched, trained and repaired: about 45 s
+    pytest.mark.skipif(
+        not os.path.exists(os.path.join(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")),
+        reason="needs Fashion-MNIST: apt-get update && apt-get install -y dataset-fashion-mnist",
+    ),
+]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with the gloo backend")
+    out = tmp_path_factory.mktemp("auto_ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), os.path.join(SCRIPTS, "distributed_auto.py"), str(out)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    weights = [load_file(str(out / f"auto_rank{r}.safetensors")) for r in range(2)]
+    metrics = [json.loads((out / f"auto_rank{r}.json").read_text()) for r in range(2)]
+    return out, weights, metrics
+
+
+def test_every_process_ends_with_the_same_weights_and_choice(launched):
+    _, (w0, w1), (m0, m1) = launched
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    m0.pop("repair_time_s"), m1.pop("repair_time_s")
+    assert m0 == m1
+    assert m0["num_verified"] == 301 and m0["adopted"] and len(m0["trajectory"]) == 10
+
+
+def test_the_trajectory_scores_match_a_single_process_from_the_checkpoints(launched):
+    """Every verified sample is scored once however it is sharded: the base procedures' held-out accuracies,
+    which depend on no sample order, equal those of a single-process repair from the saved checkpoints."""
+    out, _, (metrics, _) = launched
+    _, _, verified, config, _ = distributed_auto()
+    model = MLP()
+    model.load_state_dict(read_checkpoint(list_checkpoints(out / "trainer")[-1]))
+    offline = Repairer(model, config).repair(verified, checkpoints=out / "trainer").metrics
+    assert [p["accuracy"] for p in offline["trajectory"]] == [p["accuracy"] for p in metrics["trajectory"]]
+    for name in ("final", "best", "average", "soup"):
+        assert offline["heldout_accuracy"][name] == metrics["heldout_accuracy"][name], name
