@@ -116,7 +116,7 @@ def test_the_projection_is_not_adopted_for_a_gain_within_noise():
     the best alpha for 2 samples in 90 (10 wins, 8 losses); the gate leaves the model bit-identical."""
     split, model = random_split(seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = Repairer(model, RepairConfig(seed=0, repair_disable_tqdm=True)).repair(split)
+    result = Repairer(model, RepairConfig(seed=0, repair_disable_tqdm=True, alpha_search="grid")).repair(split)
     assert not result.adopted
     assert result.metrics["gain"] > 0 and not result.metrics["significant"]
     assert result.metrics["gain_ci"][0] < 0 < result.metrics["gain_ci"][1]
@@ -124,7 +124,8 @@ def test_the_projection_is_not_adopted_for_a_gain_within_noise():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "McNemar p" in result.summary()
 
-    old_rule = Repairer(model, RepairConfig(seed=0, significance_test="none", repair_disable_tqdm=True)).repair(split)
+    old_rule = Repairer(model, RepairConfig(seed=0, significance_test="none", repair_disable_tqdm=True,
+                                            alpha_search="grid")).repair(split)
     assert old_rule.adopted and old_rule.metrics["gain"] == pytest.approx(result.metrics["gain"])
 
 

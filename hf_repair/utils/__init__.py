@@ -1,0 +1,1 @@
+"""Helpers below everything else: one-or-many-process collectives, atomic writes, the version."""
