@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `testbed` (reference models, offline data, noise) lives beside the package, not in it; scripts the tests
 # launch (accelerate launch, the CLI) import it too.
 _ROOT = str(Path(__file__).resolve().parents[1])
+# The set-up modules the launched scripts share with the tests (tests/scripts/*_setup.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 

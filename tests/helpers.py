@@ -1,7 +1,25 @@
-"""Test helpers shared by several test modules."""
+"""Test helpers shared by several test modules: tiny models, collators, paths."""
+
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from transformers.modeling_outputs import ImageClassifierOutput
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"  # scripts the tests launch (accelerate launch, the CLI)
+
+
+class TinyCNN(nn.Module):
+    """One convolution and one linear layer over (batch, 1, size, size) images: every adapter in two layers."""
+
+    def __init__(self, num_classes: int = 3, size: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * size * size, num_classes)
+
+    def forward(self, pixel_values, labels=None):
+        return ImageClassifierOutput(logits=self.fc(torch.relu(self.conv(pixel_values)).flatten(1)))
 
 
 class PadCollator:

@@ -25,9 +25,8 @@ from hf_repair.data import VerifiedSplit
 from hf_repair.modeling.sharding import WeightAccess, ZeRO3WeightAccess, weight_access_for
 from hf_repair.modeling.weights import WeightSnapshot
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-sys.path.insert(0, SCRIPTS)
 from distributed_setup import CONFIG, NUM_VERIFIED, make_model, verified_split  # noqa: E402
+from helpers import SCRIPTS
 
 SETUPS = ["replicated", "loader", "fsdp", "fsdp_orig_params", "fsdp2", "trainer"]
 

@@ -3,7 +3,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from transformers import (
     BertConfig,
@@ -13,23 +12,13 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer
 
-from helpers import PadCollator
+from helpers import PadCollator, TinyCNN
 
 FORCE = dict(min_improvement=-1.0, significance_test="none")  # adopt the best alpha even if it is not better, to check the update
 
-
-class TinyCNN(nn.Module):
-    def __init__(self, num_classes: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 8 * 8, num_classes)
-
-    def forward(self, pixel_values, labels=None):
-        return ImageClassifierOutput(logits=self.fc(torch.relu(self.conv(pixel_values)).flatten(1)))
 
 
 def image_split(n=60, num_classes=3, size=8, channels=1, seed=0):

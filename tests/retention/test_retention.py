@@ -24,7 +24,7 @@ from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
 
-from helpers import image_collate, with_image_transform
+from helpers import SCRIPTS, image_collate, with_image_transform
 
 QUIET = dict(repair_disable_tqdm=True, target_modules="all")
 CHEAP = dict(QUIET, score="loss")  # the cheapest identification, where identification is not what is tested
@@ -435,7 +435,7 @@ def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("needs torch.distributed with the gloo backend")
-    scripts = os.path.join(os.path.dirname(__file__), "scripts")
+    scripts = str(SCRIPTS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

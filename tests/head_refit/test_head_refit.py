@@ -1,18 +1,15 @@
 """Head refit as a repair, on Fashion-MNIST with 40% symmetric label noise: judged out-of-fold, gated, undoable."""
 
 import os
-import sys
 
 import pytest
 import torch
+from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.head_refit import out_of_fold_logits
 from testbed.experiments import evaluate_accuracy, train_classifier
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")),

@@ -9,14 +9,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from trajectory_setup import MLP, distributed_auto  # noqa: E402
 
 from hf_repair import Repairer
 from hf_repair.trajectory import list_checkpoints, read_checkpoint
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-sys.path.insert(0, SCRIPTS)
-from trajectory_setup import MLP, distributed_auto  # noqa: E402
+from helpers import SCRIPTS
 
 pytestmark = [
     pytest.mark.slow,  # two processes launched, trained and repaired: about 45 s

@@ -17,10 +17,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer
+
+from helpers import TinyCNN
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -165,15 +165,6 @@ def problems(browser: DevTools) -> list[str]:
 # a small repaired image model with a suspect-sample gallery
 
 
-class TinyCNN(nn.Module):
-    def __init__(self, num_classes: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 12 * 12, num_classes)
-
-    def forward(self, pixel_values, labels=None):
-        return ImageClassifierOutput(logits=self.fc(torch.relu(self.conv(pixel_values)).flatten(1)))
-
 
 @dataclass
 class Identification:
@@ -192,7 +183,7 @@ def image_report(tmp_path_factory):
         features=datasets.Features({"pixel_values": datasets.Array3D((1, 12, 12), "float32"),
                                     "labels": datasets.ClassLabel(names=["circle", "square", "triangle"])}),
     ).with_format("torch")
-    model = TinyCNN().eval()
+    model = TinyCNN(size=12).eval()
     config = RepairConfig(alphas=[1.0, 100.0, 1e4], repair_seed=0, repair_disable_tqdm=True, min_improvement=-1.0,
                           significance_test="none")
     result = Repairer(model, config).repair(data.select(range(60)))
@@ -232,7 +223,7 @@ def test_report_without_matplotlib_renders_and_says_why(browser, tmp_path, monke
 
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
-    model = TinyCNN().eval()
+    model = TinyCNN(size=12).eval()
     data = datasets.Dataset.from_dict({"pixel_values": torch.randn(30, 1, 12, 12).numpy(),
                                        "labels": (torch.arange(30) % 3).numpy()}).with_format("torch")
     config = RepairConfig(alphas=[1.0, 1e4], repair_seed=0, repair_disable_tqdm=True)

@@ -10,11 +10,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig, Repairer, RepairResult
 from hf_repair.projection.saving import RepairMismatchError, weight_fingerprint
 from hf_repair.utils.files import atomic_directory, check_output_directory, write_json
+
+from helpers import TinyCNN
 
 FORCE = dict(min_improvement=-1.0, significance_test="none")  # adopt the best alpha even if it does not beat the model, to exercise the update
 NEVER = dict(min_improvement=1.0)  # no alpha can beat the model by a whole accuracy point: never adopted
@@ -123,15 +124,6 @@ def token_split(n=60, length=8, num_classes=3):
          "labels": (ids[:, 0] % num_classes).tolist()}
     )
 
-
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 8 * 8, 3)
-
-    def forward(self, pixel_values, labels=None):
-        return ImageClassifierOutput(logits=self.fc(torch.relu(self.conv(pixel_values)).flatten(1)))
 
 
 def image_split(n=60):

@@ -2,20 +2,17 @@
 nested held-out verified folds. Real data: an MLP memorising Fashion-MNIST with 40% symmetric label noise."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
+from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
 from transformers import Trainer, TrainingArguments
 
 from hf_repair import RepairCallback, RepairConfig, Repairer
 from hf_repair.trajectory import CandidateBuilder, Trajectory, TrajectoryPoint, list_checkpoints, read_checkpoint
 from testbed.experiments import evaluate_accuracy, small_vit
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
 
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")),
