@@ -287,10 +287,10 @@ def test_repair_dir_reapplies_a_saved_repair(workdir, tmp_path, capsys):
 
 
 def test_a_failing_report_does_not_cost_the_repaired_model(workdir, tmp_path, capsys, monkeypatch, caplog):
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("plotting exploded")
 
-    monkeypatch.setattr(RepairResult, "report", broken)
+    monkeypatch.setattr("hf_repair.cli.command.write_report", broken)
     out = tmp_path / "out"
     assert main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir", str(out),
                  *STRONG]) == 0
