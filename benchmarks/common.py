@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import psutil
 
@@ -57,7 +56,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def gap_closed(repaired: float, noisy: float, clean: float) -> Optional[float]:
+def gap_closed(repaired: float, noisy: float, clean: float) -> float | None:
     """Share of the gap to the clean-trained model that a repair closes."""
     gap = clean - noisy
     return (repaired - noisy) / gap if gap > 0 else None

@@ -105,7 +105,7 @@ def published_spaces_seconds(model, verified, collator, target_modules: str) -> 
         for name in names:
             module, adapter = targets[name]
 
-            def hook(mod, args, name=name, adapter=adapter):
+            def hook(mod, args, name=name, adapter=adapter, rows=rows, seen=seen):
                 if seen.setdefault(id(args[0]), name) == name:  # q, k, v read one tensor: one SVD, not three
                     rows.setdefault(name, []).append(adapter.input_rows(mod, args[0].detach(), None).float())
 

@@ -152,8 +152,8 @@ def summarize(rows: list[dict[str, Any]], methods: tuple[str, ...]) -> str:
     table = []
     for key in sorted({(r["arch"], r["noise"]) for r in rows}, key=lambda k: (k[0], k[1])):
         group = [r for r in rows if (r["arch"], r["noise"]) == key]
-        mean = lambda name: float(np.mean([r[name] for r in group]))  # noqa: E731
-        std = lambda name: float(np.std([r[name] for r in group]))  # noqa: E731
+        mean = lambda name, group=group: float(np.mean([r[name] for r in group]))  # noqa: E731
+        std = lambda name, group=group: float(np.std([r[name] for r in group]))  # noqa: E731
         line = [key[0], key[1], len(group), f"{100 * mean('noisy'):.2f}", f"{100 * mean('clean'):.2f}"]
         for method in methods:
             gaps = [gap_closed(r[method], r["noisy"], r["clean"]) for r in group]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Union
+from typing import Any
 
 from torch import nn
 
@@ -43,11 +43,11 @@ class Repairer:
     def __init__(
         self,
         model: nn.Module,
-        config: Optional[RepairConfig] = None,
+        config: RepairConfig | None = None,
         *,
-        compute_metrics: Optional[MetricFn | Any] = None,
-        forward_fn: Optional[ForwardFn] = None,
-        collate_fn: Optional[CollateFn] = None,
+        compute_metrics: MetricFn | Any | None = None,
+        forward_fn: ForwardFn | None = None,
+        collate_fn: CollateFn | None = None,
     ) -> None:
         self.model = model
         self.config = config or RepairConfig()
@@ -74,8 +74,8 @@ class Repairer:
         )
 
     def repair(self, verified: Any, train_dataset: Any = None, *,
-               identification: Optional[IdentificationResult] = None,
-               checkpoints: Union[Checkpoints, Trajectory, None] = None) -> RepairResult:
+               identification: IdentificationResult | None = None,
+               checkpoints: Checkpoints | Trajectory | None = None) -> RepairResult:
         """Repair the model in place with `config.method` and return what was done; on any error the model is restored.
 
         Args:

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from torch import nn
 
@@ -45,15 +45,15 @@ class RepairResult:
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     spaces: dict[str, CleanSpace] = field(default_factory=dict)
     selection: list[tuple[float, dict[str, float]]] = field(default_factory=list)
-    _snapshot: Optional[WeightSnapshot] = field(default=None, repr=False)
+    _snapshot: WeightSnapshot | None = field(default=None, repr=False)
 
     @classmethod
-    def from_projection(cls, config: RepairConfig, projection: ProjectionResult) -> "RepairResult":
+    def from_projection(cls, config: RepairConfig, projection: ProjectionResult) -> RepairResult:
         return cls(config=config, metrics=projection.metrics, layers=projection.layers, spaces=projection.spaces,
                    selection=projection.selection, _snapshot=projection.snapshot)
 
     @property
-    def snapshot(self) -> Optional[WeightSnapshot]:
+    def snapshot(self) -> WeightSnapshot | None:
         """The original weights of the repaired layers (or of the whole model); None for a result loaded from disk."""
         return self._snapshot
 
@@ -101,13 +101,13 @@ class RepairResult:
 
     def report(
         self,
-        directory: Union[str, os.PathLike],
+        directory: str | os.PathLike,
         *,
-        model: Optional[nn.Module] = None,
-        test_dataset: Optional[Any] = None,
-        identification: Optional[Any] = None,
-        train_dataset: Optional[Any] = None,
-        class_names: Optional[list[str]] = None,
+        model: nn.Module | None = None,
+        test_dataset: Any | None = None,
+        identification: Any | None = None,
+        train_dataset: Any | None = None,
+        class_names: list[str] | None = None,
         overwrite: bool = False,
         top_n: int = 48,
         **kwargs: Any,
@@ -144,7 +144,7 @@ class RepairResult:
             "selection": [{"alpha": alpha, "scores": dict(scores)} for alpha, scores in self.selection],
         }
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], *, overwrite: bool = False) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the repair so it can be re-applied to the same checkpoint, inspected or undone.
 
         The directory gets `repair_config.json`, `repair_result.json` (metrics, alpha sweep, per-layer
@@ -167,7 +167,7 @@ class RepairResult:
             write_json(staging / RESULT_NAME, report)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "RepairResult":
+    def from_pretrained(cls, directory: str | os.PathLike) -> RepairResult:
         """Load a repair written by `save_pretrained` (on CPU). Apply it with `apply_to(model)`."""
         directory = Path(directory)
         if not (directory / RESULT_NAME).is_file():
@@ -194,7 +194,7 @@ class RepairResult:
         result._check_consistent()
         return result
 
-    def apply_to(self, model: nn.Module, *, check_weights: bool = True) -> "RepairResult":
+    def apply_to(self, model: nn.Module, *, check_weights: bool = True) -> RepairResult:
         """Re-apply this repair to `model` in place, and return a result whose `undo()` reverts it.
 
         `model` must be the checkpoint the repair was made on: every weight becomes W_original M(alpha)
@@ -231,7 +231,7 @@ class RepairResult:
         logger.info("Re-applied the saved repair to %d layers.", len(targets))
         return dataclasses.replace(self, metrics=dict(self.metrics), _snapshot=snapshot)
 
-    def group_alphas(self) -> dict[str, Optional[float]]:
+    def group_alphas(self) -> dict[str, float | None]:
         """The alpha applied to each clean space (None: its layers were left as trained)."""
         return {record.group: record.alpha for record in self.layers.values()}
 

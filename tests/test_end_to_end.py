@@ -42,5 +42,5 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     # Coarse-to-fine (the default) chooses the alpha that scoring every alpha of the grid chooses.
     full = Repairer(unrepaired, RepairConfig(target_modules="all", seed=0, disable_tqdm=True, alpha_search="grid"))
     assert full.repair(verified).metrics["alpha"] == result.metrics["alpha"]
-    for (name, ours), theirs in zip(model.state_dict().items(), unrepaired.state_dict().values()):
+    for (name, ours), theirs in zip(model.state_dict().items(), unrepaired.state_dict().values(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import datasets
 import torch
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 _USER_ERRORS = (ValueError, KeyError, OSError)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-repair` console script; exits with status 2 and a one-line reason on bad input."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
@@ -133,9 +134,9 @@ def check_output(model_dir: Path, output_dir: Path, overwrite: bool) -> None:
 
 
 def write_repair_report(
-    result: RepairResult, directory: Path, model: PreTrainedModel, test: Optional[datasets.Dataset],
-    collate_fn: Optional[Any],
-) -> tuple[Optional[str], Optional[str]]:
+    result: RepairResult, directory: Path, model: PreTrainedModel, test: datasets.Dataset | None,
+    collate_fn: Any | None,
+) -> tuple[str | None, str | None]:
     """Write the report into `directory/repair_report`: its index.html relative to `directory`, or None and why not.
 
     Best effort: the repaired model is what the run is for, so a report that fails is logged and left
@@ -150,7 +151,7 @@ def write_repair_report(
 
 
 def format_table(result: RepairResult, numbers: dict[str, Any], model_name: str, output_dir: Path,
-                 report: Optional[str] = None) -> str:
+                 report: str | None = None) -> str:
     """The short summary printed at the end of a run, around the report's before/after table.
 
     `numbers` is the report's `report.json`, or at least `{"metrics": result.metrics}`.

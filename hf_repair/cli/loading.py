@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import torch
@@ -45,8 +45,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
 # the checkpoint
 
 
-def load_checkpoint(model_dir: Path, auto_class: Optional[str],
-                    device: torch.device) -> tuple[PreTrainedModel, Optional[Any]]:
+def load_checkpoint(model_dir: Path, auto_class: str | None,
+                    device: torch.device) -> tuple[PreTrainedModel, Any | None]:
     """MODEL_DIR's classifier (in eval mode, on `device`) and its tokenizer or image processor (or None)."""
     model_class = resolve_auto_class(AutoConfig.from_pretrained(model_dir), auto_class)
     model = model_class.from_pretrained(model_dir).to(device).eval()
@@ -67,7 +67,7 @@ def check_checkpoint(model_dir: Path) -> None:
         )
 
 
-def resolve_auto_class(config: transformers.PretrainedConfig, auto_class: Optional[str] = None) -> Any:
+def resolve_auto_class(config: transformers.PretrainedConfig, auto_class: str | None = None) -> Any:
     """The `AutoModelFor...Classification` class whose mapping holds the architecture in config.json."""
     if auto_class is not None:
         cls = getattr(transformers, auto_class, None)
@@ -91,7 +91,7 @@ def resolve_auto_class(config: transformers.PretrainedConfig, auto_class: Option
     )
 
 
-def load_preprocessor(model: PreTrainedModel, model_dir: Path) -> Optional[Any]:
+def load_preprocessor(model: PreTrainedModel, model_dir: Path) -> Any | None:
     """MODEL_DIR's tokenizer (text models) or image processor (image models), or None if it has none."""
     if model.main_input_name == "input_ids":
         # AutoTokenizer builds an empty tokenizer from config.json alone; only trust saved tokenizer files.
@@ -108,16 +108,16 @@ def load_preprocessor(model: PreTrainedModel, model_dir: Path) -> Optional[Any]:
 
 
 def load_data(
-    path: str, split: Optional[str], config: RepairConfig, model: PreTrainedModel, preprocessor: Optional[Any],
+    path: str, split: str | None, config: RepairConfig, model: PreTrainedModel, preprocessor: Any | None,
     cli_args: CLIArguments, name: str = "verified",
-) -> tuple[datasets.Dataset, Optional[Any]]:
+) -> tuple[datasets.Dataset, Any | None]:
     """The `--verified` (or `--test`) data read from disk, with model label ids and inputs, and its collate_fn."""
     dataset = load_verified(path, split, name)
     dataset = prepare_labels(dataset, config, model.config, name)
     return prepare_inputs(dataset, model, preprocessor, cli_args, name)
 
 
-def load_verified(path: str, split: Optional[str] = None, name: str = "verified") -> datasets.Dataset:
+def load_verified(path: str, split: str | None = None, name: str = "verified") -> datasets.Dataset:
     """A Dataset from a save_to_disk directory, a data file (by extension) or an image folder.
 
     `name` is the flag the data came from (`verified` or `test`), for error messages.
@@ -167,7 +167,7 @@ def prepare_labels(dataset: datasets.Dataset, config: RepairConfig, model_config
             mapping = [label2id[name] for name in feature.names]
             if mapping != list(range(len(mapping))):
                 logger.info("Mapping the %s class names to the model's label ids: %s", name,
-                            dict(zip(feature.names, mapping)))
+                            dict(zip(feature.names, mapping, strict=True)))
                 return _map_labels(dataset, column, lambda i: mapping[i])
         elif named:
             logger.warning(
@@ -196,9 +196,9 @@ def _map_labels(dataset: datasets.Dataset, column: str, to_id: Any) -> datasets.
 
 
 def prepare_inputs(
-    dataset: datasets.Dataset, model: PreTrainedModel, preprocessor: Optional[Any], cli_args: CLIArguments,
+    dataset: datasets.Dataset, model: PreTrainedModel, preprocessor: Any | None, cli_args: CLIArguments,
     name: str = "verified",
-) -> tuple[datasets.Dataset, Optional[Any]]:
+) -> tuple[datasets.Dataset, Any | None]:
     """The --verified (or --test) split with the model's inputs (tokenized or processed), and its collate_fn."""
     columns = dataset.column_names
     main_input = model.main_input_name

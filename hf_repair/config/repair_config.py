@@ -86,7 +86,7 @@ class RepairConfig(TrajectoryArguments, RetentionArguments, IdentificationArgume
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "RepairConfig":
+    def from_pretrained(cls, directory: str | os.PathLike) -> RepairConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}; was it written by save_pretrained?")

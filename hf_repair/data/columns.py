@@ -9,8 +9,8 @@ batch the same way (`pop_labels`). Training sets are read in Arrow slices (`nump
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def has_transform(dataset: Any) -> bool:
     return getattr(dataset, "format", {}).get("type") == "custom"
 
 
-def model_columns(dataset: Any, label_column: str, input_names: Optional[set[str]]) -> list[str]:
+def model_columns(dataset: Any, label_column: str, input_names: set[str] | None) -> list[str]:
     """The columns a forward pass reads: the model's inputs and the label, in dataset order.
 
     With an on-the-fly transform (images decoded and resized in `Trainer` scripts run with
@@ -85,7 +85,7 @@ def numpy_batches(dataset: Any, batch_size: int) -> Iterator[dict[str, np.ndarra
         yield batch
 
 
-def _uniform_list_array(column: Any) -> Optional[np.ndarray]:
+def _uniform_list_array(column: Any) -> np.ndarray | None:
     """A (possibly nested) Arrow list column whose rows share one shape, as one numeric array; else None."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -111,7 +111,7 @@ def _uniform_list_array(column: Any) -> Optional[np.ndarray]:
     return np.array(array.to_numpy(zero_copy_only=False)).reshape(shape)  # a writable copy, as torch wants
 
 
-def model_input_names(model: nn.Module) -> Optional[set[str]]:
+def model_input_names(model: nn.Module) -> set[str] | None:
     """The named inputs of `model.forward`, as `Trainer(remove_unused_columns=True)` keeps them.
 
     None (keep every column) when the forward takes nothing but **kwargs. A named signature with
@@ -124,8 +124,8 @@ def model_input_names(model: nn.Module) -> Optional[set[str]]:
     return named or None
 
 
-def training_batches(dataset: Any, indices: np.ndarray, label_column: str, input_names: Optional[set[str]],
-                     collate_fn: Optional[CollateFn], batch_size: int) -> Iterator[dict[str, Any]]:
+def training_batches(dataset: Any, indices: np.ndarray, label_column: str, input_names: set[str] | None,
+                     collate_fn: CollateFn | None, batch_size: int) -> Iterator[dict[str, Any]]:
     """Batches of `dataset.select(indices)` in order, with the label column and the model's input columns only.
 
     Without a `collate_fn` or a transform, each batch is read from Arrow in one slice (as numpy, then

@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,9 +44,9 @@ class VerifiedSplit:
         batch_size: int,
         seed: int,
         label_column: str = "labels",
-        collate_fn: Optional[CollateFn] = None,
-        input_names: Optional[set[str]] = None,
-        device: Union[str, torch.device] = "cpu",
+        collate_fn: CollateFn | None = None,
+        input_names: set[str] | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.num_folds = num_folds
         self.label_column = label_column
@@ -60,7 +60,7 @@ class VerifiedSplit:
     # construction
 
     def _init_from_dataset(self, dataset: Any, batch_size: int, seed: int, collate_fn: CollateFn,
-                           input_names: Optional[set[str]]) -> None:
+                           input_names: set[str] | None) -> None:
         columns = getattr(dataset, "column_names", None)
         if columns is None:
             raise TypeError(
@@ -89,7 +89,7 @@ class VerifiedSplit:
         self._dataset = dataset.select_columns(keep)
         self._batch_size = batch_size
         self._collate_fn = collate_fn
-        self._cached: Optional[list[list[Batch]]] = None
+        self._cached: list[list[Batch]] | None = None
 
         rank, world = process_info()
         folds = stratified_folds(labels, self.num_folds, seed)
@@ -126,13 +126,13 @@ class VerifiedSplit:
     # ----------------------------------------------------------------------------------------
     # iteration
 
-    def num_local_samples(self, fold: Optional[int] = None) -> int:
+    def num_local_samples(self, fold: int | None = None) -> int:
         folds = range(self.num_folds) if fold is None else [fold]
         if self.fold_indices is None:  # from a DataLoader
             return sum(len(b[self.label_column]) for f in folds for b in self._cached[f])
         return sum(len(self.fold_indices[f]) for f in folds)
 
-    def batches(self, fold: Optional[int] = None) -> Iterator[LabeledBatch]:
+    def batches(self, fold: int | None = None) -> Iterator[LabeledBatch]:
         """Batches of one fold (or of all folds, fold by fold), moved to the device and checked."""
         for f in range(self.num_folds) if fold is None else [fold]:
             for raw in self._raw_batches(f):

@@ -3,7 +3,8 @@ function, or an `evaluate` metric object."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ MetricFn = Callable[[EvalPrediction], dict[str, float]]
 def compute_scores(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    compute_metrics: Optional[Any] = None,
+    compute_metrics: Any | None = None,
 ) -> dict[str, float]:
     """Accuracy always; plus whatever `compute_metrics` (a function or an `evaluate` metric) reports."""
     predictions = logits.argmax(dim=-1)

@@ -7,9 +7,9 @@ verified split builds it here (`split_verified`), with one rule for which column
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -44,8 +44,8 @@ def predict(
     model: nn.Module,
     batches: Iterable[LabeledBatch],
     forward_fn: ForwardFn = default_forward,
-    before_forward: Optional[Callable[[LabeledBatch], None]] = None,
-    progress: Optional[Any] = None,
+    before_forward: Callable[[LabeledBatch], None] | None = None,
+    progress: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of every batch, gathered over processes (rank by rank, no duplicates)."""
     all_logits, all_labels = [], []
@@ -65,7 +65,7 @@ def predict_by_fold(
     model: nn.Module,
     split: VerifiedSplit,
     forward_fn: ForwardFn = default_forward,
-    before_forward: Optional[Callable[[LabeledBatch], None]] = None,
+    before_forward: Callable[[LabeledBatch], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits, labels and fold ids of every verified sample, fold by fold, each fold gathered over processes.
 
@@ -92,13 +92,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def input_names_for(model: nn.Module, forward_fn: ForwardFn) -> Optional[set[str]]:
+def input_names_for(model: nn.Module, forward_fn: ForwardFn) -> set[str] | None:
     """The batch keys passed to the model: its named forward arguments, or all of them with a custom forward_fn."""
     return model_input_names(model) if forward_fn is default_forward else None
 
 
-def split_verified(model: nn.Module, verified: Any, config: "RepairConfig", forward_fn: ForwardFn = default_forward,
-                   collate_fn: Optional[CollateFn] = None) -> VerifiedSplit:
+def split_verified(model: nn.Module, verified: Any, config: RepairConfig, forward_fn: ForwardFn = default_forward,
+                   collate_fn: CollateFn | None = None) -> VerifiedSplit:
     """The verified samples as this process's folds of batches, on the model's device; checks the columns."""
     split = VerifiedSplit(
         verified,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 BOOTSTRAP_RESAMPLES = 10_000
 
-Correctness = Union[torch.Tensor, np.ndarray]
+Correctness = torch.Tensor | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def compare_predictions(candidate_correct: Correctness, baseline_correct: Correc
 
 
 def significance_gate(candidate_correct: Correctness, baseline_correct: Correctness,
-                      config: "RepairConfig") -> PairedComparison:
+                      config: RepairConfig) -> PairedComparison:
     """`compare_predictions` with the config's `significance_test`, `significance_level` and seed.
 
     Every adoption decision calls this with the held-out predictions of the candidate and of the model

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -41,8 +41,8 @@ def refit_classification_head(
     verified: Any,
     *,
     forward_fn: ForwardFn = default_forward,
-    collate_fn: Optional[CollateFn] = None,
-    compute_metrics: Optional[Any] = None,
+    collate_fn: CollateFn | None = None,
+    compute_metrics: Any | None = None,
 ) -> tuple[dict[str, Any], ModelSnapshot]:
     """Refit `model`'s head in place if the out-of-fold refit significantly beats it; (metrics, head snapshot).
 
@@ -108,8 +108,8 @@ def repair_head(
     verified: Any,
     *,
     forward_fn: ForwardFn = default_forward,
-    collate_fn: Optional[CollateFn] = None,
-    compute_metrics: Optional[Any] = None,
+    collate_fn: CollateFn | None = None,
+    compute_metrics: Any | None = None,
 ) -> RepairResult:
     """`Repairer.repair` for "head_refit" and "projection+head_refit"; `result.undo()` restores every weight exactly."""
     if config.method not in HEAD_REFIT_METHODS:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -48,10 +48,10 @@ def identify_harmful(
     model: nn.Module,
     train_dataset: datasets.Dataset,
     verified: Any,
-    config: Optional[RepairConfig] = None,
+    config: RepairConfig | None = None,
     *,
-    forward_fn: Optional[ForwardFn] = None,
-    collate_fn: Optional[CollateFn] = None,
+    forward_fn: ForwardFn | None = None,
+    collate_fn: CollateFn | None = None,
 ) -> IdentificationResult:
     """Score, rank and flag every training sample with the verified split; the model is left unchanged.
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,12 +96,12 @@ class _LayerStatistics:
 
     exact: bool
     class_gradients: torch.Tensor  # (C, out, in): sum of per-sample gradients of each class
-    hessian: Optional[torch.Tensor] = None  # exact: (out*in, out*in)
-    input_factor: Optional[torch.Tensor] = None  # K-FAC: sum of a a^T over rows
-    output_factor: Optional[torch.Tensor] = None  # K-FAC: sum of g g^T over rows (or of diag(p) - pp^T)
+    hessian: torch.Tensor | None = None  # exact: (out*in, out*in)
+    input_factor: torch.Tensor | None = None  # K-FAC: sum of a a^T over rows
+    output_factor: torch.Tensor | None = None  # K-FAC: sum of g g^T over rows (or of diag(p) - pp^T)
     rows: int = 0
     samples: int = 0
-    preconditioned: Optional[torch.Tensor] = field(default=None, repr=False)  # (C, out, in): H^-1 mean_c
+    preconditioned: torch.Tensor | None = field(default=None, repr=False)  # (C, out, in): H^-1 mean_c
 
 
 class InfluenceModel:
@@ -118,7 +117,7 @@ class InfluenceModel:
         num_classes: int,
         preconditioner: str = "auto",
         dtype: torch.dtype = torch.float64,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(f"preconditioner must be one of {list(PRECONDITIONERS)}, got {preconditioner!r}.")
@@ -156,7 +155,7 @@ class InfluenceModel:
     # output gradients
 
     def output_gradients(
-        self, capture: LayerCapture, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None
+        self, capture: LayerCapture, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """dL/d(output) of every tracked layer for the cross-entropy with `labels`, summed (weighted) over samples."""
         grads: dict[str, torch.Tensor] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -31,11 +30,11 @@ class SelectedLayers:
 
     tracked: list[TrackedLayer]
     num_classes: int
-    probe: Optional[tuple[str, nn.Module]]
+    probe: tuple[str, nn.Module] | None
     probe_problem: str = ""
 
     @property
-    def head(self) -> Optional[TrackedLayer]:
+    def head(self) -> TrackedLayer | None:
         """The tracked layer whose output is the logits (closed-form gradients, refittable), if any."""
         return next((layer for layer in reversed(self.tracked) if layer.closed_form), None)
 
@@ -51,7 +50,7 @@ class _Trace:
     num_classes: int
 
     @property
-    def head(self) -> Optional[str]:
+    def head(self) -> str | None:
         """The classification head: the last layer whose output is the logits, else the last with C outputs
         (e.g. GPT-2: the score layer runs on every token and the logits are pooled afterwards)."""
         if self.heads:
@@ -134,7 +133,7 @@ def _influence_layer_names(trace: _Trace, config: RepairConfig, chosen: list[str
     return trace.order[max(0, position - config.influence_depth + 1) : position + 1]
 
 
-def _probe_layer_name(trace: _Trace, config: RepairConfig) -> tuple[Optional[str], str]:
+def _probe_layer_name(trace: _Trace, config: RepairConfig) -> tuple[str | None, str]:
     """`probe_module`, or the input of the classifier MLP: walk back from the head while layers see one row
     per sample. Returns (name, "") or (None, why there is none)."""
     if config.probe_module is not None:

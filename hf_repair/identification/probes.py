@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +119,7 @@ def _cross_validate(features: torch.Tensor, labels: torch.Tensor, folds: torch.T
 
 
 def _fit(features: torch.Tensor, labels: torch.Tensor, anchor: torch.Tensor, penalty: float,
-         init: Optional[torch.Tensor] = None, tolerance: float = 1e-10, max_iter: int = 100) -> torch.Tensor:
+         init: torch.Tensor | None = None, tolerance: float = 1e-10, max_iter: int = 100) -> torch.Tensor:
     """Minimise mean CE([x, 1] W^T, y) + penalty/2 ||W - anchor||^2 from `init` (default: the anchor),
     to within about `tolerance` of the minimum.
 

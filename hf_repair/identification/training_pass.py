@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -34,7 +34,7 @@ FIELDS = ("index", "influence", "influence_mean", "loss", "prediction", "refit",
 
 
 def projected_reference(model: nn.Module, verified: Any, config: RepairConfig, forward_fn: ForwardFn,
-                    collate_fn: Optional[CollateFn]) -> nn.Module:
+                    collate_fn: CollateFn | None) -> nn.Module:
     projected = copy.deepcopy(model)
     result = project(projected, dataclasses.replace(config, method="projection"), verified, forward_fn=forward_fn,
                      collate_fn=collate_fn)
@@ -44,13 +44,13 @@ def projected_reference(model: nn.Module, verified: Any, config: RepairConfig, f
 
 def score_training_set(
     model: nn.Module,
-    projected: Optional[nn.Module],
+    projected: nn.Module | None,
     dataset: datasets.Dataset,
     scorer: VerifiedPass,
     config: RepairConfig,
     forward_fn: ForwardFn,
-    collate_fn: Optional[CollateFn],
-    input_names: Optional[set[str]],
+    collate_fn: CollateFn | None,
+    input_names: set[str] | None,
     device: torch.device,
 ) -> np.ndarray:
     """(N, len(FIELDS)) per-sample values in dataset order, identical on every process."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -39,8 +38,8 @@ class VerifiedPass:
         self.influence = InfluenceModel(layers.tracked, layers.num_classes, config.preconditioner, generator=generator)
         self.head = layers.head
         self.probe_layer = layers.probe
-        self.refit: Optional[HeadRefit] = None
-        self.probe: Optional[LinearProbe] = None
+        self.refit: HeadRefit | None = None
+        self.probe: LinearProbe | None = None
         self.blind_classes: list[int] = []
         self.num_verified = 0
         self.verified_accuracy = math.nan
@@ -52,7 +51,7 @@ class VerifiedPass:
             modules.setdefault(*self.probe_layer)
         return modules
 
-    def run(self, split: VerifiedSplit, refit: bool) -> "VerifiedPass":
+    def run(self, split: VerifiedSplit, refit: bool) -> VerifiedPass:
         """Accumulate the influence statistics and fit the probe (and, if asked, the head refit)."""
         influence = self.influence
         head_rows, probe_rows, labels, folds, predictions = [], [], [], [], []

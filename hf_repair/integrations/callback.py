@@ -40,7 +40,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -99,15 +100,15 @@ class RepairCallback(TrainerCallback):
 
     def __init__(
         self,
-        config: Optional[RepairConfig],
+        config: RepairConfig | None,
         verified_dataset: Any,
         *,
-        collate_fn: Optional[CollateFn] = None,
-        compute_metrics: Optional[MetricFn | Any] = None,
-        forward_fn: Optional[ForwardFn] = None,
+        collate_fn: CollateFn | None = None,
+        compute_metrics: MetricFn | Any | None = None,
+        forward_fn: ForwardFn | None = None,
         write_report: bool = True,
-        test_dataset: Optional[Any] = None,
-        train_dataset: Optional[Any] = None,
+        test_dataset: Any | None = None,
+        train_dataset: Any | None = None,
     ) -> None:
         if verified_dataset is None:
             raise ValueError("RepairCallback needs verified_dataset: the verified samples to repair the model with.")
@@ -121,15 +122,15 @@ class RepairCallback(TrainerCallback):
         self.write_report = write_report
         self.test_dataset = test_dataset
         self.train_dataset = train_dataset
-        self.result: Optional[RepairResult] = None
-        self.error: Optional[Exception] = None
-        self.trajectory: Optional[Trajectory] = None
-        self._recorder: Optional[TrajectoryRecorder] = None
-        self._log: Optional[Callable[[dict[str, float]], None]] = None
-        self._trainer_collate_fn: Optional[CollateFn] = None
-        self._trainer_train_dataset: Optional[Any] = None
+        self.result: RepairResult | None = None
+        self.error: Exception | None = None
+        self.trajectory: Trajectory | None = None
+        self._recorder: TrajectoryRecorder | None = None
+        self._log: Callable[[dict[str, float]], None] | None = None
+        self._trainer_collate_fn: CollateFn | None = None
+        self._trainer_train_dataset: Any | None = None
 
-    def attach(self, trainer: "Trainer") -> "RepairCallback":
+    def attach(self, trainer: Trainer) -> RepairCallback:
         """Register with `trainer` ahead of its reporting integrations and log through `trainer.log`.
 
         `Trainer(callbacks=[...])` and `trainer.add_callback` place callbacks after TensorBoard, W&B,
@@ -148,7 +149,7 @@ class RepairCallback(TrainerCallback):
     # events
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: Optional[nn.Module] = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+                       model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         """Check everything the repair will need now, not after hours of training."""
         if self._log is None and args.report_to:
             raise ValueError(
@@ -179,7 +180,7 @@ class RepairCallback(TrainerCallback):
             self._recorder.record(state.global_step, state.epoch)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+                     model: nn.Module | None = None, **kwargs: Any) -> None:
         self.result, self.error = None, None
         try:
             train_dataset = self._training_data() if self.config.method in FINETUNE_METHODS else None
@@ -213,7 +214,7 @@ class RepairCallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------------------------
 
-    def _repairer(self, model: Optional[nn.Module], args: TrainingArguments) -> Repairer:
+    def _repairer(self, model: nn.Module | None, args: TrainingArguments) -> Repairer:
         if model is None:
             raise ValueError("RepairCallback got no model from the Trainer; it must be registered with a Trainer.")
         config = self.config
@@ -229,7 +230,7 @@ class RepairCallback(TrainerCallback):
             collate_fn=self.collate_fn or self._trainer_collate_fn,
         )
 
-    def _final_trajectory(self, state: TrainerState) -> Optional[Trajectory]:
+    def _final_trajectory(self, state: TrainerState) -> Trajectory | None:
         """method "auto": the recorded trajectory, with the model as it ends training marked final."""
         if self._recorder is None:
             return None
@@ -249,7 +250,7 @@ class RepairCallback(TrainerCallback):
             )
         return dataset
 
-    def _report(self, model: nn.Module, args: TrainingArguments) -> tuple[Optional[str], Optional[str]]:
+    def _report(self, model: nn.Module, args: TrainingArguments) -> tuple[str | None, str | None]:
         """Write `output_dir/repair_report/`; on failure log it and return the reason instead of raising."""
         try:
             page = self.result.report(
@@ -329,13 +330,13 @@ def _repair_logs(result: RepairResult) -> dict[str, Any]:
 
 
 def repair_results(
-    result: Optional[RepairResult],
+    result: RepairResult | None,
     config: RepairConfig,
     source: dict[str, Any],
     *,
-    report: Optional[str] = None,
-    report_error: Optional[str] = None,
-    error: Optional[BaseException] = None,
+    report: str | None = None,
+    report_error: str | None = None,
+    error: BaseException | None = None,
 ) -> dict[str, Any]:
     """The content of `repair_results.json`, written alike by `RepairCallback` and `hf-repair`.
 

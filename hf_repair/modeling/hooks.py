@@ -9,7 +9,7 @@ callback the tensor the layer was called on.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ class LayerHooks:
     def on_input(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def on_output(self, name: str, module: nn.Module, x: torch.Tensor, output: Any) -> Optional[torch.Tensor]:
+    def on_output(self, name: str, module: nn.Module, x: torch.Tensor, output: Any) -> torch.Tensor | None:
         raise NotImplementedError
 
     def _input_hook(self, name: str):
@@ -65,7 +65,7 @@ class LayerHooks:
         return hook
 
     def _output_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Optional[torch.Tensor]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
             return self.on_output(name, module, layer_input(args, kwargs), output)
 
         return hook
@@ -102,7 +102,7 @@ class LayerCapture(LayerHooks):
         self.outputs.clear()
         self.order.clear()
 
-    def on_output(self, name: str, module: nn.Module, x: torch.Tensor, output: Any) -> Optional[torch.Tensor]:
+    def on_output(self, name: str, module: nn.Module, x: torch.Tensor, output: Any) -> torch.Tensor | None:
         if name in self.inputs:
             if self.strict:
                 raise ValueError(

@@ -7,7 +7,7 @@ to the layer's weight in the layout that layer stores it.
 
 from __future__ import annotations
 
-from typing import Hashable, Optional
+from collections.abc import Hashable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ class LayerAdapter:
         """Two layers fed the same tensor share one clean space iff their signatures are equal."""
         return (self.kind, self.input_dim(module))
 
-    def input_rows(self, module: nn.Module, x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def input_rows(self, module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """(n, d) rows of the layer input; padded tokens (token_mask == 0) are dropped."""
         rows_per_position = x.reshape(-1, x.shape[-1])
         if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
@@ -85,7 +85,7 @@ class Conv2dAdapter(LayerAdapter):
         return (self.kind, module.in_channels, module.kernel_size, module.stride, module.padding,
                 module.dilation, module.padding_mode)
 
-    def input_rows(self, module: nn.Conv2d, x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def input_rows(self, module: nn.Conv2d, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         # Pad exactly as the layer does (any padding_mode, "same"/"valid"), then unfold unpadded.
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
@@ -102,7 +102,7 @@ class Conv2dAdapter(LayerAdapter):
 _LINEAR, _CONV1D, _CONV2D = LinearAdapter(), Conv1DAdapter(), Conv2dAdapter()
 
 
-def adapter_for(module: nn.Module) -> Optional[LayerAdapter]:
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
     """The adapter for a repairable layer, or None (including grouped convolutions)."""
     if isinstance(module, nn.Linear):
         return _LINEAR

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ class WeightAccess:
 
     kind = "plain"
 
-    def __init__(self, model: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
         self.model = model
 
     @contextmanager

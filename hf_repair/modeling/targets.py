@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Optional, Union
 
 from torch import nn
 
@@ -37,7 +36,7 @@ def canonical_name(name: str) -> str:
     return ".".join(kept)
 
 
-def _matches(name: str, pattern: Union[list[str], str]) -> bool:
+def _matches(name: str, pattern: list[str] | str) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == key or name.endswith("." + key) for key in pattern)
@@ -54,8 +53,8 @@ def _tied_parameters(model: nn.Module) -> set[int]:
 
 def find_target_modules(
     model: nn.Module,
-    target_modules: Union[list[str], str],
-    exclude_modules: Optional[Union[list[str], str]] = None,
+    target_modules: list[str] | str,
+    exclude_modules: list[str] | str | None = None,
 ) -> dict[str, tuple[nn.Module, LayerAdapter]]:
     """Map canonical module name -> (module, adapter) for every layer to repair.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Optional
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from .sharding import WeightAccess
 class WeightSnapshot:
     """Exact copies of the target layers' weights, taken before anything is changed."""
 
-    def __init__(self, modules: dict[str, nn.Module], access: Optional[WeightAccess] = None) -> None:
+    def __init__(self, modules: dict[str, nn.Module], access: WeightAccess | None = None) -> None:
         self.modules = modules
         # How to reach each full weight when training left it sharded (FSDP, ZeRO-3); see sharding.py.
         self.access = access or WeightAccess()

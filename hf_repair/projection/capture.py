@@ -7,7 +7,7 @@ grouped on first sight and share one Gram, hence one clean space.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,14 +38,14 @@ class GramCollector(LayerHooks):
         self.grams: dict[str, torch.Tensor] = {}  # leader -> (num_slots, d, d)
         self.rows: dict[str, torch.Tensor] = {}  # leader -> (num_slots,) row counts
         self._slot = 0
-        self._token_mask: Optional[torch.Tensor] = None
+        self._token_mask: torch.Tensor | None = None
         self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
         self._seen.clear()
 
-    def begin_batch(self, slot: int, token_mask: Optional[torch.Tensor] = None) -> None:
+    def begin_batch(self, slot: int, token_mask: torch.Tensor | None = None) -> None:
         self._slot = slot
         self._token_mask = token_mask
         self._seen.clear()  # tensors are only shared within one forward pass

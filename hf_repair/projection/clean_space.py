@@ -21,7 +21,7 @@ class CleanSpace:
     num_rows: int
 
     @classmethod
-    def from_gram(cls, gram: torch.Tensor, num_rows: int) -> "CleanSpace":
+    def from_gram(cls, gram: torch.Tensor, num_rows: int) -> CleanSpace:
         gram = 0.5 * (gram + gram.t())  # exact symmetry for eigh after float sums
         energies, basis = torch.linalg.eigh(gram)
         energies = energies.flip(0).clamp_min(0.0)  # round-off can leave tiny negatives

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -35,9 +35,9 @@ class LayerRecord:
     input_dim: int
     rank: int
     relative_change: float
-    weight_shape: Optional[tuple[int, ...]] = None  # of the original weight, in the module's layout
-    weight_sha256: Optional[str] = None  # of the original weight; computed by save_pretrained
-    alpha: Optional[float] = None  # the alpha applied to this layer; None: left as trained
+    weight_shape: tuple[int, ...] | None = None  # of the original weight, in the module's layout
+    weight_sha256: str | None = None  # of the original weight; computed by save_pretrained
+    alpha: float | None = None  # the alpha applied to this layer; None: left as trained
 
 
 @dataclass
@@ -73,8 +73,8 @@ def project(
     verified: Any,
     *,
     forward_fn: ForwardFn = default_forward,
-    collate_fn: Optional[Any] = None,
-    compute_metrics: Optional[MetricFn | Any] = None,
+    collate_fn: Any | None = None,
+    compute_metrics: MetricFn | Any | None = None,
 ) -> ProjectionResult:
     """Project `model`'s target layers in place onto the clean spaces of `verified`; restored on any error.
 
@@ -132,7 +132,7 @@ def _result(search: AlphaSearchResult, config: RepairConfig, targets: dict[str, 
                             snapshot=snapshot)
 
 
-def _layer_alpha(search: AlphaSearchResult, leader: str) -> Optional[float]:
+def _layer_alpha(search: AlphaSearchResult, leader: str) -> float | None:
     """The alpha applied to a clean space's layers; None where the layers were left as trained."""
     if not search.adopted:
         return None

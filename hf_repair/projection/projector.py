@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -33,7 +32,7 @@ class Projector:
                 original = snapshot.original(name).to(device=basis.device, dtype=basis.dtype)
                 self._rotated[name] = targets[name][1].as_matrix(original) @ basis
 
-    def apply(self, alpha: Union[float, Mapping[str, Optional[float]]]) -> None:
+    def apply(self, alpha: float | Mapping[str, float | None]) -> None:
         """One alpha for every layer, or one per clean space (None leaves that space's layers as trained)."""
         for leader, members in self.groups.items():
             group_alpha = alpha.get(leader) if isinstance(alpha, Mapping) else alpha

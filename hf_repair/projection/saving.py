@@ -8,8 +8,7 @@ weight fingerprints before a repair is re-applied to it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from typing import Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -93,7 +92,7 @@ def find_saved_layers(model: nn.Module, kinds: Mapping[str, str]) -> dict[str, t
 def check_original_weights(
     weights: Mapping[str, torch.Tensor],
     shapes: Mapping[str, Sequence[int]],
-    fingerprints: Optional[Mapping[str, Optional[str]]] = None,
+    fingerprints: Mapping[str, str | None] | None = None,
 ) -> None:
     """Refuse weights whose shape differs from the saved one, or (with `fingerprints`) whose bits differ.
 

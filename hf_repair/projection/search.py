@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 class AlphaSearchResult:
     """What the projection decided, and the clean spaces it decided with."""
 
-    alpha: Optional[float]  # the best global alpha; None when the repair was not adopted
-    layer_alphas: Optional[dict[str, Optional[float]]]  # alpha_scope="layer": per clean space (None: untouched)
+    alpha: float | None  # the best global alpha; None when the repair was not adopted
+    layer_alphas: dict[str, float | None] | None  # alpha_scope="layer": per clean space (None: untouched)
     adopted: bool
     baseline_scores: dict[str, float]  # the unrepaired model on every verified sample
     chosen_scores: dict[str, float]  # the adopted choice, each sample scored by a space built without it
@@ -63,7 +63,7 @@ class AlphaSearch:
     """Chooses alpha (globally, or per clean space) by k-fold scores on the verified split, then applies it."""
 
     def __init__(self, model: nn.Module, config: RepairConfig, targets: dict[str, tuple[nn.Module, LayerAdapter]],
-                 forward_fn: ForwardFn, compute_metrics: Optional[Any] = None) -> None:
+                 forward_fn: ForwardFn, compute_metrics: Any | None = None) -> None:
         self.model = model
         self.config = config
         self.targets = targets
@@ -116,7 +116,7 @@ class AlphaSearch:
         start = time.perf_counter()
         correct: dict[Any, torch.Tensor] = {}  # held-out correctness of every choice scored, for the paired test
 
-        def cross_validate(alpha: Union[float, Mapping[str, Optional[float]]]) -> dict[str, float]:
+        def cross_validate(alpha: float | Mapping[str, float | None]) -> dict[str, float]:
             fold_logits, fold_labels = [], []
             for fold, projector in enumerate(projectors):
                 projector.apply(alpha)
@@ -136,7 +136,7 @@ class AlphaSearch:
         alpha_scores = search_alphas(config.alphas, cross_validate, value, config.alpha_search)
         # The best alpha; the larger one on ties (closer to the trained model).
         best_alpha, best_scores = max(alpha_scores, key=lambda item: (value(item[1]), item[0]))
-        choice: Union[float, dict[str, Optional[float]]] = best_alpha
+        choice: float | dict[str, float | None] = best_alpha
         if config.alpha_scope == "layer":
             progress.total += len(groups) * len(config.alphas) * num_local
             choice, best_scores = self._per_layer_search(groups, best_alpha, best_scores, cross_validate, value)
@@ -180,17 +180,17 @@ class AlphaSearch:
         groups: dict[str, list[str]],
         start_alpha: float,
         start_scores: dict[str, float],
-        cross_validate: Callable[[Mapping[str, Optional[float]]], dict[str, float]],
+        cross_validate: Callable[[Mapping[str, float | None]], dict[str, float]],
         value: Callable[[dict[str, float]], float],
-    ) -> tuple[dict[str, Optional[float]], dict[str, float]]:
+    ) -> tuple[dict[str, float | None], dict[str, float]]:
         """Coordinate ascent: each clean space in turn tries every alpha and no projection at all.
 
         Starts from the best global alpha and keeps a change only if the pooled held-out score
         strictly improves, so it can only match or beat the global choice on the verified folds.
         """
-        choice: dict[str, Optional[float]] = {leader: start_alpha for leader in groups}
+        choice: dict[str, float | None] = {leader: start_alpha for leader in groups}
         best_scores = start_scores
-        candidates: list[Optional[float]] = [None, *self.config.alphas]
+        candidates: list[float | None] = [None, *self.config.alphas]
         for leader in groups:
             for candidate in candidates:
                 if candidate == choice[leader]:
@@ -227,7 +227,7 @@ def search_alphas(
     return [(alphas[i], scored[i]) for i in sorted(scored)]
 
 
-def _choice_key(choice: Union[float, Mapping[str, Optional[float]]]) -> Any:
+def _choice_key(choice: float | Mapping[str, float | None]) -> Any:
     """A hashable key of a global alpha or a per-space choice; one alpha for every space is that global alpha."""
     if not isinstance(choice, Mapping):
         return choice

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 from torch import nn
 
 
-def resolve_class_names(given: Optional[Sequence[str]], sources: Sequence[Optional[datasets.Dataset]],
-                        label_column: str, model: Optional[nn.Module]) -> Optional[list[str]]:
+def resolve_class_names(given: Sequence[str] | None, sources: Sequence[datasets.Dataset | None],
+                        label_column: str, model: nn.Module | None) -> list[str] | None:
     """class_names, else a ClassLabel feature of the data, else the model's id2label (unless default), else None."""
     if given is not None:
         return [str(n) for n in given]
@@ -26,7 +26,7 @@ def resolve_class_names(given: Optional[Sequence[str]], sources: Sequence[Option
     return None
 
 
-def class_name(names: Optional[list[str]], label: Any) -> str:
+def class_name(names: list[str] | None, label: Any) -> str:
     """The name of one class id ("-" for a negative id, the id itself when unnamed)."""
     label = int(label)
     if label < 0:

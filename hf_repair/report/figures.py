@@ -14,8 +14,9 @@ import io
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,8 +41,8 @@ class ReportFigure:
 
     name: str
     title: str
-    file: Optional[str] = None  # path relative to the report directory
-    reason: Optional[str] = None  # why it was not drawn
+    file: str | None = None  # path relative to the report directory
+    reason: str | None = None  # why it was not drawn
 
 
 def draw_figures(numbers: dict[str, Any], directory: str, subdirectory: str = FIGURES_DIR) -> list[ReportFigure]:
@@ -173,7 +174,7 @@ def _draw_spectra(figure: Any, numbers: dict[str, Any]) -> None:
     figure.set_size_inches(6.4, 3.8)
     ax = figure.add_subplot()
     colors = _colors(len(spaces))
-    for color, (group, space) in zip(colors, spaces.items()):
+    for color, (group, space) in zip(colors, spaces.items(), strict=True):
         share = np.asarray([s if s is not None else 0.0 for s in space["energy_share"]], dtype=float)
         # Directions below the rank tolerance hold round-off, not signal: they are not drawn.
         share = np.where(share > SPECTRUM_FLOOR * share.max(initial=0.0), share, np.nan)
@@ -193,7 +194,7 @@ def _draw_weight_change(figure: Any, numbers: dict[str, Any]) -> None:
     ax = figure.add_subplot()
     y = np.arange(len(layers))
     groups = list(dict.fromkeys(layer["group"] for layer in layers))
-    palette = dict(zip(groups, _colors(len(groups))))
+    palette = dict(zip(groups, _colors(len(groups)), strict=True))
     changes = [100 * layer["relative_change"] for layer in layers]
     ax.barh(y, changes, color=[palette[layer["group"]] for layer in layers])
     if not any(changes):
@@ -216,7 +217,7 @@ def _draw_confusion(figure: Any, numbers: dict[str, Any]) -> None:
     panels = [(key, title) for key, title in (("confusion_before", "before"), ("confusion_after", "after")) if test[key]]
     figure.set_size_inches(len(panels) * side + 0.8, side)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=True):
         counts = np.asarray(test[key], dtype=float)
         rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .figures import ReportFigure
 from .files import FLAGGED_CSV, REPORT_JSON, SAMPLES_DIR
@@ -90,7 +91,7 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _delta_html(before: Optional[float], after: Optional[float]) -> str:
+def _delta_html(before: float | None, after: float | None) -> str:
     if before is None or after is None:
         return '<span class="flat">n/a</span>'
     change = 100 * (after - before)
@@ -102,7 +103,7 @@ def _card(label: str, value: str, note: str = "") -> str:
     return f'<div class="card"><div class="label">{_e(label)}</div><div class="value">{value}</div><div class="note">{note}</div></div>'
 
 
-def _before_after(before: Optional[float], after: Optional[float]) -> str:
+def _before_after(before: float | None, after: float | None) -> str:
     return f'{pct(before)}<span class="arrow">&rarr;</span>{pct(after)}'
 
 

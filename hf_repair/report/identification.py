@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -26,7 +26,7 @@ REQUIRED_COLUMNS = ("index", "score", "given_label", "suggested_label", "flagged
 TEXT_KEPT = 2000  # characters of a text sample kept in report.json (the page shows fewer)
 
 
-def read_identification(identification: Any, train_dataset: Optional[datasets.Dataset]) -> dict[str, Any]:
+def read_identification(identification: Any, train_dataset: datasets.Dataset | None) -> dict[str, Any]:
     """The columns of `identification.table` as arrays, and its summary, after checking the contract."""
     table = getattr(identification, "table", None)
     summary = getattr(identification, "summary", None)
@@ -61,7 +61,7 @@ def read_identification(identification: Any, train_dataset: Optional[datasets.Da
 
 
 def identification_numbers(
-    flags: dict[str, Any], train_dataset: Optional[datasets.Dataset], names: Optional[list[str]], label_column: str,
+    flags: dict[str, Any], train_dataset: datasets.Dataset | None, names: list[str] | None, label_column: str,
     top_n: int, missing: list[dict[str, str]],
 ) -> tuple[dict[str, Any], dict[int, bytes], list[dict[str, Any]]]:
     """Summary, score histogram and gallery of an identification; thumbnails; every flagged row for the CSV."""
@@ -103,7 +103,7 @@ def identification_numbers(
     return numbers, thumbnails, flagged_rows
 
 
-def _histogram(score: np.ndarray, corrupted: Optional[np.ndarray]) -> dict[str, Any]:
+def _histogram(score: np.ndarray, corrupted: np.ndarray | None) -> dict[str, Any]:
     finite = np.isfinite(score)
     values = score[finite]
     if values.size == 0:
@@ -124,7 +124,7 @@ def _fill_gallery(gallery: list[dict[str, Any]], dataset: datasets.Dataset, labe
     kind, column = _modality(dataset, label_column)
     rows = dataset.select([g["index"] for g in gallery]).with_format(None)
     thumbnails: dict[int, bytes] = {}
-    for sample, row in zip(gallery, rows):
+    for sample, row in zip(gallery, rows, strict=True):
         if kind == "image":
             try:
                 thumbnails[sample["index"]] = encode_png(image_to_uint8(row[column]))
@@ -143,7 +143,7 @@ def _fill_gallery(gallery: list[dict[str, Any]], dataset: datasets.Dataset, labe
     return thumbnails
 
 
-def _modality(dataset: datasets.Dataset, label_column: str) -> tuple[str, Optional[str]]:
+def _modality(dataset: datasets.Dataset, label_column: str) -> tuple[str, str | None]:
     """("image", column), ("text", column) or ("features", None), read from the dataset's features."""
     features = dataset.features
     for name, feature in features.items():

@@ -9,7 +9,8 @@ label, with percentages, seconds and layer lists formatted, and drops values tha
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from .class_names import class_name
 from .summary import fmt, pct
@@ -120,7 +121,7 @@ KNOWN_KEYS = FLAG_KEYS | NOISE_KEYS | {key for _, fields in FIELD_GROUPS for key
 
 
 def identification_card(summary: dict[str, Any], num_flagged: int,
-                        class_names: Optional[list[str]]) -> list[tuple[str, Rows]]:
+                        class_names: list[str] | None) -> list[tuple[str, Rows]]:
     """(group title, [(label, value)]) of an identification summary; groups with no measured value are left out."""
     groups = [
         ("Flags", _flag_rows(summary, num_flagged, class_names)),
@@ -133,7 +134,7 @@ def identification_card(summary: dict[str, Any], num_flagged: int,
     return [(title, rows) for title, rows in groups if rows]
 
 
-def _flag_rows(summary: dict[str, Any], num_flagged: int, class_names: Optional[list[str]]) -> Rows:
+def _flag_rows(summary: dict[str, Any], num_flagged: int, class_names: list[str] | None) -> Rows:
     total = summary.get("num_samples")
     rows = []
     if _known(total):

@@ -9,7 +9,7 @@ it started. The result is duck-typed (`config`, `metrics`, `spaces`, `layers`, `
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 Missing = list[dict[str, str]]  # {"item": what the report cannot show, "reason": why}
 
 
-def repair_numbers(result: "RepairResult") -> dict[str, Any]:
+def repair_numbers(result: RepairResult) -> dict[str, Any]:
     """Everything the result itself records: metrics, the selection curve, spaces and layers."""
     metrics = dict(result.metrics)
     metric = result.config.metric_for_selection
@@ -73,7 +73,7 @@ def _space_numbers(space: Any) -> dict[str, Any]:
     }
 
 
-def check_same_model(result: "RepairResult", model: nn.Module) -> None:
+def check_same_model(result: RepairResult, model: nn.Module) -> None:
     """Refuse a model that is not the one the result repaired (its snapshot names layers the model lacks)."""
     snapshot = result.snapshot
     if snapshot is None:
@@ -86,8 +86,8 @@ def check_same_model(result: "RepairResult", model: nn.Module) -> None:
         )
 
 
-def numbers_on_test_data(result: "RepairResult", model: nn.Module, dataset: datasets.Dataset, label_column: str,
-                 forward_fn: ForwardFn, collate_fn: Optional[CollateFn], batch_size: int,
+def numbers_on_test_data(result: RepairResult, model: nn.Module, dataset: datasets.Dataset, label_column: str,
+                 forward_fn: ForwardFn, collate_fn: CollateFn | None, batch_size: int,
                  missing: Missing) -> dict[str, Any]:
     """Accuracy, per-class accuracy and confusion matrices on test data, before and after the repair."""
     if label_column not in dataset.column_names:
@@ -143,7 +143,7 @@ def _confusion(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> l
 
 @torch.no_grad()
 def _predict_logits(model: nn.Module, dataset: datasets.Dataset, label_column: str, forward_fn: ForwardFn,
-                    collate_fn: Optional[CollateFn], batch_size: int) -> np.ndarray:
+                    collate_fn: CollateFn | None, batch_size: int) -> np.ndarray:
     """Logits of every row, in order, computed in this process alone.
 
     Not `hf_repair.evaluation.predict`: that gathers over processes, and a report is written by one

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .files import FLAGGED_CSV
 
 
-def pct(value: Optional[float]) -> str:
+def pct(value: float | None) -> str:
     """A fraction as a percentage with two decimals ("n/a" when unknown)."""
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def delta(before: Optional[float], after: Optional[float]) -> str:
+def delta(before: float | None, after: float | None) -> str:
     """The change between two fractions in percentage points."""
     return "n/a" if before is None or after is None else f"{100 * (after - before):+.2f} pts"
 
@@ -24,7 +24,7 @@ def fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def heldout_count(metrics: dict[str, Any]) -> Optional[int]:
+def heldout_count(metrics: dict[str, Any]) -> int | None:
     """How many verified samples judged the repair.
 
     A fine-tune is judged on one held-out fold (`num_heldout`); a projection scores every verified

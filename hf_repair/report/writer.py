@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -51,19 +51,19 @@ DEFAULT_TOP_N = 48
 
 
 def write_report(
-    result: "RepairResult",
-    directory: Union[str, os.PathLike],
+    result: RepairResult,
+    directory: str | os.PathLike,
     *,
-    model: Optional[nn.Module] = None,
-    test_dataset: Optional[datasets.Dataset] = None,
-    identification: Optional[Any] = None,
-    train_dataset: Optional[datasets.Dataset] = None,
-    class_names: Optional[Sequence[str]] = None,
+    model: nn.Module | None = None,
+    test_dataset: datasets.Dataset | None = None,
+    identification: Any | None = None,
+    train_dataset: datasets.Dataset | None = None,
+    class_names: Sequence[str] | None = None,
     overwrite: bool = False,
     top_n: int = DEFAULT_TOP_N,
-    forward_fn: Optional[ForwardFn] = None,
-    collate_fn: Optional[CollateFn] = None,
-    batch_size: Optional[int] = None,
+    forward_fn: ForwardFn | None = None,
+    collate_fn: CollateFn | None = None,
+    batch_size: int | None = None,
 ) -> str:
     """Write the report of `result` into `directory` (atomically) and return the path of `index.html`.
 
@@ -158,7 +158,7 @@ def _identification_missing(metrics: dict[str, Any]) -> dict[str, str]:
                       f"and train_dataset=)"}
 
 
-def _num_classes(names: Optional[list[str]], test: Optional[dict[str, Any]], flags: Optional[dict[str, Any]]) -> int:
+def _num_classes(names: list[str] | None, test: dict[str, Any] | None, flags: dict[str, Any] | None) -> int:
     """How many classes the report names: the model's (from test predictions), the names', or the labels seen."""
     if test is not None:
         return len(test["per_class"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 from torch import nn
@@ -37,7 +37,7 @@ def check_finetune_inputs(model: nn.Module, config: RepairConfig, verified: Any,
 
 
 def input_columns(train_dataset: datasets.Dataset, verified: datasets.Dataset, label_column: str,
-                  input_names: Optional[set[str]]) -> list[str]:
+                  input_names: set[str] | None) -> list[str]:
     """The model-input columns both datasets must share, with the same features; a clear error otherwise."""
     if len(train_dataset) == 0:
         raise ValueError("The training dataset is empty (0 rows); pass the dataset the model was trained on.")
@@ -57,7 +57,7 @@ def input_columns(train_dataset: datasets.Dataset, verified: datasets.Dataset, l
 
 
 def check_rows_batch_together(verified: datasets.Dataset, train_dataset: datasets.Dataset, columns: list[str],
-                              label_column: str, collate_fn: Optional[Any]) -> None:
+                              label_column: str, collate_fn: Any | None) -> None:
     """The fine-tune batches verified and training rows together: check one of each collates.
 
     Features may describe the same values differently (`Array3D` vs nested lists), so the test is

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +43,9 @@ class FinetuneSet(Dataset):
     when the parts carry `label_column` (collators may expect it), the collated batch drops it again.
     """
 
-    def __init__(self, parts: Sequence[Any], part_ids: Any, rows: Any, labels: Any, weights: Optional[Any] = None,
-                 gates: Optional[Any] = None, soft_targets: Optional[Mapping[int, torch.Tensor]] = None,
-                 label_column: Optional[str] = None) -> None:
+    def __init__(self, parts: Sequence[Any], part_ids: Any, rows: Any, labels: Any, weights: Any | None = None,
+                 gates: Any | None = None, soft_targets: Mapping[int, torch.Tensor] | None = None,
+                 label_column: str | None = None) -> None:
         self.parts = list(parts)
         self.label_column = label_column
         self.part_ids = np.asarray(part_ids, dtype=np.int64)
@@ -66,20 +66,20 @@ class FinetuneSet(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         indices = np.asarray(indices, dtype=np.int64)
-        out: list[Optional[dict[str, Any]]] = [None] * len(indices)
+        out: list[dict[str, Any] | None] = [None] * len(indices)
         for part in np.unique(self.part_ids[indices]):
             where = np.flatnonzero(self.part_ids[indices] == part)
             columns = self.parts[part][self.rows[indices[where]].tolist()]  # one batched lookup per part
             for j, position in enumerate(where):
                 out[position] = {name: values[j] for name, values in columns.items()}
-        for row, index in zip(out, indices.tolist()):
+        for row, index in zip(out, indices.tolist(), strict=True):
             soft = self.soft_targets.get(index)
             row[_TARGET] = self.labels[index] if soft is None else soft
             row[_EXTRA] = (self.labels[index], self.weights[index], self.gates[index])
         return out
 
-    def subset(self, positions: Any, gates: Optional[Any] = None,
-               soft_targets: Optional[Mapping[int, torch.Tensor]] = None) -> "FinetuneSet":
+    def subset(self, positions: Any, gates: Any | None = None,
+               soft_targets: Mapping[int, torch.Tensor] | None = None) -> FinetuneSet:
         """These rows (positions into this set), optionally with new gates and soft targets (keyed by new position)."""
         positions = np.asarray(positions, dtype=np.int64)
         return FinetuneSet(self.parts, self.part_ids[positions], self.rows[positions], self.labels[positions],
@@ -97,7 +97,7 @@ class TargetBatch:
     weights: torch.Tensor
     gates: torch.Tensor
 
-    def to(self, device: torch.device) -> "TargetBatch":
+    def to(self, device: torch.device) -> TargetBatch:
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
         return TargetBatch(inputs, self.targets.to(device), self.labels.to(device), self.weights.to(device),
                            self.gates.to(device))
@@ -106,14 +106,14 @@ class TargetBatch:
 class TargetCollator:
     """Runs the user's collator on the model inputs and stacks targets, weights and gates beside them."""
 
-    def __init__(self, collate_fn: Optional[CollateFn], num_classes: int, label_column: Optional[str] = None) -> None:
+    def __init__(self, collate_fn: CollateFn | None, num_classes: int, label_column: str | None = None) -> None:
         self.collate_fn = collate_fn or default_data_collator
         self.num_classes = num_classes
         self.label_column = label_column
 
     def __call__(self, rows: list[dict[str, Any]]) -> TargetBatch:
         targets = [row.pop(_TARGET) for row in rows]
-        labels, weights, gates = (torch.stack(column) for column in zip(*(row.pop(_EXTRA) for row in rows)))
+        labels, weights, gates = (torch.stack(column) for column in zip(*(row.pop(_EXTRA) for row in rows), strict=True))
         distributions = torch.stack([
             F.one_hot(t, self.num_classes).float() if t.dim() == 0 else t.float() for t in targets
         ])
@@ -124,7 +124,7 @@ class TargetCollator:
 
 
 @torch.no_grad()
-def predict_distributions(model: nn.Module, data: FinetuneSet, forward_fn: ForwardFn, collate_fn: Optional[CollateFn],
+def predict_distributions(model: nn.Module, data: FinetuneSet, forward_fn: ForwardFn, collate_fn: CollateFn | None,
                           batch_size: int, num_classes: int) -> torch.Tensor:
     """Predicted class distributions (on CPU) for every row of `data`, in order.
 

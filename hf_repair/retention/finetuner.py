@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class FinetuneArguments:
     belief_power: float = 1.0
     penalty: str = "none"
     penalty_strength: float = 0.0
-    eval_steps: Optional[int] = None
+    eval_steps: int | None = None
     patience: int = 5
     metric_for_selection: str = "accuracy"
     greater_is_better: bool = True
@@ -86,7 +86,7 @@ class GuardedFinetuner:
     """
 
     def __init__(self, model: nn.Module, args: FinetuneArguments, forward_fn: ForwardFn,
-                 collate_fn: Optional[CollateFn] = None, compute_metrics: Optional[Any] = None) -> None:
+                 collate_fn: CollateFn | None = None, compute_metrics: Any | None = None) -> None:
         if args.penalty not in RETENTION_PENALTIES:
             raise ValueError(f"penalty must be one of {list(RETENTION_PENALTIES)}, got {args.penalty!r}.")
         self.model = model
@@ -96,7 +96,7 @@ class GuardedFinetuner:
         self.compute_metrics = compute_metrics
 
     def run(self, train_set: FinetuneSet, heldout: VerifiedSplit, heldout_fold: int, num_classes: int,
-            penalty_set: Optional[FinetuneSet] = None, desc: str = "fine-tune") -> FinetuneResult:
+            penalty_set: FinetuneSet | None = None, desc: str = "fine-tune") -> FinetuneResult:
         """Fine-tune for `args.max_steps`; `penalty_set` (verified rows) estimates the Fisher for `penalty="fisher"`."""
         args = self.args
         start_time = time.perf_counter()
@@ -214,7 +214,7 @@ class GuardedFinetuner:
         )
 
     def _step(self, prepared: nn.Module, batch: TargetBatch, params: list[nn.Parameter], optimizer: Any,
-              accelerator: Accelerator, penalty: Callable[[], Any]) -> tuple[Optional[float], float]:
+              accelerator: Accelerator, penalty: Callable[[], Any]) -> tuple[float | None, float]:
         """One optimizer step: (the loss, the batch's trusted weight share), or (None, ...) and no step on a NaN/inf loss."""
         surgery = self.args.gradient_surgery
         prepared.train()
@@ -237,7 +237,7 @@ class GuardedFinetuner:
         return float(loss.detach()), trusted
 
 
-def scores_with_loss(logits: torch.Tensor, labels: torch.Tensor, compute_metrics: Optional[Any]) -> dict[str, float]:
+def scores_with_loss(logits: torch.Tensor, labels: torch.Tensor, compute_metrics: Any | None) -> dict[str, float]:
     """The scores of `compute_metrics` (accuracy by default) and the cross-entropy that compares checkpoints."""
     scores = compute_scores(logits, labels, compute_metrics)
     scores["loss"] = float(F.cross_entropy(logits.float(), labels.to(logits.device)))

@@ -6,8 +6,6 @@ Fisher estimated on verified rows (EWC-style).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -51,7 +49,7 @@ def surgery_backward(trusted_loss: torch.Tensor, flagged_loss: torch.Tensor, par
     for loss in (trusted_loss, flagged_loss):
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                               for g, p in zip(grads, params)]))
+                               for g, p in zip(grads, params, strict=True)]))
     both = accelerator.reduce(torch.stack(flat), reduction="mean")
     combined = surgery_gradient(both[0], both[1])
     offset = 0
@@ -61,14 +59,14 @@ def surgery_backward(trusted_loss: torch.Tensor, flagged_loss: torch.Tensor, par
 
 
 def weight_penalty(params: list[nn.Parameter], anchor: list[torch.Tensor],
-                   fisher: Optional[list[torch.Tensor]]) -> torch.Tensor:
+                   fisher: list[torch.Tensor] | None) -> torch.Tensor:
     """sum (theta - theta0)^2, each term weighted by its diagonal Fisher when given (EWC)."""
     if fisher is None:
-        return sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
-    return sum((f * (p - a).pow(2)).sum() for p, a, f in zip(params, anchor, fisher))
+        return sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
+    return sum((f * (p - a).pow(2)).sum() for p, a, f in zip(params, anchor, fisher, strict=True))
 
 
-def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: Optional[FinetuneSet],
+def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: FinetuneSet | None,
                     collator: TargetCollator, forward_fn: ForwardFn, batch_size: int, accelerator: Accelerator,
                     device: torch.device) -> list[torch.Tensor]:
     """Diagonal empirical Fisher on verified rows, normalised to mean 1 (so strengths compare with L2).
@@ -85,7 +83,7 @@ def diagonal_fisher(model: nn.Module, params: list[nn.Parameter], data: Optional
                 logits = forward_fn(model, batch.inputs)
             loss = -(batch.targets * logits.float().log_softmax(-1)).sum(-1).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for f, g in zip(fisher, grads):
+            for f, g in zip(fisher, grads, strict=True):
                 if g is not None:  # a batch gradient squared, times its size, estimates the mean per-sample square
                     f.add_(g.detach().pow(2) * len(batch.labels))
     mean = float(sum(f.sum() for f in fisher)) / max(sum(f.numel() for f in fisher), 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -32,11 +32,11 @@ def repair_with_finetuning(
     config: RepairConfig,
     verified: Any,
     train_dataset: Any,
-    identification: Optional[IdentificationResult] = None,
+    identification: IdentificationResult | None = None,
     *,
     forward_fn: ForwardFn = default_forward,
-    collate_fn: Optional[CollateFn] = None,
-    compute_metrics: Optional[Any] = None,
+    collate_fn: CollateFn | None = None,
+    compute_metrics: Any | None = None,
 ) -> RepairResult:
     """`Repairer.repair` for the fine-tuning methods: identify, (project,) separate and retain, in place."""
     start = time.perf_counter()
@@ -55,7 +55,7 @@ def repair_with_finetuning(
         )
 
     snapshot = ModelSnapshot(model)
-    projection: Optional[ProjectionResult] = None
+    projection: ProjectionResult | None = None
     before = heldout_scores(model, split, forward_fn, compute_metrics)
     try:
         if projects_first(config.method):
@@ -84,14 +84,14 @@ def repair_with_finetuning(
 
 
 def heldout_scores(model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn,
-                   compute_metrics: Optional[Any] = None) -> dict[str, float]:
+                   compute_metrics: Any | None = None) -> dict[str, float]:
     """The model's scores (and cross-entropy) on the held-out verified fold that judges the fine-tune."""
     with eval_mode(model):
         logits, labels = predict(model, split.batches(HELDOUT_FOLD), forward_fn)
     return scores_with_loss(logits, labels, compute_metrics)
 
 
-def _metrics(outcome: RetentionResult, projection: Optional[ProjectionResult], identification: IdentificationResult,
+def _metrics(outcome: RetentionResult, projection: ProjectionResult | None, identification: IdentificationResult,
              split: VerifiedSplit, config: RepairConfig, before: dict[str, float], after: dict[str, float],
              adopted: bool, elapsed: float) -> dict[str, Any]:
     """`RepairResult.metrics` of a fine-tuning repair; before/after are the held-out verified fold's scores."""

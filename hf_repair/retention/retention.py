@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -78,22 +78,22 @@ class RetentionResult:
     num_trusted: int  # verified training rows + unflagged training rows
     total_steps: int  # the step budget shared by the stages
     stages: list[tuple[str, FinetuneResult]] = field(default_factory=list)
-    skipped: Optional[str] = None  # why no fine-tune ran
+    skipped: str | None = None  # why no fine-tune ran
 
     @property
-    def scores_before(self) -> Optional[dict[str, float]]:
+    def scores_before(self) -> dict[str, float] | None:
         return self.stages[0][1].scores_before if self.stages else None
 
     @property
-    def scores_after(self) -> Optional[dict[str, float]]:
+    def scores_after(self) -> dict[str, float] | None:
         return self.stages[-1][1].scores_after if self.stages else None
 
 
 class RetentionRepair:
     """Erase or retain the flagged training samples with a short guarded fine-tune, in place."""
 
-    def __init__(self, model: nn.Module, config: RepairConfig, *, forward_fn: ForwardFn, collate_fn: Optional[CollateFn],
-                 compute_metrics: Optional[Any]) -> None:
+    def __init__(self, model: nn.Module, config: RepairConfig, *, forward_fn: ForwardFn, collate_fn: CollateFn | None,
+                 compute_metrics: Any | None) -> None:
         self.model = model
         self.config = config
         self.forward_fn = forward_fn

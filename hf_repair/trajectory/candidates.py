@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -52,7 +52,7 @@ class CandidateBuilder:
     """
 
     def __init__(self, model: nn.Module, trajectory: Trajectory, split: VerifiedSplit, verified: Any,
-                 config: RepairConfig, forward_fn: ForwardFn, collate_fn: Optional[CollateFn] = None) -> None:
+                 config: RepairConfig, forward_fn: ForwardFn, collate_fn: CollateFn | None = None) -> None:
         self.model = model
         self.trajectory = trajectory
         self.split = split
@@ -62,7 +62,7 @@ class CandidateBuilder:
         self.collate_fn = collate_fn
         self._predictions: dict[Points, torch.Tensor] = {}
         self._head_inputs: dict[Points, tuple[HeadInputs, torch.Tensor]] = {}
-        self._head: Optional[TrackedLayer] = None
+        self._head: TrackedLayer | None = None
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a set of points
@@ -111,7 +111,7 @@ class CandidateBuilder:
     # ------------------------------------------------------------------------------------------
     # procedures
 
-    def base_points(self, procedure: str, fold: Optional[int]) -> Points:
+    def base_points(self, procedure: str, fold: int | None) -> Points:
         """The points a base procedure averages, selected on the samples outside `fold` (all for None)."""
         trajectory = self.trajectory
         if procedure == "final":
@@ -124,7 +124,7 @@ class CandidateBuilder:
             return self._greedy_soup(fold)
         raise ValueError(f"Unknown base procedure {procedure!r}; choose one of {list(BASE_PROCEDURES)}.")
 
-    def _greedy_soup(self, fold: Optional[int]) -> Points:
+    def _greedy_soup(self, fold: int | None) -> Points:
         mask = self.trajectory.training_mask(fold)
         ranked = self.trajectory.top(fold)
         soup: Points = (ranked[0],)
@@ -162,7 +162,7 @@ class CandidateBuilder:
             return logits.argmax(-1).cpu()
         raise ValueError(f"Unknown refinement {refinement!r}; choose one of {list(REFINEMENTS)}.")
 
-    def apply(self, procedure: str) -> tuple[Points, Optional[ProjectionResult]]:
+    def apply(self, procedure: str) -> tuple[Points, ProjectionResult | None]:
         """Run the procedure on every verified sample and leave the model with its weights in place."""
         base, _, refinement = procedure.partition("+")
         points = self.base_points(base, None)
@@ -177,7 +177,7 @@ class CandidateBuilder:
                                  collate_fn=self.collate_fn)
         return points, projection
 
-    def check_refinement(self, refinement: str) -> Optional[str]:
+    def check_refinement(self, refinement: str) -> str | None:
         """Why a refinement cannot run on this model or verified split (None: it can)."""
         if refinement == "projection" and not isinstance(self.verified, datasets.Dataset):
             return "the projection of each fold's complement needs the verified split as a datasets.Dataset"

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -25,12 +25,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 StateDict = dict[str, torch.Tensor]
-Checkpoints = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, StateDict]]]
+Checkpoints = str | os.PathLike | Sequence[str | os.PathLike | StateDict]
 TRAINER_STATE_NAME = "trainer_state.json"
 _STEP = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-def list_checkpoints(checkpoints: Checkpoints) -> list[Union[str, StateDict]]:
+def list_checkpoints(checkpoints: Checkpoints) -> list[str | StateDict]:
     """The states in training order: a `Trainer` output_dir's `checkpoint-*` folders (by step), one checkpoint
     folder, or a list of checkpoint folders and state dicts as given."""
     if isinstance(checkpoints, (str, os.PathLike)):
@@ -51,7 +51,7 @@ def list_checkpoints(checkpoints: Checkpoints) -> list[Union[str, StateDict]]:
     return [state if isinstance(state, dict) else str(state) for state in states]
 
 
-def checkpoint_position(folder: str) -> tuple[Optional[int], Optional[float]]:
+def checkpoint_position(folder: str) -> tuple[int | None, float | None]:
     """(step, epoch) of a checkpoint folder, from its name and its trainer_state.json (None where unknown)."""
     match = _STEP.search(Path(folder).name)
     step = int(match.group(1)) if match else None
@@ -65,7 +65,7 @@ def checkpoint_position(folder: str) -> tuple[Optional[int], Optional[float]]:
     return step, epoch
 
 
-def read_checkpoint(folder: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> StateDict:
+def read_checkpoint(folder: str | os.PathLike, model: nn.Module | None = None) -> StateDict:
     """The weights saved in a checkpoint folder, on CPU, named as `model.state_dict()` names them.
 
     `save_pretrained` may store a transformers model's weights under other names or layouts than the model

@@ -17,8 +17,8 @@ read from checkpoint folders keep only the folder's path.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import torch
 
@@ -29,10 +29,10 @@ from .checkpoints import StateDict, read_checkpoint
 class TrajectoryPoint:
     """One evaluation point: when it was, what it predicted on the verified samples, and where its weights are."""
 
-    step: Optional[int]
-    epoch: Optional[float]
+    step: int | None
+    epoch: float | None
     predictions: torch.Tensor  # (n,) int64 on CPU: the predicted class of every verified sample
-    weights: Union[StateDict, str, os.PathLike, None]  # CPU state dict, a checkpoint folder, or None (dropped)
+    weights: StateDict | str | os.PathLike | None  # CPU state dict, a checkpoint folder, or None (dropped)
     final: bool = False  # the weights the model ends training with (what `auto` compares every candidate to)
 
 
@@ -56,7 +56,7 @@ class Trajectory:
     def final_index(self) -> int:
         return next(i for i, point in enumerate(self.points) if point.final)
 
-    def training_mask(self, fold: Optional[int]) -> torch.Tensor:
+    def training_mask(self, fold: int | None) -> torch.Tensor:
         """The samples a procedure may select on: all but fold `fold` (all of them for None)."""
         return torch.ones_like(self.labels, dtype=torch.bool) if fold is None else self.folds != fold
 
@@ -70,7 +70,7 @@ class Trajectory:
         """Point indices by accuracy on `mask`, best first; the earlier point on ties (as Trainer's best model)."""
         return sorted(range(len(self.points)), key=lambda i: (-self.accuracy(i, mask), i))
 
-    def top(self, fold: Optional[int]) -> list[int]:
+    def top(self, fold: int | None) -> list[int]:
         """The `keep` best points on the samples outside `fold` (on all samples for None)."""
         return self.ranking(self.training_mask(fold))[: self.keep]
 

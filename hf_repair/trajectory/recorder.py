@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ class TrajectoryRecorder:
     """
 
     def __init__(self, model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn, keep: int,
-                 trajectory: Optional[Trajectory] = None) -> None:
+                 trajectory: Trajectory | None = None) -> None:
         self.model = model
         self.split = split
         self.forward_fn = forward_fn
@@ -41,8 +40,8 @@ class TrajectoryRecorder:
                              "the same verified split with the same num_folds, batch_size and seed.")
         return logits.argmax(-1).cpu()
 
-    def record(self, step: Optional[int], epoch: Optional[float], weights: Union[StateDict, str, None] = None,
-               *, final: bool = False, predictions: Optional[torch.Tensor] = None) -> TrajectoryPoint:
+    def record(self, step: int | None, epoch: float | None, weights: StateDict | str | None = None,
+               *, final: bool = False, predictions: torch.Tensor | None = None) -> TrajectoryPoint:
         """Score the model as it is now; its weights are `weights` (a checkpoint folder or a state dict) or,
         by default, a CPU copy of its state dict, kept while a selection procedure can use it."""
         predictions = self.predictions() if predictions is None else predictions
@@ -52,7 +51,7 @@ class TrajectoryRecorder:
         self.trajectory.add(point)
         return point
 
-    def record_final(self, step: Optional[int], epoch: Optional[float]) -> TrajectoryPoint:
+    def record_final(self, step: int | None, epoch: float | None) -> TrajectoryPoint:
         """Mark the model as it is now as the final weights: the point it equals bit for bit, else a new point.
 
         The last evaluation point usually is the final model; with `load_best_model_at_end` an earlier one is.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Union
+from typing import Any
 
 from torch import nn
 
@@ -28,10 +28,10 @@ def repair_from_trajectory(
     model: nn.Module,
     config: RepairConfig,
     verified: Any,
-    checkpoints: Union[Checkpoints, Trajectory, None] = None,
+    checkpoints: Checkpoints | Trajectory | None = None,
     *,
     forward_fn: ForwardFn = default_forward,
-    collate_fn: Optional[CollateFn] = None,
+    collate_fn: CollateFn | None = None,
 ) -> RepairResult:
     """`Repairer.repair` for method "auto"; the model's weights (the final ones) are restored on any error.
 
@@ -69,7 +69,7 @@ def repair_from_trajectory(
 
 
 def _trajectory(model: nn.Module, split: VerifiedSplit, config: RepairConfig,
-                checkpoints: Union[Checkpoints, Trajectory, None], forward_fn: ForwardFn,
+                checkpoints: Checkpoints | Trajectory | None, forward_fn: ForwardFn,
                 snapshot: ModelSnapshot) -> Trajectory:
     """The trajectory with every point scored and the final weights marked."""
     if isinstance(checkpoints, Trajectory):
@@ -95,7 +95,7 @@ def _trajectory(model: nn.Module, split: VerifiedSplit, config: RepairConfig,
 
 
 def _metrics(choice: TrajectoryChoice, trajectory: Trajectory, points: Points,
-             projection: Optional[ProjectionResult], model: nn.Module, elapsed: float) -> dict[str, Any]:
+             projection: ProjectionResult | None, model: nn.Module, elapsed: float) -> dict[str, Any]:
     final = trajectory.final_index
     everything = trajectory.training_mask(None)
     before = trajectory.accuracy(final, everything)

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 try:
     import fcntl
@@ -30,7 +30,7 @@ except ImportError:  # Windows: no flock; stale staging siblings are then left f
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def check_output_directory(path: PathLike, overwrite: bool = False) -> None:

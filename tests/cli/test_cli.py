@@ -74,7 +74,7 @@ def workdir(tmp_path_factory):
     with open(root / "verified.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
-        writer.writerows([t, ["neg", "pos"][y]] for t, y in zip(texts, labels))
+        writer.writerows([t, ["neg", "pos"][y]] for t, y in zip(texts, labels, strict=True))
     split = datasets.Dataset.from_dict({"sentence": texts, "label": labels})
     datasets.DatasetDict({"train": split, "validation": split.select(range(24))}).save_to_disk(root / "verified_dict")
 
@@ -137,7 +137,7 @@ def test_help_leads_with_the_required_arguments_then_one_group_per_phase(capsys)
     # each phase's flags sit under its own heading, in the order of ARGUMENT_GROUPS
     headings = [text.index(f"\n{group._argument_group_name}:\n") for group in ARGUMENT_GROUPS]
     assert headings == sorted(headings)
-    for group, start, end in zip(ARGUMENT_GROUPS, headings, headings[1:] + [len(text)]):
+    for group, start, end in zip(ARGUMENT_GROUPS, headings, headings[1:] + [len(text)], strict=True):
         for f in dataclasses.fields(group):
             assert start < text.index(f"  --{f.name} ") < end, f.name
 

@@ -71,7 +71,7 @@ def test_asymmetric_noise_flips_only_to_the_paired_class():
     labels, truth = column_array(noisy, "labels"), column_array(noisy, "clean_labels")
     flipped = labels != truth
     assert flipped.mean() == pytest.approx(0.2, abs=0.02)
-    assert all(FASHION_MNIST_CONFUSABLE_PAIRS[t] == y for t, y in zip(truth[flipped], labels[flipped]))
+    assert all(FASHION_MNIST_CONFUSABLE_PAIRS[t] == y for t, y in zip(truth[flipped], labels[flipped], strict=True))
 
 
 def test_corrupting_twice_is_refused():
