@@ -5,11 +5,11 @@ A `TrainerCallback` receives no trainer or accelerator, only what `Trainer` hand
 there:
 
 - the model: the `model` keyword (the model `Trainer` trains; FSDP-wrapped under FSDP, with sharded
-  parameters under FSDP2 / ZeRO-3, which `Repairer` writes back through `hf_repair.sharding`);
+  parameters under FSDP2 / ZeRO-3, which `Repairer` writes back through `hf_repair.modeling.sharding`);
 - the data collator: `train_dataloader.collate_fn`, i.e. the collator `Trainer` batches the training
   data with (including its column removal), unless one is passed to the callback;
 - the distributed state: Accelerate's `PartialState`, the process-wide singleton `Trainer`'s
-  `Accelerator` already set up, read by `hf_repair.distributed`;
+  `Accelerator` already set up, read by `hf_repair.utils.distributed`;
 - `args.output_dir` for `repair_results.json` and the report (`repair_report/index.html`),
   `args.disable_tqdm` for progress bars.
 
