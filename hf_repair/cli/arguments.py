@@ -81,6 +81,15 @@ class CLIArguments:
     train_split: Optional[str] = field(
         default=None, metadata={"help": "Split of --train to use when it has several (e.g. 'train')."}
     )
+    checkpoints: Optional[str] = field(
+        default=None,
+        metadata={
+            "metavar": "DIR",
+            "help": "With --method auto: the Trainer output_dir whose checkpoint-* folders hold the training "
+            "trajectory of MODEL_DIR (the final weights); the best point, weight averages and soups of them, and "
+            "head refit / projection on top, are chosen by held-out verified folds.",
+        },
+    )
     test: Optional[str] = field(
         default=None,
         metadata={

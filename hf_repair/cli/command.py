@@ -75,6 +75,8 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
         raise ValueError(f"--method {config.method} fine-tunes on the training data: give it with --train PATH.")
     if fine_tunes and cli_args.repair_dir is not None:
         raise ValueError("--repair_dir re-applies a saved projection; it cannot be combined with a fine-tuning --method.")
+    if cli_args.checkpoints is not None and config.method != "auto":
+        raise ValueError("--checkpoints is read by --method auto only; drop it or pass --method auto.")
     if not fine_tunes and cli_args.train is not None:
         raise ValueError("--train is read by the fine-tuning methods only; drop it or pass e.g. --method projection+retention.")
     check_checkpoint(model_path)
@@ -96,19 +98,20 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
             if fine_tunes:
                 train, _ = load_data(cli_args.train, cli_args.train_split, config, model, preprocessor, cli_args,
                                      name="train")
-        result = Repairer(model, config, collate_fn=collate_fn).repair(verified, train_dataset=train)
+        result = Repairer(model, config, collate_fn=collate_fn).repair(verified, train_dataset=train,
+                                                                      checkpoints=cli_args.checkpoints)
 
     if state.is_main_process:
         source = {"model_dir": str(model_path.absolute())}
-        for key in ("verified", "train", "repair_dir", "test"):
+        for key in ("verified", "train", "checkpoints", "repair_dir", "test"):
             if getattr(cli_args, key) is not None:
                 source[key] = str(Path(getattr(cli_args, key)).absolute())
         with atomic_directory(output_path, overwrite=cli_args.overwrite) as staging:
             model.save_pretrained(staging)
             if preprocessor is not None:
                 preprocessor.save_pretrained(staging)
-            if not fine_tunes:  # a fine-tune changed every weight: the model written here is the repair
-                result.save_pretrained(staging / REPAIR_SUBDIR)
+            if result.config.method == "projection":  # other methods change weights beyond clean spaces:
+                result.save_pretrained(staging / REPAIR_SUBDIR)  # the model written here is the repair
             report, report_error = (None, None)
             if not cli_args.no_report:
                 report, report_error = write_repair_report(result, staging, model, test, test_collate_fn)
@@ -159,8 +162,10 @@ def format_table(result: RepairResult, numbers: dict[str, Any], model_name: str,
     m = result.metrics
     if result.config.method == "projection":
         what = f"{m['num_layers']} layers in {m['num_clean_spaces']} clean spaces"
-    else:
+    elif "num_flagged" in m:  # the fine-tuning methods
         what = f"{result.config.method}, {m['num_flagged']} of {m['num_train']} training samples flagged, {m['steps']} steps"
+    else:
+        what = result.config.method + (f", chosen: {m['chosen']}" if m.get("chosen") else "")
     lines = [
         f"hf-repair: {model_name}, {m['num_verified']} verified samples, {what}, {m['repair_time_s']:.1f}s",
         before_after_table(numbers),

@@ -23,7 +23,14 @@ def model_card(model_dir: Path, result: RepairResult, model_name: str) -> ModelC
     card.data.tags = tags + [TAG] if TAG not in tags else tags
     m = result.metrics
     projection = result.config.method == "projection"
-    if not projection:
+    if not projection and "num_flagged" not in m:  # head refit, auto
+        outcome = (
+            f"Method {result.config.method!r}"
+            + (f" chose {m['chosen']!r}" if m.get("chosen") else "")
+            + f"; held-out verified accuracy {m['accuracy_before']:.4f} -> {m['accuracy_after']:.4f}; the repair was "
+            + ("adopted." if result.adopted else "not adopted (nothing beat the trained model), so the weights are unchanged.")
+        )
+    elif not projection:
         outcome = (
             f"{m['num_flagged']} of {m['num_train']} training samples were flagged as harmful and the model was "
             f"fine-tuned for {m['steps']} steps; the repair was "

@@ -471,3 +471,31 @@ def test_accelerate_launch_two_processes(workdir, tmp_path, capsys):
     b = AutoModelForSequenceClassification.from_pretrained(multi).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
+
+
+def test_auto_reads_a_trainer_output_dir_and_head_refit_writes_a_model(workdir, tmp_path, capsys):
+    """`--method auto --checkpoints DIR` chooses among a run's checkpoints; neither it nor head refit saves clean spaces."""
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "run"
+    for step, scale in ((10, 0.5), (20, 1.0)):  # two points of a "trajectory": the second is MODEL_DIR itself
+        model = AutoModelForSequenceClassification.from_pretrained(workdir / "bert")
+        with torch.no_grad():
+            model.classifier.weight.mul_(scale)
+        model.save_pretrained(run / f"checkpoint-{step}")
+    for method, extra in (("auto", ["--checkpoints", str(run)]), ("head_refit", [])):
+        out = tmp_path / method
+        assert main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir", str(out),
+                     "--method", method, *extra]) == 0
+        assert "model.safetensors" in os.listdir(out) and "repair" not in os.listdir(out)
+        results = json.loads((out / RESULTS).read_text())
+        assert results["config"]["method"] == method
+        if method == "auto":
+            assert results["source"]["checkpoints"] == str(run.absolute())
+            assert results["metrics"]["chosen"]
+        assert f"hf-repair: BertForSequenceClassification, {NUM_TEXTS} verified samples, {method}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir",
+              str(tmp_path / "refused"), "--checkpoints", str(run)])
+    assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
+    assert "--checkpoints is read by --method auto only" in capsys.readouterr().err
