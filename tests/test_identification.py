@@ -121,6 +121,50 @@ def test_default_score_finds_40pct_symmetric_noise(symmetric40, default_identifi
     assert (suggested[corrupted] == clean[corrupted]).mean() > 0.7
 
 
+def test_noise_rate_interval_covers_the_truth_and_nothing_warns(default_identification):
+    s = default_identification[0].summary
+    low, high = s["estimated_noise_rate_interval"]
+    assert low <= s["estimated_noise_rate"] <= high and low < 0.4 < high and high - low <= 0.1
+    assert s["noise_rate_warning"] is None
+    estimates = s["noise_rate_estimates"]
+    assert estimates["probe_disagreement"] == s["estimated_noise_rate"]
+    assert abs(estimates["probe_confidence_matched"] - estimates["probe_disagreement"]) < 0.02
+
+
+class _Memorising(nn.Module):
+    """The 40%-noise CNN with its training labels memorised in the features the probe reads, as a fine-tuned
+    transformer does: each training sample's features are pulled halfway to the verified mean features of its
+    given class (looked up by `sample_id`; verified samples have none and are left as they are)."""
+
+    def __init__(self, inner, targets):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("targets", targets)
+
+    def forward(self, pixel_values, sample_id):
+        features = self.inner.features(pixel_values).flatten(1)
+        pull = 0.5 * (sample_id >= 0).to(features)[:, None]
+        return self.inner.classifier[1:]((1 - pull) * features + pull * self.targets[sample_id.clamp_min(0)])
+
+
+def test_memorised_probe_features_make_the_noise_rate_estimate_warn(symmetric40, caplog):
+    model, train, verified = symmetric40
+    with torch.no_grad():
+        v = verified.with_format("torch")[:]
+        features = model.features(v["pixel_values"]).flatten(1)
+        centroids = torch.stack([features[v["labels"] == c].mean(0) for c in range(10)])
+    given = torch.as_tensor(np.asarray(train.with_format("numpy")["labels"]))
+    memorising = _Memorising(model, centroids[given]).eval()
+    with caplog.at_level(logging.WARNING, logger="hf_repair.identification"):
+        ident = identify_harmful(memorising, train.add_column("sample_id", list(range(len(train)))),
+                                 verified.add_column("sample_id", [-1] * len(verified)), RepairConfig(**QUIET))
+    s = ident.summary
+    assert s["probe_layer"] == "inner.classifier.1" and s["auroc"] > 0.9  # the ranking still works...
+    assert s["estimated_noise_rate"] < 0.2  # ...but the probe agrees with most memorised labels
+    assert "sees training samples differently from held-out ones" in s["noise_rate_warning"]
+    assert any("is not reliable" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
 def test_influence_beats_loss_baseline_and_columns_hold_what_they_say(symmetric40, default_identification):
     model, train, verified = symmetric40
     ident, _ = default_identification
@@ -306,6 +350,13 @@ def test_bad_training_sets_are_refused_before_any_work(small):
     floats = train.remove_columns("labels").add_column("labels", [0.5] * len(train))
     with pytest.raises(ValueError, match="integer class ids"):
         identify_harmful(model, floats, verified, RepairConfig(**QUIET))
+
+
+def test_weak_probe_on_a_small_verified_split_says_its_noise_rate_is_unsure(small):
+    train, verified = small
+    s = identify_harmful(_tiny_model(), train, verified, RepairConfig(**QUIET)).summary
+    low, high = s["estimated_noise_rate_interval"]
+    assert high - low > 0.1 and "wider than" in s["noise_rate_warning"]
 
 
 @pytest.mark.parametrize("bad_label", [10, -1])

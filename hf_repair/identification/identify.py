@@ -15,8 +15,9 @@ Every training sample gets a score (lower = more harmful), a suggested label and
 - `loss`: the trained model's own given-label log-likelihood (the loss-ranking baseline).
 
 Flagging (`flag_rule`): by default the estimated noise rate's share of lowest scores, the rate being the
-share of given labels the probe disagrees with, corrected for the probe's held-out error on the verified
-split; or every score below a threshold; or a fixed budget. The suggested label is the probe's prediction.
+share of given labels the probe disagrees with, calibrated by its held-out confusion on the verified split
+(`noise_rate`, with an interval and a warning when it cannot be trusted); or every score below a threshold;
+or a fixed budget. The suggested label is the probe's prediction.
 
 The training set is streamed in batches, sharded `indices[rank::world]` across processes under
 `accelerate launch`, and gathered back in dataset order; memory is bounded by the tracked layers (plus
@@ -86,12 +87,12 @@ def identify_harmful(
             projected = projected_reference(model, verified, config, forward_fn, collate_fn)
             timings["projection_repair_s"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        values = score_training_set(model, projected, train_dataset, scorer, config, forward_fn, collate_fn,
-                                    input_names_for(model, forward_fn), split.device)
+        values, noise_rates = score_training_set(model, projected, train_dataset, scorer, config, forward_fn,
+                                                 collate_fn, input_names_for(model, forward_fn), split.device)
         timings["train_pass_s"] = time.perf_counter() - tic
 
     timings["identify_time_s"] = time.perf_counter() - start
-    return build_result(values, labels, train_dataset, scorer, config, score, components, timings)
+    return build_result(values, noise_rates, labels, train_dataset, scorer, config, score, components, timings)
 
 
 # ----------------------------------------------------------------------------------------------
