@@ -352,6 +352,25 @@ def test_bad_training_sets_are_refused_before_any_work(small):
         identify_harmful(model, floats, verified, RepairConfig(**QUIET))
 
 
+def test_nan_or_inf_training_inputs_are_refused_with_their_rows(small):
+    train, verified = small
+
+    def poison(example, index):
+        if index in (3, 41, 150):
+            example["pixel_values"][0][5][5] = float("inf") if index == 41 else float("nan")
+        return example
+
+    broken = train.with_format(None).map(poison, with_indices=True).with_format("torch")
+    model = _tiny_model()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"NaN or inf \('pixel_values' in rows \[3, 41, 150\]\).*drop the 3 rows"):
+        identify_harmful(model, broken, verified, RepairConfig(**QUIET))
+    assert _same_state(model, before)
+    # a selection is checked in its own row order
+    with pytest.raises(ValueError, match=r"rows \[1, 39, 148\]"):
+        identify_harmful(model, broken.select(range(2, 200)), verified, RepairConfig(**QUIET))
+
+
 def test_weak_probe_on_a_small_verified_split_says_its_noise_rate_is_unsure(small):
     train, verified = small
     s = identify_harmful(_tiny_model(), train, verified, RepairConfig(**QUIET)).summary
