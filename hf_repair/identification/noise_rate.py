@@ -9,7 +9,11 @@ Lipton et al. 2018) and the noise rate 1 - trace(J). It generalises the symmetri
 (d - e) / (1 - e - e / (C - 1)) to class-dependent mistakes of the reference, and uses its probabilities.
 
 The interval is a bootstrap over the verified samples (stratified by class: the confusion's sampling
-error) combined with the training set's own sampling error (the estimate is a mean over its samples).
+error) combined with the training set's own sampling error (the estimate is a mean over its samples). It is
+the basic (reverse-percentile) interval: inverting a noisy confusion biases the estimate down, and the
+replicates lean further the same way, so the percentiles are mirrored about the estimate (measured on
+Fashion-MNIST with 400 verified samples: the percentile interval missed the true rate in 2 of 4 settings,
+the basic one in none).
 
 When not to trust it: a network that memorised its noisy labels in the features the reference reads
 (measured on a fine-tuned MiniLM) makes the reference agree with the given labels more than its held-out
@@ -51,7 +55,7 @@ class NoiseRateEstimate:
 
     reference: str  # "probe" or "refit"
     raw: float  # 1 - trace(J), unclipped
-    raw_interval: tuple[float, float]  # INTERVAL_LEVEL interval of `raw`
+    raw_interval: tuple[float, float]  # INTERVAL_LEVEL basic bootstrap interval of `raw`
     confidence_matched: float  # the same, calibrated at the reference's confidence on the training set
     training_confidence: float  # mean top probability on the training set
     heldout_confidence: float  # ... and on the verified split, held out
@@ -140,11 +144,13 @@ class NoiseRateCalibration:
         replicates = _bootstrap_rates(joint_given, log_probs.exp(), labels, c, generator)
         # the training set's own sampling error, from the spread of its per-sample terms
         replicates += agreement_se * torch.randn(len(replicates), generator=generator, dtype=torch.float64)
+        raw = _calibrated_rate(joint_given, log_probs.exp(), labels, c)
+        low, high = _quantiles(replicates, INTERVAL_LEVEL)
         tempered = _tempered(log_probs, training_confidence).exp()
         return NoiseRateEstimate(
             reference=self.reference,
-            raw=_calibrated_rate(joint_given, log_probs.exp(), labels, c),
-            raw_interval=_quantiles(replicates, INTERVAL_LEVEL),
+            raw=raw,
+            raw_interval=(2 * raw - high, 2 * raw - low),
             confidence_matched=_calibrated_rate(joint_given, tempered, labels, c),
             training_confidence=training_confidence,
             heldout_confidence=heldout_confidence,
