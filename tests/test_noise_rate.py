@@ -79,6 +79,17 @@ def test_a_reference_sharper_on_training_samples_than_held_out_is_reported_unrel
     assert summary.source == "probe_disagreement" and summary.warning is not None
 
 
+def test_agreeing_with_the_given_labels_beyond_held_out_accuracy_is_reported_impossible():
+    heldout_true = np.repeat(np.arange(CLASSES), 400)
+    true, given = _noisy_training_set(20000, seed=1)
+    calibration = _calibration(heldout_true)
+    parroting = 0.95 * torch.eye(CLASSES, dtype=torch.float64)[given] + 0.05 / CLASSES
+    calibration.update(parroting.log(), torch.as_tensor(given))
+    estimate = calibration.estimate(torch.device("cpu"), seed=0)
+    assert estimate.raw < 0 and estimate.rate == 0.0 and estimate.outside_share > 0.975
+    assert any("not explained by its held-out confusion" in p for p in estimate.problems())
+
+
 def test_small_verified_split_gives_a_wide_interval_and_says_so():
     heldout_true = np.repeat(np.arange(CLASSES), 6)
     true, given = _noisy_training_set(5000, seed=2)

@@ -21,7 +21,7 @@ accuracy allows, and the estimate collapses towards 0. Three signs are checked, 
 warning: the reference is more (or less) confident on training samples than on held-out verified ones
 beyond sampling error, enough that the calibration redone at the training set's confidence (held-out
 predictions tempered to the same mean top probability) moves the estimate by over `CONSISTENCY_MARGIN`;
-the unclipped estimate lies outside [0, 1] beyond its uncertainty; or the interval is wider than
+the unclipped estimate lies outside [0, 1] in most bootstrap resamples; or the interval is wider than
 `NOISE_RATE_TOLERANCE` either side (a small verified split, or a reference close to chance).
 """
 
@@ -56,6 +56,7 @@ class NoiseRateEstimate:
     reference: str  # "probe" or "refit"
     raw: float  # 1 - trace(J), unclipped
     raw_interval: tuple[float, float]  # INTERVAL_LEVEL basic bootstrap interval of `raw`
+    outside_share: float  # the share of bootstrap replicates outside [0, 1] on the side `raw` is (0 inside)
     confidence_matched: float  # the same, calibrated at the reference's confidence on the training set
     training_confidence: float  # mean top probability on the training set
     heldout_confidence: float  # ... and on the verified split, held out
@@ -83,10 +84,12 @@ class NoiseRateEstimate:
                 f"(unclipped): the {ref} sees training samples differently from held-out ones (the network memorised "
                 f"labels in the features it reads), which usually biases the estimate down"
             )
-        if self.raw_interval[1] < 0 or self.raw_interval[0] > 1:
+        if self.outside_share > 1 - (1 - INTERVAL_LEVEL) / 2:
             found.append(
-                f"the {ref}'s predictions on the training set are not explained by its held-out confusion (unclipped "
-                f"estimate {self.raw:.3f}): it agrees with the given labels more than its held-out accuracy allows"
+                f"the {ref}'s predictions on the training set are not explained by its held-out confusion: the "
+                f"unclipped estimate {self.raw:.3f} stays outside [0, 1] in {self.outside_share:.0%} of bootstrap "
+                f"resamples ({'it agrees with the given labels more' if self.raw < 0 else 'less'} than its held-out "
+                f"accuracy allows, as when the network memorised its labels in the features the {ref} reads)"
             )
         lo, hi = self.raw_interval  # unclipped: clipping to [0, 1] hides how unsure it is
         if (hi - lo) / 2 > NOISE_RATE_TOLERANCE:
@@ -151,6 +154,7 @@ class NoiseRateCalibration:
             reference=self.reference,
             raw=raw,
             raw_interval=(2 * raw - high, 2 * raw - low),
+            outside_share=float((replicates < 0).double().mean() if raw < 0 else (replicates > 1).double().mean()),
             confidence_matched=_calibrated_rate(joint_given, tempered, labels, c),
             training_confidence=training_confidence,
             heldout_confidence=heldout_confidence,
