@@ -12,7 +12,7 @@ estimate is not to be trusted. The goal: within 5 points of the truth, or a warn
   and vs random_label1, ~17%), class i of CIFAR-10 standing for class i of Fashion-MNIST.
 - Rotten Tomatoes, the pretrained all-MiniLM-L6-v2 fine-tuned on reviews with 27.5% flipped labels.
 
-    OMP_NUM_THREADS=1 nice python benchmarks/flag_rule.py            # about 10 minutes on 2 busy cores
+    OMP_NUM_THREADS=1 nice python benchmarks/flag_rule.py            # about 5 minutes on 2 busy cores
     python benchmarks/flag_rule.py --settings "symmetric 40%"         # one setting
 """
 
