@@ -15,8 +15,9 @@ Every training sample gets a score (lower = more harmful), a suggested label and
 - `loss`: the trained model's own given-label log-likelihood (the loss-ranking baseline).
 
 Flagging (`flag_rule`): by default the estimated noise rate's share of lowest scores, the rate being the
-share of given labels the probe disagrees with, corrected for the probe's held-out error on the verified
-split; or every score below a threshold; or a fixed budget. The suggested label is the probe's prediction.
+share of given labels the probe disagrees with, calibrated by its held-out confusion on the verified split
+(`noise_rate`, with an interval and a warning when it cannot be trusted); or every score below a threshold;
+or a fixed budget. The suggested label is the probe's prediction.
 
 The training set is streamed in batches, sharded `indices[rank::world]` across processes under
 `accelerate launch`, and gathered back in dataset order; memory is bounded by the tracked layers (plus
@@ -31,10 +32,12 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from torch import nn
 
 from ..config import RepairConfig
-from ..data import CollateFn, check_label_range, column_array
+from ..data import CollateFn, check_label_range, column_array, model_columns
 from ..evaluation import ForwardFn, default_forward, eval_mode, input_names_for, split_verified
 from .layers import SelectedLayers, select_layers
 from .result import IdentificationResult, build_result
@@ -42,6 +45,9 @@ from .training_pass import projected_reference, score_training_set
 from .verified_pass import VerifiedPass
 
 logger = logging.getLogger(__name__)
+
+# Rows of the training set read at once when checking its inputs for NaN or inf.
+_FINITE_CHECK_ROWS = 8192
 
 
 def identify_harmful(
@@ -69,6 +75,7 @@ def identify_harmful(
     labels = _check_train_dataset(train_dataset, config.label_column)
     if not any(True for _ in model.parameters()):
         raise ValueError(f"{type(model).__name__} has no parameters; identification needs a trained model.")
+    _check_finite_inputs(train_dataset, config.label_column, input_names_for(model, forward_fn))
     split = split_verified(model, verified, config, forward_fn, collate_fn)
     timings: dict[str, float] = {}
     with eval_mode(model):
@@ -86,12 +93,12 @@ def identify_harmful(
             projected = projected_reference(model, verified, config, forward_fn, collate_fn)
             timings["projection_repair_s"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        values = score_training_set(model, projected, train_dataset, scorer, config, forward_fn, collate_fn,
-                                    input_names_for(model, forward_fn), split.device)
+        values, noise_rates = score_training_set(model, projected, train_dataset, scorer, config, forward_fn,
+                                                 collate_fn, input_names_for(model, forward_fn), split.device)
         timings["train_pass_s"] = time.perf_counter() - tic
 
     timings["identify_time_s"] = time.perf_counter() - start
-    return build_result(values, labels, train_dataset, scorer, config, score, components, timings)
+    return build_result(values, noise_rates, labels, train_dataset, scorer, config, score, components, timings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +123,74 @@ def _check_train_dataset(dataset: Any, label_column: str) -> np.ndarray:
             f"and shape {labels.shape}."
         )
     return labels.astype(np.int64)
+
+
+def _check_finite_inputs(dataset: datasets.Dataset, label_column: str, input_names: set[str] | None) -> None:
+    """NaN or inf in a floating input column would score its rows NaN and leave them unflagged: refuse them.
+
+    The stored columns are read from Arrow in slices (inputs an on-the-fly transform builds are not seen).
+    """
+    schema = dataset.features.arrow_schema
+    columns = [name for name in model_columns(dataset, label_column, input_names)
+               if name != label_column and pa.types.is_floating(_leaf_type(schema.field(name).type))]
+    if not columns:
+        return
+    bad: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(dataset), _FINITE_CHECK_ROWS):
+        table = dataset.select_columns(columns).with_format("arrow")[start : start + _FINITE_CHECK_ROWS]
+        for name in columns:
+            rows = _nonfinite_rows(table.column(name))
+            if rows.size:
+                bad.setdefault(name, []).append(rows + start)
+    if bad:
+        found = {name: np.concatenate(parts) for name, parts in bad.items()}
+        rows = np.unique(np.concatenate(list(found.values())))
+        described = "; ".join(f"{name!r} in rows {_first(index)}" for name, index in found.items())
+        raise ValueError(
+            f"Training inputs contain NaN or inf ({described}); those rows would be scored NaN and never flagged. "
+            f"Fix them, or drop the {len(rows)} rows, e.g. "
+            f"train_dataset.select(np.setdiff1d(np.arange(len(train_dataset)), bad_rows)) with bad_rows = {_first(rows)}."
+        )
+
+
+def _leaf_type(arrow_type: pa.DataType) -> pa.DataType:
+    """The element type under any nesting of lists and datasets' ArrayND extension types."""
+    while True:
+        if isinstance(arrow_type, pa.ExtensionType):
+            arrow_type = arrow_type.storage_type
+        elif _is_list(arrow_type):
+            arrow_type = arrow_type.value_type
+        else:
+            return arrow_type
+
+
+def _is_list(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
+def _nonfinite_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """Sorted indices of the rows of a (nested) floating column holding a NaN or inf."""
+    levels = [column.combine_chunks()]  # the array at each nesting level, outermost first
+    while True:
+        array = levels[-1]
+        if isinstance(array, pa.ExtensionArray):
+            levels[-1] = array.storage
+        elif _is_list(array.type):
+            levels.append(pc.list_flatten(array))
+        else:
+            break
+    finite = pc.is_finite(levels[-1]).fill_null(True)
+    if pc.all(finite).as_py():
+        return np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(~finite.to_numpy(zero_copy_only=False))
+    for array in reversed(levels[:-1]):  # map element indices back to their parent lists, level by level
+        rows = np.unique(pc.list_parent_indices(array).to_numpy()[rows])
+    return rows
+
+
+def _first(indices: np.ndarray, count: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in indices[:count])
+    return f"[{shown}{', ...' if len(indices) > count else ''}]"
 
 
 def _check_train_label_range(labels: np.ndarray, num_classes: int) -> None:

@@ -173,7 +173,7 @@ class InfluenceModel:
             losses = F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), labels, reduction="none")
             loss = (losses * weights.to(losses)).sum() if weights is not None else losses.sum()
             found = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
-            for name, grad, output in zip(autograd_layers, found, outputs):
+            for name, grad, output in zip(autograd_layers, found, outputs, strict=True):
                 grads[name] = torch.zeros_like(output) if grad is None else grad
         return grads
 

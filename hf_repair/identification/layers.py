@@ -59,25 +59,26 @@ class _Trace:
         return matching[-1] if matching else None
 
 
-def select_layers(model: nn.Module, split: VerifiedSplit, config: RepairConfig, forward_fn: ForwardFn) -> SelectedLayers:
+def select_layers(model: nn.Module, split: VerifiedSplit, config: RepairConfig,
+                  forward_fn: ForwardFn) -> SelectedLayers:
     """Run one verified batch with hooks on every supported layer; find the head, the layers before it,
     and the first layer of the classifier MLP (whose input the probe reads)."""
     try:
         candidates = find_target_modules(model, "all")
-        chosen = candidates if config.influence_modules is None else find_target_modules(model, config.influence_modules)
+        chosen = candidates if config.influence_modules is None else find_target_modules(
+            model, config.influence_modules)
     except ValueError as err:
         raise ValueError(
             f"No layer to compute per-sample gradients for: {err} Set influence_modules to nn.Linear, Conv1D or "
             f"nn.Conv2d layers of the model."
         ) from err
     trace = _trace(model, split, {name: module for name, (module, _) in candidates.items()}, forward_fn)
-    tracked = [
-        TrackedLayer(name=name, module=candidates[name][0], adapter=candidates[name][1], closed_form=name in trace.heads)
-        for name in _influence_layer_names(trace, config, list(chosen))
-    ]
-    logger.info(
-        "Influence layers: %s", ", ".join(f"{layer.name} ({'closed form' if layer.closed_form else 'autograd'})" for layer in tracked)
-    )
+    tracked = []
+    for name in _influence_layer_names(trace, config, list(chosen)):
+        module, adapter = candidates[name]
+        tracked.append(TrackedLayer(name=name, module=module, adapter=adapter, closed_form=name in trace.heads))
+    logger.info("Influence layers: %s", ", ".join(
+        f"{layer.name} ({'closed form' if layer.closed_form else 'autograd'})" for layer in tracked))
     probe, problem = _probe_layer_name(trace, config)
     if probe is not None:
         logger.info("Probe features: the input of %s", probe)

@@ -8,7 +8,7 @@ regression on the input of the classifier MLP, which memorisation of noisy label
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ class HeadRefit:
     weight: torch.Tensor  # (C, in) with the bias as the last column
     prox: float  # relative to the mean Gauss-Newton eigenvalue
     heldout_accuracy: float  # refit on k-1 folds, scored on the held-out fold, pooled
+    heldout_log_probs: torch.Tensor = field(repr=False)  # (n_verified, C): each sample under the fit without its fold
 
     def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         return (rows.to(self.weight) @ self.weight.t()).log_softmax(-1)
@@ -49,8 +50,9 @@ def refit_head(features: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor
     curvature = float((probs * (1 - probs)).sum(-1).mean())
     scale = curvature * float((features * features).sum(-1).mean()) / (weight.shape[0] * weight.shape[1])
     scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-    penalty, accuracy = _cross_validate(features, labels, folds, weight, [r * scale for r in REFIT_PROX_GRID])
-    return HeadRefit(weight=_fit(features, labels, weight, penalty), prox=penalty / scale, heldout_accuracy=accuracy)
+    penalty, heldout = _cross_validate(features, labels, folds, weight, [r * scale for r in REFIT_PROX_GRID])
+    return HeadRefit(weight=_fit(features, labels, weight, penalty), prox=penalty / scale,
+                     heldout_accuracy=_accuracy(heldout, labels), heldout_log_probs=heldout)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class LinearProbe:
     weight: torch.Tensor  # (C, k + 1)
     l2: float
     heldout_accuracy: float
+    heldout_log_probs: torch.Tensor = field(repr=False)  # (n_verified, C): each sample under the fit without its fold
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         reduced = ((features.to(self.mean) - self.mean) / self.scale) @ self.basis
@@ -87,35 +90,39 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor,
     basis = vh[: min(PROBE_COMPONENTS, vh.shape[0])].t()
     reduced = _with_bias(standardised @ basis)
     start = torch.zeros(num_classes, reduced.shape[1], dtype=torch.float64)
-    l2, accuracy = _cross_validate(reduced, labels, folds, start, list(PROBE_L2_GRID))
+    l2, heldout = _cross_validate(reduced, labels, folds, start, list(PROBE_L2_GRID))
     return LinearProbe(mean=mean, scale=scale, basis=basis, weight=_fit(reduced, labels, start, l2), l2=l2,
-                       heldout_accuracy=accuracy)
+                       heldout_accuracy=_accuracy(heldout, labels), heldout_log_probs=heldout)
 
 
 def _with_bias(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
 
+def _accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((log_probs.argmax(-1) == labels).double().mean())
+
+
 def _cross_validate(features: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, anchor: torch.Tensor,
-                    penalties: list[float]) -> tuple[float, float]:
-    """The penalty with the best pooled held-out log-likelihood over the folds, and its held-out accuracy.
+                    penalties: list[float]) -> tuple[float, torch.Tensor]:
+    """The penalty with the best pooled held-out log-likelihood over the folds, and every sample's held-out
+    log-probabilities under it (the fit on the other folds).
 
     Penalties are tried from the strongest down, each fit warm-started from the previous one of its fold.
     """
     fold_ids = sorted(folds.unique().tolist())
     previous = {fold: anchor for fold in fold_ids}
-    best = (math.inf, penalties[0], 0.0)
+    best_nll, best_penalty, best_heldout = math.inf, penalties[0], None
     for penalty in sorted(penalties, reverse=True):
-        nll, correct = 0.0, 0
+        heldout = features.new_empty(len(labels), anchor.shape[0])
         for fold in fold_ids:
             held = folds == fold
             previous[fold] = _fit(features[~held], labels[~held], anchor, penalty, init=previous[fold], tolerance=1e-6)
-            logits = features[held] @ previous[fold].t()
-            nll += float(F.cross_entropy(logits, labels[held], reduction="sum"))
-            correct += int((logits.argmax(-1) == labels[held]).sum())
-        if nll < best[0]:
-            best = (nll, penalty, correct / len(labels))
-    return best[1], best[2]
+            heldout[held] = (features[held] @ previous[fold].t()).log_softmax(-1)
+        nll = float(F.nll_loss(heldout, labels, reduction="sum"))
+        if nll < best_nll or best_heldout is None:
+            best_nll, best_penalty, best_heldout = nll, penalty, heldout
+    return best_penalty, best_heldout
 
 
 def _fit(features: torch.Tensor, labels: torch.Tensor, anchor: torch.Tensor, penalty: float,

@@ -1,4 +1,4 @@
-"""What identification returns: the per-sample table, the summary, and the noise-rate estimates behind the flags."""
+"""What identification returns: the per-sample table (scores, suggested labels, flags) and the summary."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import RepairConfig
 from ..data import column_array
+from .noise_rate import NoiseRateEstimate, summarise_noise_rate
 from .ranking import auroc, average_ranks, flag_lowest
 from .training_pass import FIELDS
 from .verified_pass import VerifiedPass
@@ -27,8 +28,9 @@ class IdentificationResult:
     `given_label`, `suggested_label`, `flagged`, `is_corrupted` (when the training set has it) and one
     column per score that was computed (`probe`, `influence` and `loss` always where the model allows them,
     `refit` and `projection` when asked for). `summary` holds the counts, the flag rule and its threshold,
-    the score's name, the estimated noise rate, the classes the verified split lacks (`blind_classes`),
-    timings, and precision / recall / AUROC when the training set has `is_corrupted`.
+    the score's name, the estimated noise rate with its interval (`estimated_noise_rate_interval`) and a
+    `noise_rate_warning` (None, or why the estimate should not be trusted), the classes the verified split
+    lacks (`blind_classes`), timings, and precision / recall / AUROC when the training set has `is_corrupted`.
 
     Example:
         >>> ident = Repairer(model, RepairConfig()).identify(train_dataset, verified)
@@ -46,14 +48,16 @@ class IdentificationResult:
             f"IdentificationResult(score={s['score']!r}, num_samples={s['num_samples']}, num_flagged={s['num_flagged']}, "
             f"flag_rule={s['flag_rule']!r}, estimated_noise_rate={s['estimated_noise_rate']:.4f}"
         )
+        if s.get("noise_rate_warning"):
+            text += " (unreliable)"
         if "auroc" in s:
             text += f", precision={s['precision']:.4f}, recall={s['recall']:.4f}, auroc={s['auroc']:.4f}"
         return text + ")"
 
 
-def build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Dataset, scorer: VerifiedPass,
-                  config: RepairConfig, score_name: str, components: list[str], timings: dict[str, float]
-                  ) -> IdentificationResult:
+def build_result(values: np.ndarray, noise_rates: dict[str, NoiseRateEstimate], labels: np.ndarray,
+                 dataset: datasets.Dataset, scorer: VerifiedPass, config: RepairConfig, score_name: str,
+                 components: list[str], timings: dict[str, float]) -> IdentificationResult:
     column = {name: values[:, i] for i, name in enumerate(FIELDS)}
     available = {"influence": column["influence"], "loss": column["loss"]}
     if scorer.refit is not None:
@@ -77,10 +81,8 @@ def build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Datas
     else:
         suggested = column["prediction"]
     suggested = suggested.astype(np.int64)
-    estimates = _noise_rate_estimates(column, labels, scorer)
-    noise_source = "probe_disagreement" if "probe_disagreement" in estimates else "negative_influence"
-    noise_rate = estimates[noise_source]
-    flagged, threshold = flag_lowest(score, config, noise_rate)
+    noise = summarise_noise_rate(noise_rates, column["influence_mean"])
+    flagged, threshold = flag_lowest(score, config, noise.rate)
 
     table: dict[str, Any] = {
         "index": np.arange(n, dtype=np.int64),
@@ -102,9 +104,11 @@ def build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Datas
         "flag_rule": config.flag_rule,
         "threshold": threshold,
         "score": score_name,
-        "estimated_noise_rate": noise_rate,
-        "noise_rate_source": noise_source,
-        "noise_rate_estimates": estimates,
+        "estimated_noise_rate": noise.rate,
+        "estimated_noise_rate_interval": list(noise.interval),
+        "noise_rate_source": noise.source,
+        "noise_rate_estimates": noise.estimates,
+        "noise_rate_warning": noise.warning,
         "blind_classes": list(scorer.blind_classes),
         "num_verified": scorer.num_verified,
         "influence_layers": [layer.name for layer in scorer.layers],
@@ -137,23 +141,3 @@ def build_result(values: np.ndarray, labels: np.ndarray, dataset: datasets.Datas
     flagged_indices = np.flatnonzero(flagged).astype(np.int64)
     logger.info("Flagged %d of %d training samples (%s).", len(flagged_indices), n, config.flag_rule)
     return IdentificationResult(table=datasets.Dataset.from_dict(table), summary=summary, flagged_indices=flagged_indices)
-
-
-def _noise_rate_estimates(column: dict[str, np.ndarray], labels: np.ndarray, scorer: VerifiedPass) -> dict[str, float]:
-    """Estimates of the share of wrong training labels.
-
-    - negative_influence: the share of samples whose influence on the mean verified loss is negative.
-    - probe_disagreement / refit_disagreement: the share whose given label differs from that reference's
-      prediction, corrected for its own held-out error e on the verified split (assuming its errors spread
-      evenly over the other classes): rate = (d - e) / (1 - e - e / (C - 1)).
-    """
-    estimates = {"negative_influence": float(np.mean(column["influence_mean"] < 0))}
-    for name, reference in (("probe", scorer.probe), ("refit", scorer.refit)):
-        if reference is None:
-            continue
-        disagreement = float(np.mean(column[f"{name}_prediction"] != labels))
-        error = 1.0 - reference.heldout_accuracy
-        denominator = 1.0 - error - error / max(scorer.num_classes - 1, 1)
-        rate = (disagreement - error) / denominator if denominator > 0 else disagreement
-        estimates[f"{name}_disagreement"] = float(min(max(rate, 0.0), 1.0))
-    return estimates

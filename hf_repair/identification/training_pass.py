@@ -24,6 +24,7 @@ from ..evaluation import ForwardFn
 from ..modeling.hooks import LayerCapture
 from ..projection.pipeline import project
 from ..utils.distributed import gather_uneven, is_main_process, process_info
+from .noise_rate import NoiseRateCalibration, NoiseRateEstimate
 from .verified_pass import VerifiedPass
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ FIELDS = ("index", "influence", "influence_mean", "loss", "prediction", "refit",
 
 
 def projected_reference(model: nn.Module, verified: Any, config: RepairConfig, forward_fn: ForwardFn,
-                    collate_fn: CollateFn | None) -> nn.Module:
+                        collate_fn: CollateFn | None) -> nn.Module:
+    """A projection-repaired copy of the model: the reference of the 'projection' score."""
     projected = copy.deepcopy(model)
     result = project(projected, dataclasses.replace(config, method="projection"), verified, forward_fn=forward_fn,
                      collate_fn=collate_fn)
@@ -52,13 +54,19 @@ def score_training_set(
     collate_fn: CollateFn | None,
     input_names: set[str] | None,
     device: torch.device,
-) -> np.ndarray:
-    """(N, len(FIELDS)) per-sample values in dataset order, identical on every process."""
+) -> tuple[np.ndarray, dict[str, NoiseRateEstimate]]:
+    """(N, len(FIELDS)) per-sample values in dataset order, and the noise rate calibrated by each clean
+    reference (probe, refit); both identical on every process."""
     rank, world = process_info()
     indices = np.arange(len(dataset), dtype=np.int64)[rank::world]
     influence = scorer.influence
     aggregate = _AGGREGATIONS[config.influence_aggregation]
     weights = influence.class_counts / influence.class_counts.sum()
+    references = {"probe": scorer.probe, "refit": scorer.refit}
+    calibrations = {
+        name: NoiseRateCalibration(name, reference.heldout_log_probs, scorer.verified_labels, scorer.num_classes)
+        for name, reference in references.items() if reference is not None
+    }
     rows: list[torch.Tensor] = []
     progress = tqdm(total=len(indices), desc="hf_repair: scoring training samples", unit="sample",
                     disable=config.repair_disable_tqdm or not is_main_process())
@@ -82,10 +90,13 @@ def score_training_set(
             _put(out, "loss", "prediction", logits.detach().double().log_softmax(-1).cpu(), given)
             if scorer.refit is not None:
                 head_rows = scorer.head.input_rows(capture.inputs[scorer.head.name], n, torch.float64)
-                _put(out, "refit", "refit_prediction", scorer.refit.log_probs(head_rows[:, 0].cpu()), given)
+                refit_log_probs = scorer.refit.log_probs(head_rows[:, 0].cpu())
+                _put(out, "refit", "refit_prediction", refit_log_probs, given)
+                calibrations["refit"].update(refit_log_probs, given)
             if scorer.probe is not None:
                 probe_log_probs = scorer.probe.log_probs(capture.inputs[scorer.probe_layer[0]].cpu())
                 _put(out, "probe", "probe_prediction", probe_log_probs, given)
+                calibrations["probe"].update(probe_log_probs, given)
             if projected is not None:
                 with torch.no_grad():
                     projected_log_probs = forward_fn(projected, inputs).double().log_softmax(-1).cpu()
@@ -96,7 +107,8 @@ def score_training_set(
     progress.close()
     local = torch.cat(rows) if rows else torch.zeros(0, len(FIELDS), dtype=torch.float64)
     gathered = gather_uneven(local.to(device)).cpu().numpy()
-    return gathered[np.argsort(gathered[:, 0], kind="stable")]
+    noise_rates = {name: calibration.estimate(device, config.repair_seed) for name, calibration in calibrations.items()}
+    return gathered[np.argsort(gathered[:, 0], kind="stable")], noise_rates
 
 
 def _put(out: torch.Tensor, score: str, prediction: str, log_probs: torch.Tensor, given: torch.Tensor) -> None:

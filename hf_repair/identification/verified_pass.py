@@ -42,6 +42,7 @@ class VerifiedPass:
         self.probe: LinearProbe | None = None
         self.blind_classes: list[int] = []
         self.num_verified = 0
+        self.verified_labels = torch.zeros(0, dtype=torch.long)  # every process's, in fold order
         self.verified_accuracy = math.nan
 
     def modules(self) -> dict[str, nn.Module]:
@@ -81,7 +82,7 @@ class VerifiedPass:
                 "and the refit and the probe never predict them. Verify a few samples of each.",
                 _class_names(self.model, self.blind_classes),
             )
-        all_labels = gather_uneven(torch.cat(labels)).cpu()
+        all_labels = self.verified_labels = gather_uneven(torch.cat(labels)).cpu()
         all_folds = gather_uneven(torch.cat(folds)).cpu()
         self.verified_accuracy = float((gather_uneven(torch.cat(predictions)).cpu() == all_labels).double().mean())
         if self.probe_layer is not None:  # the probe also estimates the noise rate and suggests labels: always fit

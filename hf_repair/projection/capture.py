@@ -93,5 +93,5 @@ class GramCollector(LayerHooks):
         if names:
             device = self.rows[names[0]].device
             counts = sum_across_processes(torch.stack([self.rows[name].to(device) for name in names]))
-            for name, count in zip(names, counts):
+            for name, count in zip(names, counts, strict=True):
                 self.rows[name] = count.to(self.rows[name].device)

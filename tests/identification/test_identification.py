@@ -24,8 +24,7 @@ from hf_repair.modeling.layers import adapter_for
 from testbed.experiments import SmallCNN, small_vit, train_classifier
 from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-sys.path.insert(0, SCRIPTS)
+from helpers import SCRIPTS
 from identification_setup import NUM_TRAIN, NUM_VERIFIED, fashion_subsets  # noqa: E402
 
 QUIET = dict(repair_disable_tqdm=True)
@@ -121,6 +120,50 @@ def test_default_score_finds_40pct_symmetric_noise(symmetric40, default_identifi
     assert (suggested[corrupted] == clean[corrupted]).mean() > 0.7
 
 
+def test_noise_rate_interval_covers_the_truth_and_nothing_warns(default_identification):
+    s = default_identification[0].summary
+    low, high = s["estimated_noise_rate_interval"]
+    assert low <= s["estimated_noise_rate"] <= high and low < 0.4 < high and high - low <= 0.1
+    assert s["noise_rate_warning"] is None
+    estimates = s["noise_rate_estimates"]
+    assert estimates["probe_disagreement"] == s["estimated_noise_rate"]
+    assert abs(estimates["probe_confidence_matched"] - estimates["probe_disagreement"]) < 0.02
+
+
+class _Memorising(nn.Module):
+    """The 40%-noise CNN with its training labels memorised in the features the probe reads, as a fine-tuned
+    transformer does: each training sample's features are pulled halfway to the verified mean features of its
+    given class (looked up by `sample_id`; verified samples have none and are left as they are)."""
+
+    def __init__(self, inner, targets):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("targets", targets)
+
+    def forward(self, pixel_values, sample_id):
+        features = self.inner.features(pixel_values).flatten(1)
+        pull = 0.5 * (sample_id >= 0).to(features)[:, None]
+        return self.inner.classifier[1:]((1 - pull) * features + pull * self.targets[sample_id.clamp_min(0)])
+
+
+def test_memorised_probe_features_make_the_noise_rate_estimate_warn(symmetric40, caplog):
+    model, train, verified = symmetric40
+    with torch.no_grad():
+        v = verified.with_format("torch")[:]
+        features = model.features(v["pixel_values"]).flatten(1)
+        centroids = torch.stack([features[v["labels"] == c].mean(0) for c in range(10)])
+    given = torch.as_tensor(np.asarray(train.with_format("numpy")["labels"]))
+    memorising = _Memorising(model, centroids[given]).eval()
+    with caplog.at_level(logging.WARNING, logger="hf_repair.identification"):
+        ident = identify_harmful(memorising, train.add_column("sample_id", list(range(len(train)))),
+                                 verified.add_column("sample_id", [-1] * len(verified)), RepairConfig(**QUIET))
+    s = ident.summary
+    assert s["probe_layer"] == "inner.classifier.1" and s["auroc"] > 0.9  # the ranking still works...
+    assert s["estimated_noise_rate"] < 0.2  # ...but the probe agrees with most memorised labels
+    assert "sees training samples differently from held-out ones" in s["noise_rate_warning"]
+    assert any("is not reliable" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
 def test_influence_beats_loss_baseline_and_columns_hold_what_they_say(symmetric40, default_identification):
     model, train, verified = symmetric40
     ident, _ = default_identification
@@ -207,7 +250,7 @@ def _brute_force_influence(model, names, verified_x, verified_y, train_x, train_
         size = sum(p.numel() for p in params[name])
         hessian = torch.zeros(size, size, dtype=torch.float64)
         means = torch.zeros(classes, size, dtype=torch.float64)
-        for x, y in zip(verified_x, verified_y):
+        for x, y in zip(verified_x, verified_y, strict=True):
             logits = model(pixel_values=x[None]).logits[0]
             jac = torch.stack([flat_grad(logits[k], name) for k in range(classes)])  # (C, P)
             p = logits.detach().double().softmax(-1)
@@ -217,7 +260,7 @@ def _brute_force_influence(model, names, verified_x, verified_y, train_x, train_
         means /= torch.bincount(verified_y, minlength=classes).clamp_min(1)[:, None].double()
         lam = damping * hessian.diagonal().mean()
         solved = torch.linalg.solve(hessian + lam * torch.eye(size, dtype=torch.float64), means.t()).t()
-        for i, (x, y) in enumerate(zip(train_x, train_y)):
+        for i, (x, y) in enumerate(zip(train_x, train_y, strict=True)):
             g = flat_grad(F.cross_entropy(model(pixel_values=x[None]).logits, y[None]), name)
             total[i] += solved @ g
     return total
@@ -308,6 +351,32 @@ def test_bad_training_sets_are_refused_before_any_work(small):
         identify_harmful(model, floats, verified, RepairConfig(**QUIET))
 
 
+def test_nan_or_inf_training_inputs_are_refused_with_their_rows(small):
+    train, verified = small
+
+    def poison(example, index):
+        if index in (3, 41, 150):
+            example["pixel_values"][0][5][5] = float("inf") if index == 41 else float("nan")
+        return example
+
+    broken = train.with_format(None).map(poison, with_indices=True).with_format("torch")
+    model = _tiny_model()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"NaN or inf \('pixel_values' in rows \[3, 41, 150\]\).*drop the 3 rows"):
+        identify_harmful(model, broken, verified, RepairConfig(**QUIET))
+    assert _same_state(model, before)
+    # a selection is checked in its own row order
+    with pytest.raises(ValueError, match=r"rows \[1, 39, 148\]"):
+        identify_harmful(model, broken.select(range(2, 200)), verified, RepairConfig(**QUIET))
+
+
+def test_weak_probe_on_a_small_verified_split_says_its_noise_rate_is_unsure(small):
+    train, verified = small
+    s = identify_harmful(_tiny_model(), train, verified, RepairConfig(**QUIET)).summary
+    low, high = s["estimated_noise_rate_interval"]
+    assert high - low > 0.1 and "wider than" in s["noise_rate_warning"]
+
+
 @pytest.mark.parametrize("bad_label", [10, -1])
 def test_out_of_range_training_labels_name_the_classes(small, bad_label):
     train, verified = small
@@ -396,7 +465,7 @@ def test_per_position_head_uses_autograd_and_auto_falls_back_to_influence(small)
     for i in range(5):
         loss = F.cross_entropy(model(t["pixel_values"][i : i + 1]), t["labels"][i : i + 1].long())
         g = torch.autograd.grad(loss, [model.score.weight, model.score.bias])
-        expected = sum(w * sum((a * b).sum() for a, b in zip(g, m)) for w, m in zip(weights, mean_grads))
+        expected = sum(w * sum((a * b).sum() for a, b in zip(g, m, strict=True)) for w, m in zip(weights, mean_grads, strict=True))
         assert found[i] == pytest.approx(float(expected), rel=1e-4, abs=1e-8)
     with pytest.raises(ValueError, match="needs the 'probe' score"):
         identify_harmful(model, train, verified, RepairConfig(score="probe", **QUIET))
