@@ -49,8 +49,15 @@ class RepairResult:
 
     @classmethod
     def from_projection(cls, config: RepairConfig, projection: ProjectionResult) -> RepairResult:
-        return cls(config=config, metrics=projection.metrics, layers=projection.layers, spaces=projection.spaces,
-                   selection=projection.selection, _snapshot=projection.snapshot)
+        return cls.from_repair(config, projection.metrics, projection.snapshot, projection)
+
+    @classmethod
+    def from_repair(cls, config: RepairConfig, metrics: dict[str, Any], snapshot: Any,
+                    projection: ProjectionResult | None = None) -> RepairResult:
+        """A result whose `undo()` restores `snapshot`, with the clean spaces and alpha curve of `projection` if one ran."""
+        return cls(config=config, metrics=metrics, layers=projection.layers if projection is not None else {},
+                   spaces=projection.spaces if projection is not None else {},
+                   selection=projection.selection if projection is not None else [], _snapshot=snapshot)
 
     @property
     def snapshot(self) -> WeightSnapshot | None:

@@ -1,5 +1,9 @@
 """Test helpers shared by several test modules: tiny models, collators, paths."""
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +12,19 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"  # scripts the tests launch (accelerate launch, the CLI)
+
+
+def launch_two_processes(script: str, *args: str, mixed_precision: str = "no", timeout: int = 300) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` of a tests/scripts script on CPU (gloo), on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(SCRIPTS / script), *map(str, args)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 
 
 class TinyCNN(nn.Module):

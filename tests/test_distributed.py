@@ -7,8 +7,6 @@ and the tests compare what each process ended with.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import types
 
@@ -26,16 +24,11 @@ from hf_repair.modeling.sharding import WeightAccess, ZeRO3WeightAccess, weight_
 from hf_repair.modeling.weights import WeightSnapshot
 
 from distributed_setup import CONFIG, NUM_VERIFIED, make_model, verified_split  # noqa: E402
-from helpers import SCRIPTS
+from helpers import launch_two_processes
 
 SETUPS = ["replicated", "loader", "fsdp", "fsdp_orig_params", "fsdp2", "trainer"]
 
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +36,7 @@ def launched(tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("needs torch.distributed with the gloo backend")
     out = tmp_path_factory.mktemp("distributed")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()),
-               os.path.join(SCRIPTS, "distributed_repair.py"), str(out), *SETUPS]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    launch_two_processes("distributed_repair.py", out, *SETUPS)
     return out
 
 

@@ -117,7 +117,7 @@ def repair_head(
     kwargs = dict(forward_fn=forward_fn, collate_fn=collate_fn, compute_metrics=compute_metrics)
     if config.method == "head_refit":
         metrics, snapshot = refit_classification_head(model, config, verified, **kwargs)
-        return RepairResult(config=config, metrics=metrics, _snapshot=snapshot)
+        return RepairResult.from_repair(config, metrics, snapshot)
 
     start = time.perf_counter()
     check_materialized(model)
@@ -141,5 +141,4 @@ def repair_head(
         "num_layers": projection.metrics["num_layers"],
         "repair_time_s": time.perf_counter() - start,
     }
-    return RepairResult(config=config, metrics=metrics, layers=projection.layers, spaces=projection.spaces,
-                        selection=projection.selection, _snapshot=snapshot)
+    return RepairResult.from_repair(config, metrics, snapshot, projection)

@@ -73,14 +73,7 @@ def repair_with_finetuning(
     adopted = not snapshot.is_unchanged()
     metrics = _metrics(outcome, projection, identification, split, config, before, after, adopted,
                        time.perf_counter() - start)
-    return RepairResult(
-        config=config,
-        metrics=metrics,
-        layers=projection.layers if projection is not None else {},
-        spaces=projection.spaces if projection is not None else {},
-        selection=projection.selection if projection is not None else [],
-        _snapshot=snapshot,
-    )
+    return RepairResult.from_repair(config, metrics, snapshot, projection)
 
 
 def heldout_scores(model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn,

@@ -58,14 +58,7 @@ def repair_from_trajectory(
         snapshot.restore()
         raise
     metrics = _metrics(choice, trajectory, points, projection, model, time.perf_counter() - start)
-    return RepairResult(
-        config=config,
-        metrics=metrics,
-        layers=projection.layers if projection is not None else {},
-        spaces=projection.spaces if projection is not None else {},
-        selection=projection.selection if projection is not None else [],
-        _snapshot=snapshot,
-    )
+    return RepairResult.from_repair(config, metrics, snapshot, projection)
 
 
 def _trajectory(model: nn.Module, split: VerifiedSplit, config: RepairConfig,

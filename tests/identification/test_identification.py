@@ -5,10 +5,6 @@ The two trained models (40% symmetric and 20% asymmetric noise, SmallCNN width 1
 """
 
 import logging
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +20,7 @@ from hf_repair.modeling.layers import adapter_for
 from testbed.experiments import SmallCNN, small_vit, train_classifier
 from testbed.noise import FASHION_MNIST_CONFUSABLE_PAIRS, corrupt_dataset
 
-from helpers import SCRIPTS
+from helpers import launch_two_processes
 from identification_setup import NUM_TRAIN, NUM_VERIFIED, fashion_subsets  # noqa: E402
 
 QUIET = dict(repair_disable_tqdm=True)
@@ -518,11 +514,6 @@ def test_config_rejects_bad_identification_settings():
 # two processes give the same scores as one
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_processes_give_the_same_table_as_one(subsets, tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -530,13 +521,7 @@ def test_two_processes_give_the_same_table_as_one(subsets, tmp_path):
     from identification_setup import distributed_case
 
     model, train, verified, config = distributed_case()
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()),
-               os.path.join(SCRIPTS, "distributed_identify.py"), str(tmp_path)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    launch_two_processes("distributed_identify.py", tmp_path)
 
     single = identify_harmful(model, train, verified, config).table.with_format("numpy")
     for rank in range(2):

@@ -24,7 +24,7 @@ from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
 
-from helpers import SCRIPTS, image_collate, with_image_transform
+from helpers import image_collate, launch_two_processes, with_image_transform
 
 QUIET = dict(repair_disable_tqdm=True, target_modules="all")
 CHEAP = dict(QUIET, score="loss")  # the cheapest identification, where identification is not what is tested
@@ -428,23 +428,10 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 
 @pytest.mark.parametrize("separation, precision", [("belief", "no"), ("surgery", "no"), ("belief", "bf16")])
 def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, precision):
-    import os
-    import socket
-    import subprocess
-    import sys
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("needs torch.distributed with the gloo backend")
-    scripts = str(SCRIPTS)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no", "--main_process_port",
-               str(port), os.path.join(scripts, "distributed_retention.py"), str(tmp_path), separation]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    launch_two_processes("distributed_retention.py", tmp_path, separation, mixed_precision=precision)
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, value in ranks[0]["state"].items():

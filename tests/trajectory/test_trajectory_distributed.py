@@ -2,9 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from hf_repair import Repairer
 from hf_repair.trajectory import list_checkpoints, read_checkpoint
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT
 
-from helpers import SCRIPTS
+from helpers import launch_two_processes
 
 pytestmark = [
     pytest.mark.slow,  # two processes launched, trained and repaired: about 45 s
@@ -26,23 +23,13 @@ pytestmark = [
 ]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("needs torch.distributed with the gloo backend")
     out = tmp_path_factory.mktemp("auto_ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), os.path.join(SCRIPTS, "distributed_auto.py"), str(out)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    launch_two_processes("distributed_auto.py", out)
     weights = [load_file(str(out / f"auto_rank{r}.safetensors")) for r in range(2)]
     metrics = [json.loads((out / f"auto_rank{r}.json").read_text()) for r in range(2)]
     return out, weights, metrics
