@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -71,12 +71,16 @@ def _ragged_rows(columns, rng):
 
 
 def _too_few_rows(columns, rng):
-    keep = int(rng.integers(0, 6))  # 3 folds need at least 6 samples
+    keep = int(rng.integers(0, 6))  # 3 verified folds need at least 6 samples
     return {name: values[:keep] for name, values in columns.items()}
 
 
+def _no_rows(columns, rng):
+    return {name: [] for name in columns}
+
+
 CORRUPTIONS = [_bad_cell, _label_out_of_range, _float_labels, _string_labels, _missing_label_column,
-               _unknown_input_column, _ragged_rows, _too_few_rows]
+               _unknown_input_column, _ragged_rows, _too_few_rows, _no_rows]
 
 
 def raised_by_hf_repair(error: BaseException) -> bool:
@@ -89,6 +93,7 @@ def raised_by_hf_repair(error: BaseException) -> bool:
 @given(corruption=st.sampled_from(CORRUPTIONS), rows=st.integers(12, 40), seed=st.integers(0, 2**16),
        method=st.sampled_from(["projection", "erase"]))
 def test_bad_data_gets_our_error_and_the_model_stays_bit_identical(corruption, rows, seed, method):
+    assume(not (method == "erase" and corruption is _too_few_rows))  # a training set may be small, not empty
     rng = np.random.default_rng(seed)
     bad = corruption(valid_columns(rows, seed), rng)
     try:
