@@ -41,9 +41,9 @@ class IdentificationArguments:
         default="noise_rate",
         metadata={
             "help": "Which samples to flag: 'noise_rate' flags the estimated noise rate's share of lowest scores "
-            "(the share of given labels the probe disagrees with, corrected for the probe's held-out error; the "
-            "share of negative influence without a probe); 'threshold' flags score < flag_threshold; 'budget' "
-            "flags the flag_top_k or flag_fraction lowest.",
+            "(the probe's predictions on the training set calibrated by its held-out confusion on the verified split, "
+            "with an interval and a warning when it cannot be trusted; the share of negative influence without a "
+            "probe); 'threshold' flags score < flag_threshold; 'budget' flags the flag_top_k or flag_fraction lowest.",
             "choices": list(FLAG_RULES),
         },
     )
