@@ -186,7 +186,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     final = load_checkpoint(task.model_class, noisy_run.final.path)
     corrupted = np.flatnonzero(column_array(task.noisy, "is_corrupted"))
     row: dict[str, Any] = {
-        "task": task.name, "regime": regime, "seed": seed, "recipe": asdict(recipe),
+        "task": task.name, "regime": regime, "seed": seed, "recipe": asdict(recipe), "load": os.getloadavg()[0],
         "epoch_s": epoch_seconds(final, task.noisy, recipe),
         "noisy": float(np.mean(predictions(final, task.test) == labels)),
         "clean": float(np.mean(predictions(load_checkpoint(task.model_class, clean_run.final.path), task.test) == labels)),
@@ -285,7 +285,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
                      + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
         for r in sorted(group, key=lambda r: r["seed"]):
-            raw.append([*key, r["seed"], f"{100 * r['memorised']:.1f}", f"{100 * r['noisy']:.2f}",
+            raw.append([*key, r["seed"], f"{r['load']:.1f}", f"{100 * r['memorised']:.1f}", f"{100 * r['noisy']:.2f}",
                         f"{100 * r['clean']:.2f}"]
                        + [f"{100 * r[m]:.2f}" + (f" (ep {r['best_epoch']})" if m == "early_stop" else "")
                           + ("" if r.get(f"{m}_adopted", True) else " n/a") for m in methods])
@@ -302,8 +302,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "also need the per-epoch verified evaluation and checkpoints during training:",
         markdown_table(["task", "regime", "one epoch s"] + names, costs),
         "Per-seed test accuracy %, early stopping's epoch in brackets; 'n/a': hf_repair did not adopt its repair "
-        "(model unchanged):",
-        markdown_table(["task", "regime", "seed", "memorised", "noisy", "clean"] + names, raw),
+        "(model unchanged); load: the machine's 1-minute load average when the seed was scored:",
+        markdown_table(["task", "regime", "seed", "load", "memorised", "noisy", "clean"] + names, raw),
     ]
     return "\n\n".join(parts)
 
