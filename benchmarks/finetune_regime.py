@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -88,7 +89,7 @@ class Recipe:
 class Sizes:
     train: int
     verified: int
-    test: Optional[int]  # None: the whole test split
+    test: int | None  # None: the whole test split
     regimes: dict[str, Recipe] = field(hash=False)
 
 
@@ -241,7 +242,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
         return model, {"adopted": result.adopted, "extra_s": identify_s if fine_tunes else 0.0}
 
     for method in REPAIRS:
-        score(method, lambda: repair(method))
+        score(method, functools.partial(repair, method))
     if HAS_AUTO:
         def auto() -> tuple[torch.nn.Module, dict[str, Any]]:
             model = copy.deepcopy(final)
@@ -253,7 +254,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     return row
 
 
-def mean_std(values: list[Optional[float]], scale: float = 1.0, digits: int = 2) -> str:
+def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
     """'mean ± std' of the defined values; 'n/a' marks how many seeds had none (no gap to close)."""
     defined = [scale * v for v in values if v is not None]
     text = f"{np.mean(defined):.{digits}f} ± {np.std(defined):.{digits}f}" if defined else "n/a"
@@ -271,9 +272,9 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     gaps, wins, costs, raw = [], [], [], []
     for key in keys:
         group = groups[key]
-        acc = lambda name: mean_std([r[name] for r in group], 100)  # noqa: E731
-        gaps.append([*key, recipe(key), len(group), acc("memorised"), mean_std([r["best_epoch"] for r in group], 1, 1),
-                     acc("noisy"), acc("clean")]
+        percent = [mean_std([r[name] for r in group], 100) for name in ("memorised", "noisy", "clean")]
+        gaps.append([*key, recipe(key), len(group), percent[0], mean_std([r["best_epoch"] for r in group], 1, 1),
+                     *percent[1:]]
                     + [mean_std([gap_closed(r[m], r["noisy"], r["clean"]) for r in group], 100, 0) for m in methods])
         line = [*key]
         for m in methods[1:]:
@@ -285,7 +286,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
                      + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
         for r in sorted(group, key=lambda r: r["seed"]):
-            raw.append([*key, r["seed"], f"{r['load']:.1f}", f"{100 * r['memorised']:.1f}", f"{100 * r['noisy']:.2f}",
+            raw.append([*key, r["seed"], f"{r.get('load', math.nan):.1f}", f"{100 * r['memorised']:.1f}", f"{100 * r['noisy']:.2f}",
                         f"{100 * r['clean']:.2f}"]
                        + [f"{100 * r[m]:.2f}" + (f" (ep {r['best_epoch']})" if m == "early_stop" else "")
                           + ("" if r.get(f"{m}_adopted", True) else " n/a") for m in methods])

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -77,7 +77,7 @@ def fashion_mnist_classes(split: str, classes: Sequence[int]) -> datasets.Datase
 
 
 def pretrained_vit(cache_dir: str | os.PathLike, classes: Sequence[int] = (0, 1, 2, 3, 4), epochs: int = 15,
-                   lr: float = 1e-3, batch_size: int = 128, num_images: Optional[int] = None, seed: int = 0,
+                   lr: float = 1e-3, batch_size: int = 128, num_images: int | None = None, seed: int = 0,
                    **vit_kwargs: Any) -> Path:
     """Folder of a small ViT backbone pretrained on clean Fashion-MNIST `classes` (cached by its settings).
 
@@ -142,7 +142,7 @@ class Trajectory:
         Path(self.output_dir, TRAJECTORY_NAME).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, output_dir: str | os.PathLike) -> "Trajectory":
+    def load(cls, output_dir: str | os.PathLike) -> Trajectory:
         values = json.loads(Path(output_dir, TRAJECTORY_NAME).read_text())
         values["checkpoints"] = [Checkpoint(**c) for c in values["checkpoints"]]
         return cls(**values)
