@@ -1,0 +1,364 @@
+"""Fine-tuning regime: a pretrained backbone fine-tuned on noisy labels, hf_repair against the free baselines.
+
+Users fine-tune pretrained models, which memorise little of their noise when fitted briefly and late
+when fitted long. Before a repair is worth offering it must beat what the verified split gives for
+free (method.md, "The fine-tuning regime"). Per task, regime and seed this script
+
+1. fine-tunes a pretrained model with `transformers.Trainer` on a training set with symmetric label
+   noise and, for the ceiling, on its clean labels, scoring every epoch on the verified split and
+   keeping every epoch's checkpoint (cached in `--cache-dir`, so reruns skip training);
+2. scores on the test set: the final noisy model; early stopping (the Trainer's best checkpoint by
+   verified accuracy, what `load_best_model_at_end` gives); a uniform average of the 3 best
+   checkpoints; the head refitted on the verified split (L2 softmax regression, L2 by 5-fold), on
+   the final and on the early-stopped model; erase and every hf_repair method applied to the final
+   model; and `method="auto"` (reads the checkpoints) where this hf_repair has it.
+
+Tasks: "vision", a small ViT (hidden 64, 4 layers, patch 7) pretrained here on clean Fashion-MNIST
+classes 0-4 and fully fine-tuned (new head) on classes 5-9; "text", the pretrained MiniLM-L6 on
+Rotten Tomatoes. Regimes: "short" (barely memorises) and "long" (memorises). Tables report the gap
+closed, (method - noisy) / (clean - noisy) on test, as mean ± std over seeds, per-seed wins against
+early stopping, costs in training epochs, and the raw per-seed test accuracies.
+
+    python benchmarks/finetune_regime.py                          # everything (hours on a busy 2-core box)
+    python benchmarks/finetune_regime.py --tasks vision --seeds 0  # one task, one seed
+    python benchmarks/finetune_regime.py --quick                  # smoke test, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, ViTForImageClassification
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
+
+import hf_repair.config
+from hf_repair import RepairConfig, Repairer
+from hf_repair.data import column_array
+from testbed.experiments import train_classifier
+from testbed.finetuning import (
+    average_checkpoints,
+    fashion_mnist_classes,
+    finetune,
+    load_checkpoint,
+    new_vit_classifier,
+    predictions,
+    pretrained_vit,
+    refit_head,
+)
+from testbed.noise import corrupt_dataset
+from testbed.offline_data import load_rotten_tomatoes, minilm_path
+
+from common import gap_closed, markdown_table
+
+BASELINES = ("early_stop", "average3", "head_refit", "early_stop+head_refit")
+REPAIRS = ("erase", "projection", "retention", "projection+retention")
+HAS_AUTO = "auto" in hf_repair.config.METHODS  # the trajectory-reading default, once it lands
+METHODS = BASELINES + REPAIRS + (("auto",) if HAS_AUTO else ())
+LABELS = {"early_stop": "early stop", "average3": "avg best-3 ckpts", "head_refit": "head refit",
+          "early_stop+head_refit": "early stop + head refit"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    lr: float
+    batch_size: int
+
+    def key(self) -> str:
+        return f"e{self.epochs}_lr{self.lr:g}_bs{self.batch_size}"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    train: int
+    verified: int
+    test: int | None  # None: the whole test split
+    regimes: dict[str, Recipe] = field(hash=False)
+
+
+# "short" barely memorises the noise, "long" memorises it (more epochs and a higher learning rate).
+FULL = {
+    "vision": Sizes(train=5000, verified=500, test=None,
+                    regimes={"short": Recipe(10, 5e-4, 64), "long": Recipe(40, 2e-3, 64)}),
+    "text": Sizes(train=1000, verified=300, test=1000,
+                  regimes={"short": Recipe(2, 5e-5, 16), "long": Recipe(6, 1e-4, 16)}),
+}
+QUICK = {
+    "vision": Sizes(train=300, verified=60, test=500, regimes={"short": Recipe(2, 5e-4, 64), "long": Recipe(3, 2e-3, 64)}),
+    "text": Sizes(train=48, verified=30, test=48, regimes={"short": Recipe(1, 5e-5, 16), "long": Recipe(2, 1e-4, 16)}),
+}
+PRETRAIN = {"epochs": 15, "num_images": None}  # the ViT backbone: all 30,000 clean images of classes 0-4
+QUICK_PRETRAIN = {"epochs": 1, "num_images": 2000}
+SOURCE_CLASSES, TARGET_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+
+
+@dataclass
+class Task:
+    """One seed's data for a task, how to build its model, and the hf_repair settings that fit it."""
+
+    name: str
+    noisy: datasets.Dataset
+    clean: datasets.Dataset
+    verified: datasets.Dataset
+    test: datasets.Dataset
+    model_class: type[PreTrainedModel]
+    new_model: Callable[[int], PreTrainedModel]
+    repair_kwargs: dict[str, Any]
+    key: str  # cache key of the data and backbone settings
+
+
+def vision_task(seed: int, sizes: Sizes, args: argparse.Namespace) -> Task:
+    pretrain = QUICK_PRETRAIN if args.quick else PRETRAIN
+    backbone = pretrained_vit(args.cache_dir, classes=SOURCE_CLASSES, **pretrain)
+    pool, test = fashion_mnist_classes("train", TARGET_CLASSES), fashion_mnist_classes("test", TARGET_CLASSES)
+    order = np.random.default_rng(seed).permutation(len(pool))
+    clean = pool.select(order[:sizes.train])
+    verified = pool.select(order[sizes.train:sizes.train + sizes.verified])
+    if sizes.test is not None:
+        test = test.select(np.random.default_rng(0).permutation(len(test))[:sizes.test])
+    names = pool.features["labels"].names
+    return Task(name="vision", noisy=corrupt_dataset(clean, "symmetric", args.noise, seed=seed), clean=clean,
+                verified=verified, test=test, model_class=ViTForImageClassification,
+                new_model=lambda s: new_vit_classifier(backbone, names, s),
+                repair_kwargs=dict(target_modules="all", batch_size=128),
+                key=f"vision_{backbone.name}_n{sizes.train}_v{sizes.verified}_noise{args.noise}")
+
+
+def text_task(seed: int, sizes: Sizes, args: argparse.Namespace) -> Task:
+    """MiniLM on Rotten Tomatoes: a fixed test set, and per seed a training set and a disjoint verified split."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    reviews = load_rotten_tomatoes().train_test_split(test_size=sizes.test, seed=0)
+    pool = reviews["train"].shuffle(seed=seed)
+
+    def encode(part: datasets.Dataset) -> datasets.Dataset:
+        tokens = part.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length,
+                                              padding="max_length"), batched=True)
+        return tokens.remove_columns("text").with_format("torch")
+
+    clean = encode(pool.select(range(sizes.train)))
+    verified = encode(pool.select(range(sizes.train, sizes.train + sizes.verified)))
+
+    def new_model(s: int) -> PreTrainedModel:
+        transformers.set_seed(s)
+        return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+    return Task(name="text", noisy=corrupt_dataset(clean, "symmetric", args.noise, seed=seed), clean=clean,
+                verified=verified, test=encode(reviews["test"]), model_class=AutoModelForSequenceClassification,
+                new_model=new_model, repair_kwargs=dict(target_modules="all-linear", batch_size=32),
+                key=f"text_minilm_n{sizes.train}_v{sizes.verified}_len{args.max_length}_noise{args.noise}")
+
+
+def epoch_seconds(model: torch.nn.Module, train: datasets.Dataset, recipe: Recipe, steps: int = 10) -> float:
+    """One training epoch's wall time, extrapolated from `steps` optimizer steps on a copy timed now.
+
+    Timed under the same machine load as the repairs, so the costs in epochs are comparable ratios.
+    """
+    steps = min(steps, math.ceil(len(train) / recipe.batch_size))
+    subset = train.select(range(min(len(train), steps * recipe.batch_size)))
+    start = time.perf_counter()
+    train_classifier(copy.deepcopy(model), subset, epochs=1, batch_size=recipe.batch_size, lr=recipe.lr, progress=False)
+    return (time.perf_counter() - start) * len(train) / len(subset)
+
+
+def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or reuse) the noisy and clean trajectories of one seed, then score every method on test."""
+    run_dir = Path(args.cache_dir) / task.key / f"{regime}_{recipe.key()}"
+    train = lambda data, tag: finetune(task.new_model(seed), data, task.verified, run_dir / f"{tag}_s{seed}",  # noqa: E731
+                                       recipe.epochs, recipe.lr, recipe.batch_size, seed)
+    noisy_run, clean_run = train(task.noisy, "noisy"), train(task.clean, "clean")
+    labels = column_array(task.test, "labels")
+    final = load_checkpoint(task.model_class, noisy_run.final.path)
+    corrupted = np.flatnonzero(column_array(task.noisy, "is_corrupted"))
+    row: dict[str, Any] = {
+        "task": task.name, "regime": regime, "seed": seed, "recipe": asdict(recipe), "load": os.getloadavg()[0],
+        "epoch_s": epoch_seconds(final, task.noisy, recipe),
+        "noisy": float(np.mean(predictions(final, task.test) == labels)),
+        "clean": float(np.mean(predictions(load_checkpoint(task.model_class, clean_run.final.path), task.test) == labels)),
+        # share of the corrupted training samples whose wrong label the final model predicts
+        "memorised": float(np.mean(predictions(final, task.noisy.select(corrupted))
+                                   == column_array(task.noisy, "labels")[corrupted])),
+        "verified_curve": [c.verified_accuracy for c in noisy_run.checkpoints],
+        "clean_verified_curve": [c.verified_accuracy for c in clean_run.checkpoints],
+        "best_epoch": noisy_run.best_checkpoint.epoch,
+    }
+    reference = None  # early stopping's per-sample correctness, for the paired comparisons
+
+    def score(method: str, build: Callable[[], tuple[torch.nn.Module, dict[str, Any]]]) -> None:
+        nonlocal reference
+        start = time.perf_counter()
+        model, extra = build()
+        seconds = time.perf_counter() - start + extra.pop("extra_s", 0.0)
+        correct = predictions(model, task.test) == labels
+        if method == "early_stop":
+            reference = correct
+        difference = correct.astype(float) - reference
+        row[method] = float(correct.mean())
+        row[f"{method}_s"] = seconds
+        row[f"{method}_vs_es_se"] = float(difference.std(ddof=1) / math.sqrt(len(difference)))
+        row.update({f"{method}_{k}": v for k, v in extra.items()})
+        print(f"  {task.name} {regime} seed {seed} {method}: test {row[method]:.4f} ({seconds:.1f}s) {extra or ''}",
+              flush=True)
+
+    def refit(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+        return model, {"l2": refit_head(model, task.verified, seed=seed).l2}
+
+    score("early_stop", lambda: (load_checkpoint(task.model_class, noisy_run.best), {}))
+    score("average3", lambda: (average_checkpoints(task.model_class, [c.path for c in noisy_run.top(3)]),
+                               {"epochs": [c.epoch for c in noisy_run.top(3)]}))
+    score("head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.final.path)))
+    score("early_stop+head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.best)))
+
+    common = dict(task.repair_kwargs, repair_seed=seed, repair_disable_tqdm=True,
+                  retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size)
+    start = time.perf_counter()
+    identification = Repairer(final, RepairConfig(method="erase", **common)).identify(task.noisy, task.verified)
+    identify_s = time.perf_counter() - start
+    summary = identification.summary
+    row.update(identify_s=identify_s, **{k: summary.get(k) for k in ("num_flagged", "precision", "recall", "auroc")})
+
+    def repair(method: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+        model = copy.deepcopy(final)
+        fine_tunes = method != "projection"
+        result = Repairer(model, RepairConfig(method=method, **common)).repair(
+            task.verified, train_dataset=task.noisy if fine_tunes else None,
+            identification=identification if fine_tunes else None)
+        return model, {"adopted": result.adopted, "extra_s": identify_s if fine_tunes else 0.0}
+
+    for method in REPAIRS:
+        score(method, functools.partial(repair, method))
+    if HAS_AUTO:
+        def auto() -> tuple[torch.nn.Module, dict[str, Any]]:
+            model = copy.deepcopy(final)
+            result = Repairer(model, RepairConfig(method="auto", seed=seed)).repair(
+                task.verified, checkpoints=noisy_run.output_dir)
+            return model, {"adopted": result.adopted, "chosen": result.metrics.get("method")}
+
+        score("auto", auto)
+    return row
+
+
+def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    """'mean ± std' of the defined values; 'n/a' marks how many seeds had none (no gap to close)."""
+    defined = [scale * v for v in values if v is not None]
+    text = f"{np.mean(defined):.{digits}f} ± {np.std(defined):.{digits}f}" if defined else "n/a"
+    return text + (f" ({len(values) - len(defined)} n/a)" if len(defined) < len(values) else "")
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    methods = [m for m in METHODS if all(m in r for r in rows)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["regime"]), []).append(r)
+    keys = sorted(groups, key=lambda k: (k[0] != "vision", k[1] != "short"))
+    recipe = lambda k: Recipe(**groups[k][0]["recipe"]).key()  # noqa: E731
+
+    gaps, wins, costs, raw = [], [], [], []
+    for key in keys:
+        group = groups[key]
+        percent = [mean_std([r[name] for r in group], 100) for name in ("memorised", "noisy", "clean")]
+        gaps.append([*key, recipe(key), len(group), percent[0], mean_std([r["best_epoch"] for r in group], 1, 1),
+                     *percent[1:]]
+                    + [mean_std([gap_closed(r[m], r["noisy"], r["clean"]) for r in group], 100, 0) for m in methods])
+        line = [*key]
+        for m in methods[1:]:
+            diffs = [100 * (r[m] - r["early_stop"]) for r in group]
+            half = 1.96 * 100 * math.sqrt(sum(r[f"{m}_vs_es_se"] ** 2 for r in group)) / len(group)
+            record = f"{sum(d > 0 for d in diffs)}-{sum(d == 0 for d in diffs)}-{sum(d < 0 for d in diffs)}"
+            line.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({record}) [±{half:.2f}]")
+        wins.append(line)
+        costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
+                     + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
+        for r in sorted(group, key=lambda r: r["seed"]):
+            raw.append([*key, r["seed"], f"{r.get('load', math.nan):.1f}", f"{100 * r['memorised']:.1f}", f"{100 * r['noisy']:.2f}",
+                        f"{100 * r['clean']:.2f}"]
+                       + [f"{100 * r[m]:.2f}" + (f" (ep {r['best_epoch']})" if m == "early_stop" else "")
+                          + ("" if r.get(f"{m}_adopted", True) else " n/a") for m in methods])
+    names = [LABELS.get(m, m) for m in methods]
+    parts = [
+        "Gap closed on test in %, 100 (method - noisy) / (clean - noisy), mean ± std over seeds; accuracies in %:",
+        markdown_table(["task", "regime", "recipe", "seeds", "noise memorised %", "best epoch", "noisy %", "clean %"]
+                       + names, gaps),
+        "Test accuracy minus early stopping's, in points: mean ± std over seeds (seeds better-equal-worse) "
+        "[95% interval of the mean from the paired per-sample test differences, test sampling only]:",
+        markdown_table(["task", "regime"] + names[1:], wins),
+        "Cost: wall time of the post-training step (loading checkpoints, refits, identification + repair) in "
+        "training epochs of the noisy model, one epoch timed at scoring time; early stopping and averaging "
+        "also need the per-epoch verified evaluation and checkpoints during training:",
+        markdown_table(["task", "regime", "one epoch s"] + names, costs),
+        "Per-seed test accuracy %, early stopping's epoch in brackets; 'n/a': hf_repair did not adopt its repair "
+        "(model unchanged); load: the machine's 1-minute load average when the seed was scored:",
+        markdown_table(["task", "regime", "seed", "load", "memorised", "noisy", "clean"] + names, raw),
+    ]
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["vision", "text"], choices=["vision", "text"])
+    parser.add_argument("--regimes", nargs="+", default=["short", "long"], choices=["short", "long"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Default 0 1 2 (--quick: 0 1).")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes and epochs: checks the script runs.")
+    parser.add_argument("--vision-train", type=int, default=None, help=f"Default {FULL['vision'].train}.")
+    parser.add_argument("--vision-verified", type=int, default=None, help=f"Default {FULL['vision'].verified}.")
+    parser.add_argument("--vision-test", type=int, default=None, help="Default: the 5,000 test images of classes 5-9.")
+    parser.add_argument("--text-train", type=int, default=None, help=f"Default {FULL['text'].train}.")
+    parser.add_argument("--text-verified", type=int, default=None, help=f"Default {FULL['text'].verified}.")
+    parser.add_argument("--text-test", type=int, default=None, help=f"Default {FULL['text'].test}.")
+    parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded).")
+    parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
+    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
+                                                            "finetune_regime"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
+    parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="Print the tables of rows saved by earlier --json runs (merged) instead of running.")
+    args = parser.parse_args()
+    if args.summarize:
+        print(summarize([row for path in args.summarize for row in json.loads(Path(path).read_text())]))
+        return
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
+    overrides = {"vision": (args.vision_train, args.vision_verified, args.vision_test),
+                 "text": (args.text_train, args.text_verified, args.text_test)}
+
+    rows = []
+    for name in args.tasks:
+        sizes = (QUICK if args.quick else FULL)[name]
+        train_n, verified_n, test_n = overrides[name]
+        sizes = replace(sizes, train=train_n or sizes.train, verified=verified_n or sizes.verified,
+                        test=test_n or sizes.test)
+        for seed in seeds:
+            task = (vision_task if name == "vision" else text_task)(seed, sizes, args)
+            for regime in args.regimes:
+                rows.append(run_setting(task, regime, sizes.regimes[regime], seed, args))
+                if args.json:  # after every setting, so an interrupted run keeps what it measured
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
+    print()
+    print(f"{args.noise:.0%} symmetric noise; hf_repair method 'auto' {'included' if HAS_AUTO else 'not in this version'}.")
+    print(summarize(rows))
+
+
+if __name__ == "__main__":
+    main()
