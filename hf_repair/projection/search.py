@@ -141,6 +141,7 @@ class AlphaSearch:
             progress.total += len(groups) * len(config.alphas) * num_local
             choice, best_scores = self._per_layer_search(groups, best_alpha, best_scores, cross_validate, value)
         snapshot.restore()
+        progress.total = progress.n  # coarse-to-fine scores fewer alphas than the grid the bar was sized for
         progress.close()
         timings["selection_s"] = time.perf_counter() - start
 
