@@ -194,6 +194,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
         # share of the corrupted training samples whose wrong label the final model predicts
         "memorised": float(np.mean(predictions(final, task.noisy.select(corrupted))
                                    == column_array(task.noisy, "labels")[corrupted])),
+        "num_corrupted": len(corrupted),
         "verified_curve": [c.verified_accuracy for c in noisy_run.checkpoints],
         "clean_verified_curve": [c.verified_accuracy for c in clean_run.checkpoints],
         "best_epoch": noisy_run.best_checkpoint.epoch,
@@ -269,7 +270,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     keys = sorted(groups, key=lambda k: (k[0] != "vision", k[1] != "short"))
     recipe = lambda k: Recipe(**groups[k][0]["recipe"]).key()  # noqa: E731
 
-    gaps, wins, costs, raw = [], [], [], []
+    gaps, wins, costs, raw, found = [], [], [], [], []
     for key in keys:
         group = groups[key]
         percent = [mean_std([r[name] for r in group], 100) for name in ("memorised", "noisy", "clean")]
@@ -283,6 +284,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             record = f"{sum(d > 0 for d in diffs)}-{sum(d == 0 for d in diffs)}-{sum(d < 0 for d in diffs)}"
             line.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({record}) [±{half:.2f}]")
         wins.append(line)
+        found.append([*key, mean_std([r["num_flagged"] / r["num_corrupted"] for r in group], 100, 0)]
+                     + [mean_std([r[k] for r in group], 1) for k in ("precision", "recall", "auroc")])
         costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
                      + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
         for r in sorted(group, key=lambda r: r["seed"]):
@@ -298,6 +301,10 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "Test accuracy minus early stopping's, in points: mean ± std over seeds (seeds better-equal-worse) "
         "[95% interval of the mean from the paired per-sample test differences, test sampling only]:",
         markdown_table(["task", "regime"] + names[1:], wins),
+        "hf_repair's identification (library defaults) on the final noisy model, shared by erase and the retention "
+        "methods: flagged samples as % of the corrupted ones, precision, recall and AUROC against the known "
+        "corruption, mean ± std over seeds:",
+        markdown_table(["task", "regime", "flagged / corrupted %", "precision", "recall", "AUROC"], found),
         "Cost: wall time of the post-training step (loading checkpoints, refits, identification + repair) in "
         "training epochs of the noisy model, one epoch timed at scoring time; early stopping and averaging "
         "also need the per-epoch verified evaluation and checkpoints during training:",
