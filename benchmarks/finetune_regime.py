@@ -284,7 +284,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             record = f"{sum(d > 0 for d in diffs)}-{sum(d == 0 for d in diffs)}-{sum(d < 0 for d in diffs)}"
             line.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({record}) [±{half:.2f}]")
         wins.append(line)
-        found.append([*key, mean_std([r["num_flagged"] / r["num_corrupted"] for r in group], 100, 0)]
+        found.append([*key, mean_std([r["num_flagged"] for r in group], 1, 0)]
                      + [mean_std([r[k] for r in group], 1) for k in ("precision", "recall", "auroc")])
         costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
                      + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
@@ -302,9 +302,9 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "[95% interval of the mean from the paired per-sample test differences, test sampling only]:",
         markdown_table(["task", "regime"] + names[1:], wins),
         "hf_repair's identification (library defaults) on the final noisy model, shared by erase and the retention "
-        "methods: flagged samples as % of the corrupted ones, precision, recall and AUROC against the known "
-        "corruption, mean ± std over seeds:",
-        markdown_table(["task", "regime", "flagged / corrupted %", "precision", "recall", "AUROC"], found),
+        "methods: training samples flagged, and precision, recall and AUROC against the known corruption "
+        "(flagged / corrupted = recall / precision), mean ± std over seeds:",
+        markdown_table(["task", "regime", "flagged", "precision", "recall", "AUROC"], found),
         "Cost: wall time of the post-training step (loading checkpoints, refits, identification + repair) in "
         "training epochs of the noisy model, one epoch timed at scoring time; early stopping and averaging "
         "also need the per-epoch verified evaluation and checkpoints during training:",
