@@ -177,9 +177,14 @@ def epoch_seconds(model: torch.nn.Module, train: datasets.Dataset, recipe: Recip
     return (time.perf_counter() - start) * len(train) / len(subset)
 
 
+def run_name(task: Task, regime: str, recipe: Recipe) -> str:
+    """Where a setting's trajectories are cached, relative to --cache-dir; also names the setting in --json rows."""
+    return f"{task.key}/{regime}_{recipe.key()}"
+
+
 def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or reuse) the noisy and clean trajectories of one seed, then score every method on test."""
-    run_dir = Path(args.cache_dir) / task.key / f"{regime}_{recipe.key()}"
+    run_dir = Path(args.cache_dir) / run_name(task, regime, recipe)
     train = lambda data, tag: finetune(task.new_model(seed), data, task.verified, run_dir / f"{tag}_s{seed}",  # noqa: E731
                                        recipe.epochs, recipe.lr, recipe.batch_size, seed)
     noisy_run, clean_run = train(task.noisy, "noisy"), train(task.clean, "clean")
@@ -188,6 +193,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     corrupted = np.flatnonzero(column_array(task.noisy, "is_corrupted"))
     row: dict[str, Any] = {
         "task": task.name, "regime": regime, "seed": seed, "recipe": asdict(recipe), "load": os.getloadavg()[0],
+        "run": run_name(task, regime, recipe),
         "epoch_s": epoch_seconds(final, task.noisy, recipe),
         "noisy": float(np.mean(predictions(final, task.test) == labels)),
         "clean": float(np.mean(predictions(load_checkpoint(task.model_class, clean_run.final.path), task.test) == labels)),
@@ -334,6 +340,9 @@ def main() -> None:
                                                             "finetune_regime"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
     parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the rows already in --json that match a setting (data, recipe, seed) of this run, "
+                        "and score only the others: continues an interrupted run.")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                         help="Print the tables of rows saved by earlier --json runs (merged) instead of running.")
     args = parser.parse_args()
@@ -350,6 +359,9 @@ def main() -> None:
     overrides = {"vision": (args.vision_train, args.vision_verified, args.vision_test),
                  "text": (args.text_train, args.text_verified, args.text_test)}
 
+    done = {}
+    if args.resume and args.json and Path(args.json).exists():
+        done = {(r["run"], r["seed"]): r for r in json.loads(Path(args.json).read_text()) if "run" in r}
     rows = []
     for name in args.tasks:
         sizes = (QUICK if args.quick else FULL)[name]
@@ -359,7 +371,9 @@ def main() -> None:
         for seed in seeds:
             task = (vision_task if name == "vision" else text_task)(seed, sizes, args)
             for regime in args.regimes:
-                rows.append(run_setting(task, regime, sizes.regimes[regime], seed, args))
+                recipe = sizes.regimes[regime]
+                kept = done.get((run_name(task, regime, recipe), seed))
+                rows.append(kept or run_setting(task, regime, recipe, seed, args))
                 if args.json:  # after every setting, so an interrupted run keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=1))
     print()
