@@ -177,9 +177,14 @@ def epoch_seconds(model: torch.nn.Module, train: datasets.Dataset, recipe: Recip
     return (time.perf_counter() - start) * len(train) / len(subset)
 
 
+def run_name(task: Task, regime: str, recipe: Recipe) -> str:
+    """Where a setting's trajectories are cached, relative to --cache-dir; also names the setting in --json rows."""
+    return f"{task.key}/{regime}_{recipe.key()}"
+
+
 def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or reuse) the noisy and clean trajectories of one seed, then score every method on test."""
-    run_dir = Path(args.cache_dir) / task.key / f"{regime}_{recipe.key()}"
+    run_dir = Path(args.cache_dir) / run_name(task, regime, recipe)
     train = lambda data, tag: finetune(task.new_model(seed), data, task.verified, run_dir / f"{tag}_s{seed}",  # noqa: E731
                                        recipe.epochs, recipe.lr, recipe.batch_size, seed)
     noisy_run, clean_run = train(task.noisy, "noisy"), train(task.clean, "clean")
@@ -188,12 +193,14 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     corrupted = np.flatnonzero(column_array(task.noisy, "is_corrupted"))
     row: dict[str, Any] = {
         "task": task.name, "regime": regime, "seed": seed, "recipe": asdict(recipe), "load": os.getloadavg()[0],
+        "run": run_name(task, regime, recipe),
         "epoch_s": epoch_seconds(final, task.noisy, recipe),
         "noisy": float(np.mean(predictions(final, task.test) == labels)),
         "clean": float(np.mean(predictions(load_checkpoint(task.model_class, clean_run.final.path), task.test) == labels)),
         # share of the corrupted training samples whose wrong label the final model predicts
         "memorised": float(np.mean(predictions(final, task.noisy.select(corrupted))
                                    == column_array(task.noisy, "labels")[corrupted])),
+        "num_corrupted": len(corrupted),
         "verified_curve": [c.verified_accuracy for c in noisy_run.checkpoints],
         "clean_verified_curve": [c.verified_accuracy for c in clean_run.checkpoints],
         "best_epoch": noisy_run.best_checkpoint.epoch,
@@ -269,7 +276,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     keys = sorted(groups, key=lambda k: (k[0] != "vision", k[1] != "short"))
     recipe = lambda k: Recipe(**groups[k][0]["recipe"]).key()  # noqa: E731
 
-    gaps, wins, costs, raw = [], [], [], []
+    gaps, wins, costs, raw, found = [], [], [], [], []
     for key in keys:
         group = groups[key]
         percent = [mean_std([r[name] for r in group], 100) for name in ("memorised", "noisy", "clean")]
@@ -283,6 +290,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             record = f"{sum(d > 0 for d in diffs)}-{sum(d == 0 for d in diffs)}-{sum(d < 0 for d in diffs)}"
             line.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({record}) [±{half:.2f}]")
         wins.append(line)
+        found.append([*key, mean_std([r["num_flagged"] for r in group], 1, 0)]
+                     + [mean_std([r[k] for r in group], 1) for k in ("precision", "recall", "auroc")])
         costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
                      + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
         for r in sorted(group, key=lambda r: r["seed"]):
@@ -298,6 +307,10 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "Test accuracy minus early stopping's, in points: mean ± std over seeds (seeds better-equal-worse) "
         "[95% interval of the mean from the paired per-sample test differences, test sampling only]:",
         markdown_table(["task", "regime"] + names[1:], wins),
+        "hf_repair's identification (library defaults) on the final noisy model, shared by erase and the retention "
+        "methods: training samples flagged, and precision, recall and AUROC against the known corruption "
+        "(flagged / corrupted = recall / precision), mean ± std over seeds:",
+        markdown_table(["task", "regime", "flagged", "precision", "recall", "AUROC"], found),
         "Cost: wall time of the post-training step (loading checkpoints, refits, identification + repair) in "
         "training epochs of the noisy model, one epoch timed at scoring time; early stopping and averaging "
         "also need the per-epoch verified evaluation and checkpoints during training:",
@@ -327,6 +340,9 @@ def main() -> None:
                                                             "finetune_regime"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
     parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the rows already in --json that match a setting (data, recipe, seed) of this run, "
+                        "and score only the others: continues an interrupted run.")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                         help="Print the tables of rows saved by earlier --json runs (merged) instead of running.")
     args = parser.parse_args()
@@ -343,6 +359,9 @@ def main() -> None:
     overrides = {"vision": (args.vision_train, args.vision_verified, args.vision_test),
                  "text": (args.text_train, args.text_verified, args.text_test)}
 
+    done = {}
+    if args.resume and args.json and Path(args.json).exists():
+        done = {(r["run"], r["seed"]): r for r in json.loads(Path(args.json).read_text()) if "run" in r}
     rows = []
     for name in args.tasks:
         sizes = (QUICK if args.quick else FULL)[name]
@@ -352,7 +371,9 @@ def main() -> None:
         for seed in seeds:
             task = (vision_task if name == "vision" else text_task)(seed, sizes, args)
             for regime in args.regimes:
-                rows.append(run_setting(task, regime, sizes.regimes[regime], seed, args))
+                recipe = sizes.regimes[regime]
+                kept = done.get((run_name(task, regime, recipe), seed))
+                rows.append(kept or run_setting(task, regime, recipe, seed, args))
                 if args.json:  # after every setting, so an interrupted run keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=1))
     print()
