@@ -255,7 +255,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
             model = copy.deepcopy(final)
             result = Repairer(model, RepairConfig(method="auto", seed=seed)).repair(
                 task.verified, checkpoints=noisy_run.output_dir)
-            return model, {"adopted": result.adopted, "chosen": result.metrics.get("method")}
+            return model, {"adopted": result.adopted, "chosen": result.metrics.get("chosen")}
 
         score("auto", auto)
     return row
