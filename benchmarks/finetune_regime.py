@@ -182,8 +182,9 @@ def run_name(task: Task, regime: str, recipe: Recipe) -> str:
     return f"{task.key}/{regime}_{recipe.key()}"
 
 
-def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or reuse) the noisy and clean trajectories of one seed, then score every method on test."""
+def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argparse.Namespace,
+                methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """Train (or reuse) the noisy and clean trajectories of one seed, then score `methods` (and early stopping) on test."""
     run_dir = Path(args.cache_dir) / run_name(task, regime, recipe)
     train = lambda data, tag: finetune(task.new_model(seed), data, task.verified, run_dir / f"{tag}_s{seed}",  # noqa: E731
                                        recipe.epochs, recipe.lr, recipe.batch_size, seed)
@@ -226,11 +227,16 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     def refit(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
         return model, {"l2": refit_head(model, task.verified, seed=seed).l2}
 
-    score("early_stop", lambda: (load_checkpoint(task.model_class, noisy_run.best), {}))
-    score("average3", lambda: (average_checkpoints(task.model_class, [c.path for c in noisy_run.top(3)]),
-                               {"epochs": [c.epoch for c in noisy_run.top(3)]}))
-    score("head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.final.path)))
-    score("early_stop+head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.best)))
+    score("early_stop", lambda: (load_checkpoint(task.model_class, noisy_run.best), {}))  # the reference, always
+    if "average3" in methods:
+        score("average3", lambda: (average_checkpoints(task.model_class, [c.path for c in noisy_run.top(3)]),
+                                   {"epochs": [c.epoch for c in noisy_run.top(3)]}))
+    if "head_refit" in methods:
+        score("head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.final.path)))
+    if "early_stop+head_refit" in methods:
+        score("early_stop+head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.best)))
+    if not set(REPAIRS) & set(methods):
+        return _with_auto(row, methods, score, final, task, seed, noisy_run.output_dir)
 
     common = dict(task.repair_kwargs, repair_seed=seed, repair_disable_tqdm=True,
                   retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size)
@@ -249,15 +255,33 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
         return model, {"adopted": result.adopted, "extra_s": identify_s if fine_tunes else 0.0}
 
     for method in REPAIRS:
-        score(method, functools.partial(repair, method))
-    if HAS_AUTO:
+        if method in methods:
+            score(method, functools.partial(repair, method))
+    return _with_auto(row, methods, score, final, task, seed, noisy_run.output_dir)
+
+
+def _with_auto(row: dict[str, Any], methods: tuple[str, ...], score: Callable, final: torch.nn.Module, task: Task,
+               seed: int, checkpoints: str) -> dict[str, Any]:
+    """Score method "auto" (if asked for), the same call `RepairCallback` makes at train end, on the final model."""
+    if "auto" in methods:
         def auto() -> tuple[torch.nn.Module, dict[str, Any]]:
             model = copy.deepcopy(final)
-            result = Repairer(model, RepairConfig(method="auto", seed=seed)).repair(
-                task.verified, checkpoints=noisy_run.output_dir)
-            return model, {"adopted": result.adopted, "chosen": result.metrics.get("chosen")}
+            result = Repairer(model, RepairConfig(method="auto", seed=seed, **task.repair_kwargs)).repair(
+                task.verified, checkpoints=checkpoints)
+            return model, {"adopted": result.adopted, "chosen": result.metrics.get("chosen"),
+                           "p_value": result.metrics.get("p_value")}
 
         score("auto", auto)
+    return row
+
+
+def rescored(kept: dict[str, Any], new: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """`kept` with `methods` replaced by their new scores; their seconds are rescaled to `kept`'s epoch time,
+    since the new ones were timed next to an epoch timed at the new load."""
+    row = dict(kept, rescored=methods, rescore_load=new["load"])
+    for method in methods:
+        row.update({key: value for key, value in new.items() if key == method or key.startswith(f"{method}_")})
+        row[f"{method}_s"] = new[f"{method}_s"] * kept["epoch_s"] / new["epoch_s"]
     return row
 
 
@@ -343,6 +367,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="Keep the rows already in --json that match a setting (data, recipe, seed) of this run, "
                         "and score only the others: continues an interrupted run.")
+    parser.add_argument("--rescore", nargs="+", default=None, choices=METHODS, metavar="METHOD",
+                        help="With --resume: score these methods again on the kept rows (training and the other "
+                        "columns are reused), e.g. after a change to hf_repair's auto.")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                         help="Print the tables of rows saved by earlier --json runs (merged) instead of running.")
     args = parser.parse_args()
@@ -373,6 +400,9 @@ def main() -> None:
             for regime in args.regimes:
                 recipe = sizes.regimes[regime]
                 kept = done.get((run_name(task, regime, recipe), seed))
+                if kept is not None and args.rescore:
+                    kept = rescored(kept, run_setting(task, regime, recipe, seed, args, tuple(args.rescore)),
+                                    args.rescore)
                 rows.append(kept or run_setting(task, regime, recipe, seed, args))
                 if args.json:  # after every setting, so an interrupted run keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=1))

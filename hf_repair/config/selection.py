@@ -17,16 +17,18 @@ class SelectionArguments:
         default="mcnemar",
         metadata={
             "help": "Paired test of the held-out predictions of a repair against those of the model it would replace: "
-            "'mcnemar' (exact two-sided binomial test on the samples where exactly one of them is right), "
-            "'bootstrap' (the paired bootstrap interval of the accuracy gain must lie above zero) or 'none' (any "
-            "gain above min_improvement is adopted). The test is on accuracy, whatever metric_for_selection chooses "
+            "'mcnemar' (exact one-sided binomial test on the samples where exactly one of them is right), "
+            "'bootstrap' (the one-sided paired bootstrap bound of the accuracy gain must lie above zero) or 'none' "
+            "(any gain above min_improvement is adopted). One-sided: a repair no better than the model is adopted at "
+            "most significance_level of the time. The test is on accuracy, whatever metric_for_selection chooses "
             "among candidates; min_improvement stays an additional margin.",
             "choices": list(SIGNIFICANCE_TESTS),
         },
     )
     significance_level: float = field(
         default=0.05,
-        metadata={"help": "Significance level of the test (and 1 - the confidence of the reported gain interval)."},
+        metadata={"help": "Significance level of the one-sided test (and 1 - the confidence of the reported two-sided gain "
+                  "interval)."},
     )
 
     def validate(self) -> None:

@@ -71,7 +71,9 @@ class RepairCallback(TrainerCallback):
     """Repairs the trained model with a verified split at the end of `Trainer.train()`.
 
     Args:
-        config: what to repair and how; `None` for `RepairConfig()`.
+        config: what to repair and how; `None` for `RepairConfig(method="auto")`: the callback sees the
+            training trajectory, and choosing among it measured best on fine-tuned pretrained models
+            (BENCHMARKS.md, "Fine-tuning a pretrained model").
         verified_dataset: the verified (hand-checked) samples, a `datasets.Dataset` preprocessed like
             the training data (model inputs plus `config.label_column`).
         collate_fn: batches verified samples; by default the collator `Trainer` uses for training.
@@ -114,7 +116,7 @@ class RepairCallback(TrainerCallback):
             raise ValueError("RepairCallback needs verified_dataset: the verified samples to repair the model with.")
         if test_dataset is not None and not write_report:
             raise ValueError("test_dataset is only scored for the report; drop it or set write_report=True.")
-        self.config = config or RepairConfig()
+        self.config = config or RepairConfig(method="auto")
         self.verified_dataset = verified_dataset
         self.collate_fn = collate_fn
         self.compute_metrics = compute_metrics

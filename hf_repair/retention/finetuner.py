@@ -6,8 +6,10 @@ differ only in which rows they put there. The loop runs on Accelerate (one proce
 `accelerate launch`, mixed precision as the Accelerate state already says, the model left on its
 device), can pull the weights towards the trained ones (an L2 or Fisher-weighted penalty), scores
 held-out verified samples every few steps and keeps the checkpoint with the lowest held-out
-cross-entropy only if its held-out metric is not below the starting model's. Otherwise, and on a
-NaN or inf loss, every parameter and buffer is restored bit for bit.
+cross-entropy only if its held-out metric is not below the starting model's and its held-out gain
+passes the significance gate (the early stopping chose it on the same samples, so the gate is a
+little optimistic here; a gain within noise is still refused). Otherwise, and on a NaN or inf loss,
+every parameter and buffer is restored bit for bit.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from tqdm.auto import tqdm
 
 from ..config.retention import RETENTION_PENALTIES
 from ..data import CollateFn, VerifiedSplit
-from ..evaluation import ForwardFn, compute_scores, eval_mode, predict, selection_value
+from ..evaluation import (
+    ForwardFn,
+    PairedComparison,
+    compare_predictions,
+    compute_scores,
+    eval_mode,
+    predict,
+    selection_value,
+)
 from ..modeling.weights import ModelSnapshot
 from ..utils.distributed import sum_across_processes
 from .finetune_data import GATE_SURGERY, FinetuneSet, TargetBatch, TargetCollator
@@ -53,6 +63,8 @@ class FinetuneArguments:
     metric_for_selection: str = "accuracy"
     greater_is_better: bool = True
     min_improvement: float = 0.0
+    significance_test: str = "mcnemar"
+    significance_level: float = 0.05
     seed: int = 0
     disable_tqdm: bool = False
     # Rows gated GATE_SURGERY: drop the part of their summed gradient that conflicts with the other
@@ -74,6 +86,7 @@ class FinetuneResult:
     stop_reason: str  # "completed" | "early_stopping" | "nan_loss"
     time_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    comparison: PairedComparison | None = None  # the best checkpoint against the start (None: nothing scored)
 
 
 class GuardedFinetuner:
@@ -81,8 +94,9 @@ class GuardedFinetuner:
 
     Checkpoints are compared by held-out cross-entropy, which moves with every sample's probability
     rather than in steps of 1/n like accuracy on a few hundred samples; the best one is kept only if
-    its `metric_for_selection` is not below the starting model's (plus `min_improvement`) and its
-    cross-entropy is lower. Otherwise every parameter and buffer is restored exactly.
+    its `metric_for_selection` is not below the starting model's (plus `min_improvement`), its
+    cross-entropy is lower and its accuracy gain is significant (`significance_test`). Otherwise every
+    parameter and buffer is restored exactly.
     """
 
     def __init__(self, model: nn.Module, args: FinetuneArguments, forward_fn: ForwardFn,
@@ -133,14 +147,14 @@ class GuardedFinetuner:
 
         heldout_batches = list(heldout.batches(heldout_fold))  # a few hundred samples, read once
 
-        def evaluate() -> dict[str, float]:
+        def evaluate() -> tuple[dict[str, float], torch.Tensor]:
             with eval_mode(model), accelerator.autocast():
                 logits, labels = predict(model, heldout_batches, self.forward_fn)
-            return scores_with_loss(logits, labels, self.compute_metrics)
+            return scores_with_loss(logits, labels, self.compute_metrics), (logits.argmax(-1) == labels).cpu()
 
         sign = 1.0 if args.greater_is_better else -1.0
-        before = evaluate()
-        best: dict[str, Any] = {"step": 0, "scores": before, "state": None}
+        before, correct_before = evaluate()
+        best: dict[str, Any] = {"step": 0, "scores": before, "state": None, "correct": correct_before}
         history = [{"step": 0, **{f"heldout_{k}": v for k, v in before.items()}}]
         stop_reason, step, stale, epoch = "completed", 0, 0, 0
         progress = tqdm(total=total_steps, desc=f"hf_repair: {desc}", unit="step",
@@ -164,11 +178,11 @@ class GuardedFinetuner:
                         record = {"step": step, "train_loss": loss, "trusted_fraction": trusted}
                         logger.debug("%s step %d: loss %.4f, trusted weight %.3f", desc, step, loss, trusted)
                         if step % eval_steps == 0 or step == total_steps:
-                            scores = evaluate()
+                            scores, correct = evaluate()
                             record.update({f"heldout_{k}": v for k, v in scores.items()})
                             progress.set_postfix(heldout_loss=f"{scores['loss']:.4f}", heldout_accuracy=f"{scores['accuracy']:.3f}")
                             if scores["loss"] < best["scores"]["loss"]:
-                                best = {"step": step, "scores": scores, "state": _cpu_state(model)}
+                                best = {"step": step, "scores": scores, "state": _cpu_state(model), "correct": correct}
                                 stale = 0
                             else:
                                 stale += 1
@@ -185,7 +199,9 @@ class GuardedFinetuner:
                 progress.close()
                 _release(accelerator, model)
 
-        adopted = stop_reason != "nan_loss" and best["state"] is not None and (
+        comparison = compare_predictions(best["correct"], correct_before, test=args.significance_test,
+                                         level=args.significance_level, seed=args.seed)
+        adopted = stop_reason != "nan_loss" and best["state"] is not None and comparison.significant and (
             sign * selection_value(best["scores"], args.metric_for_selection)
             >= sign * selection_value(before, args.metric_for_selection) + args.min_improvement
         )
@@ -198,8 +214,8 @@ class GuardedFinetuner:
         else:
             snapshot.restore()
             if stop_reason != "nan_loss":
-                logger.info("%s: no checkpoint beat the starting model on held-out verified samples; the model is "
-                            "left exactly as it was.", desc)
+                logger.info("%s: no checkpoint beat the starting model significantly on held-out verified samples "
+                            "(best: %s); the model is left exactly as it was.", desc, comparison.describe())
         return FinetuneResult(
             adopted=adopted,
             scores_before=before,
@@ -211,6 +227,7 @@ class GuardedFinetuner:
             stop_reason=stop_reason,
             time_s=time.perf_counter() - start_time,
             history=history,
+            comparison=comparison,
         )
 
     def _step(self, prepared: nn.Module, batch: TargetBatch, params: list[nn.Parameter], optimizer: Any,

@@ -12,11 +12,20 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..config import RepairConfig
 from ..data import CollateFn, VerifiedSplit, stratified_folds
-from ..evaluation import ForwardFn, default_forward, eval_mode, input_names_for, predict, split_verified
+from ..evaluation import (
+    ForwardFn,
+    default_forward,
+    eval_mode,
+    input_names_for,
+    predict,
+    significance_gate,
+    split_verified,
+)
 from ..identification import IdentificationResult, identify_harmful
 from ..modeling.weights import ModelSnapshot
 from ..projection.pipeline import ProjectionResult, check_materialized, project
@@ -56,7 +65,7 @@ def repair_with_finetuning(
 
     snapshot = ModelSnapshot(model)
     projection: ProjectionResult | None = None
-    before = heldout_scores(model, split, forward_fn, compute_metrics)
+    before, correct_before = heldout_scores(model, split, forward_fn, compute_metrics)
     try:
         if projects_first(config.method):
             projection = project(model, dataclasses.replace(config, method="projection"), verified,
@@ -68,20 +77,24 @@ def repair_with_finetuning(
         snapshot.restore()
         raise
 
-    after = heldout_scores(model, split, forward_fn, compute_metrics)
-    # Adopted means changed: a stage that is not kept, or stops on a NaN loss, restores the weights it started from.
+    after, correct_after = heldout_scores(model, split, forward_fn, compute_metrics)
+    # Adopted means changed: a stage that is not kept (its gain not significant), or stops on a NaN loss,
+    # restores the weights it started from.
     adopted = not snapshot.is_unchanged()
     metrics = _metrics(outcome, projection, identification, split, config, before, after, adopted,
                        time.perf_counter() - start)
+    # The whole repair against the starting model, on the held-out fold its fine-tune stopped on.
+    metrics.update(significance_gate(correct_after, correct_before, config).as_metrics())
     return RepairResult.from_repair(config, metrics, snapshot, projection)
 
 
 def heldout_scores(model: nn.Module, split: VerifiedSplit, forward_fn: ForwardFn,
-                   compute_metrics: Any | None = None) -> dict[str, float]:
-    """The model's scores (and cross-entropy) on the held-out verified fold that judges the fine-tune."""
+                   compute_metrics: Any | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """The model's scores (and cross-entropy) on the held-out verified fold that judges the fine-tune, and
+    which of its samples the model gets right (for the paired significance test)."""
     with eval_mode(model):
         logits, labels = predict(model, split.batches(HELDOUT_FOLD), forward_fn)
-    return scores_with_loss(logits, labels, compute_metrics)
+    return scores_with_loss(logits, labels, compute_metrics), (logits.argmax(-1) == labels).cpu()
 
 
 def _metrics(outcome: RetentionResult, projection: ProjectionResult | None, identification: IdentificationResult,

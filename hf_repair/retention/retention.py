@@ -187,6 +187,8 @@ class RetentionRepair:
             metric_for_selection=config.metric_for_selection,
             greater_is_better=config.repair_greater_is_better,
             min_improvement=config.min_improvement,
+            significance_test=config.significance_test,
+            significance_level=config.significance_level,
             seed=seed,
             disable_tqdm=config.repair_disable_tqdm,
             gradient_surgery=gradient_surgery,

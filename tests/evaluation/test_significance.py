@@ -26,11 +26,12 @@ def paired(n, wins, losses, both_right, seed=0):
     return candidate[order], baseline[order]
 
 
-def test_mcnemar_matches_the_exact_binomial_tail():
-    # 8 wins, 2 losses: P(X <= 2 | Bin(10, 1/2)) = 56/1024, doubled.
-    assert mcnemar_p_value(8, 2) == pytest.approx(2 * 56 / 1024)
-    assert mcnemar_p_value(2, 8) == mcnemar_p_value(8, 2)
-    assert mcnemar_p_value(5, 5) == 1.0
+def test_mcnemar_matches_the_exact_one_sided_binomial_tail():
+    # 8 wins, 2 losses: P(X >= 8 | Bin(10, 1/2)) = (45 + 10 + 1) / 1024.
+    assert mcnemar_p_value(8, 2) == pytest.approx(56 / 1024)
+    # One-sided: losing 8 of 10 is no evidence of a gain, P(X >= 2) = 1 - 11/1024.
+    assert mcnemar_p_value(2, 8) == pytest.approx(1013 / 1024)
+    assert mcnemar_p_value(5, 5) == pytest.approx(638 / 1024)
     assert mcnemar_p_value(0, 0) == 1.0
     # Large counts stay exact (no underflow): 1000 discordant pairs, a 560/440 split is significant.
     assert 0 < mcnemar_p_value(560, 440) < 0.001
@@ -43,7 +44,7 @@ def test_a_gain_of_one_sample_in_500_is_noise(test):
     assert comparison.gain == pytest.approx(1 / 500)
     assert (comparison.wins, comparison.losses, comparison.n) == (6, 5, 500)
     assert comparison.ci_low < 0 < comparison.ci_high
-    assert comparison.p_value == pytest.approx(1.0)
+    assert comparison.p_value == pytest.approx(0.5)  # P(X >= 6 | Bin(11, 1/2))
     assert not comparison.significant
 
 
@@ -61,7 +62,7 @@ def test_a_significant_loss_is_never_significant_for_the_candidate():
     candidate, baseline = paired(500, wins=5, losses=40, both_right=350)
     for test in ("mcnemar", "bootstrap"):
         comparison = compare_predictions(candidate, baseline, test=test)
-        assert comparison.p_value < 1e-6 and not comparison.significant
+        assert comparison.p_value > 1 - 1e-6 and not comparison.significant
 
 
 def test_none_applies_no_test_but_still_reports_the_comparison():
@@ -147,3 +148,12 @@ def test_the_projection_is_adopted_for_a_large_gain(test):
     assert result.adopted and result.metrics["significant"]
     assert result.metrics["gain"] > 0.1 and result.metrics["gain_ci"][0] > 0 and result.metrics["p_value"] < 0.01
     assert result.metrics["accuracy_after"] - result.metrics["accuracy_before"] == pytest.approx(result.metrics["gain"])
+
+
+def test_the_gate_is_one_sided():
+    # 20 wins, 10 losses: P(X >= 20 | Bin(30, 1/2)) = 0.049 (0.099 two-sided): adopted at level 0.05.
+    candidate, baseline = paired(500, wins=20, losses=10, both_right=420)
+    comparison = compare_predictions(candidate, baseline, test="mcnemar", level=0.05)
+    assert comparison.p_value == pytest.approx(0.0494, abs=1e-4)
+    assert comparison.significant
+    assert not compare_predictions(candidate, baseline, test="mcnemar", level=0.04).significant

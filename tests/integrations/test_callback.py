@@ -412,6 +412,13 @@ def test_callback_needs_a_verified_dataset():
         RepairCallback(RepairConfig(), image_data(10, seed=0), test_dataset=image_data(10, seed=1), write_report=False)
 
 
+def test_without_a_config_the_callback_chooses_among_its_trajectory():
+    # method "auto" measured best where the callback sits: fine-tuned pretrained models (BENCHMARKS.md)
+    verified = datasets.Dataset.from_dict({"x": [[0.0]], "labels": [0]})
+    assert RepairCallback(None, verified).config.method == "auto"
+    assert RepairConfig().method == "projection"  # the standalone Repairer keeps the one-shot projection
+
+
 def test_test_data_without_labels_fails_before_training(tmp_path):
     trainer = Trainer(model=tiny_vit(), args=training_args(tmp_path), train_dataset=image_data(48, seed=1))
     test = image_data(20, seed=3).remove_columns("labels")

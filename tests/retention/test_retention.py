@@ -197,8 +197,9 @@ def test_datasets_with_an_on_the_fly_transform_and_a_custom_collator(small, tmp_
 @pytest.mark.parametrize("method, overrides, changed", [
     ("retention", {}, True),  # the warm-up on the trusted rows is kept, then the retain stage meets the NaN rows
     ("retention", dict(retention_warmup=0.0), False),  # the NaN comes in the first step: nothing is kept
-    ("projection+erase", dict(min_improvement=-1.0), True),  # the projection is kept; erase never sees a NaN row
-    ("projection+retention", dict(min_improvement=-1.0), True),  # the projection is kept, the fine-tune is not
+    # forced adoption (no margin, no significance test): the projection is kept; erase never sees a NaN row
+    ("projection+erase", dict(min_improvement=-1.0, significance_test="none"), True),
+    ("projection+retention", dict(min_improvement=-1.0, significance_test="none"), True),  # the fine-tune is not kept
 ])
 def test_a_nan_loss_is_adopted_only_where_weights_changed(small, method, overrides, changed):
     train, verified = small
