@@ -235,11 +235,12 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
         score("head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.final.path)))
     if "early_stop+head_refit" in methods:
         score("early_stop+head_refit", lambda: refit(load_checkpoint(task.model_class, noisy_run.best)))
-    if not set(REPAIRS) & set(methods):
-        return _with_auto(row, methods, score, final, task, seed, noisy_run.output_dir)
-
+    # As RepairCallback does: fine-tune with the Trainer's learning rate and batch size.
     common = dict(task.repair_kwargs, repair_seed=seed, repair_disable_tqdm=True,
                   retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size)
+    if not set(REPAIRS) & set(methods):
+        return _with_auto(row, methods, score, final, task, common, noisy_run.output_dir)
+
     start = time.perf_counter()
     identification = Repairer(final, RepairConfig(method="erase", **common)).identify(task.noisy, task.verified)
     identify_s = time.perf_counter() - start
@@ -257,17 +258,17 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     for method in REPAIRS:
         if method in methods:
             score(method, functools.partial(repair, method))
-    return _with_auto(row, methods, score, final, task, seed, noisy_run.output_dir)
+    return _with_auto(row, methods, score, final, task, common, noisy_run.output_dir)
 
 
 def _with_auto(row: dict[str, Any], methods: tuple[str, ...], score: Callable, final: torch.nn.Module, task: Task,
-               seed: int, checkpoints: str) -> dict[str, Any]:
+               common: dict[str, Any], checkpoints: str) -> dict[str, Any]:
     """Score method "auto" (if asked for), the same call `RepairCallback` makes at train end, on the final model."""
     if "auto" in methods:
         def auto() -> tuple[torch.nn.Module, dict[str, Any]]:
             model = copy.deepcopy(final)
-            result = Repairer(model, RepairConfig(method="auto", seed=seed, **task.repair_kwargs)).repair(
-                task.verified, checkpoints=checkpoints)
+            result = Repairer(model, RepairConfig(method="auto", **common)).repair(
+                task.verified, task.noisy, checkpoints=checkpoints)
             return model, {"adopted": result.adopted, "chosen": result.metrics.get("chosen"),
                            "p_value": result.metrics.get("p_value")}
 

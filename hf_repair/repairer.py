@@ -81,7 +81,8 @@ class Repairer:
         Args:
             verified: the verified split (`datasets.Dataset` with model inputs and `config.label_column`).
             train_dataset: the data the model was trained on; the fine-tuning methods ("retention", "erase",
-                "projection+retention", "projection+erase") need it, the others ignore it.
+                "projection+retention", "projection+erase") need it, "auto" weighs an erase refinement with it,
+                the others ignore it.
             identification: a `Repairer.identify(train_dataset, verified)` result to reuse instead of identifying again.
             checkpoints: method "auto" only: the training trajectory to choose from -- a `Trainer` output_dir with
                 `checkpoint-*` folders, a list of checkpoint folders or state dicts in training order, or the
@@ -89,7 +90,7 @@ class Repairer:
         """
         if checkpoints is not None and self.config.method != "auto":
             raise ValueError(f"checkpoints are chosen among by method='auto' only, not method={self.config.method!r}.")
-        if train_dataset is not None and self.config.method not in FINETUNE_METHODS:
+        if train_dataset is not None and self.config.method not in (*FINETUNE_METHODS, "auto"):
             logger.info("method=%r uses the verified split only; train_dataset is not used.", self.config.method)
         if self.config.method in FINETUNE_METHODS:
             result = repair_with_finetuning(
@@ -97,8 +98,8 @@ class Repairer:
                 collate_fn=self.collate_fn, compute_metrics=self.compute_metrics,
             )
         elif self.config.method == "auto":
-            result = repair_from_trajectory(self.model, self.config, verified, checkpoints, forward_fn=self.forward_fn,
-                                            collate_fn=self.collate_fn)
+            result = repair_from_trajectory(self.model, self.config, verified, checkpoints, train_dataset=train_dataset,
+                                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         elif self.config.method in HEAD_REFIT_METHODS:
             result = repair_head(self.model, self.config, verified, forward_fn=self.forward_fn,
                                  collate_fn=self.collate_fn, compute_metrics=self.compute_metrics)

@@ -46,8 +46,10 @@ class RetentionArguments:
             "projection was adopted (0.5 when it was not)."
         },
     )
-    retention_learning_rate: float = field(
-        default=5e-4, metadata={"help": "AdamW learning rate of the fine-tune (constant; no weight decay)."}
+    retention_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "AdamW learning rate of the fine-tune (constant; no weight decay). None: RepairCallback uses "
+                  "the Trainer's learning_rate, otherwise 5e-4."},
     )
     retention_batch_size: Optional[int] = field(
         default=None,
@@ -82,7 +84,7 @@ class RetentionArguments:
             raise ValueError(f"retention_epochs must be positive, got {self.retention_epochs}.")
         if self.retention_warmup is not None and not 0.0 <= self.retention_warmup < 1.0:
             raise ValueError(f"retention_warmup must be in [0, 1) (a share of the budget), got {self.retention_warmup}.")
-        if not self.retention_learning_rate > 0:
+        if self.retention_learning_rate is not None and not self.retention_learning_rate > 0:
             raise ValueError(f"retention_learning_rate must be positive, got {self.retention_learning_rate}.")
         if self.retention_batch_size is not None and self.retention_batch_size < 1:
             raise ValueError(f"retention_batch_size must be positive, got {self.retention_batch_size}.")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
-AUTO_CANDIDATES = ("best", "average", "soup", "head_refit", "projection")
+AUTO_CANDIDATES = ("best", "average", "soup", "head_refit", "projection", "erase")
 
 
 @dataclass
@@ -41,7 +41,9 @@ class TrajectoryArguments:
         metadata={
             "help": "What method='auto' weighs against the final weights: 'best' (the best trajectory point), "
             "'average' (uniform average of the best trajectory_keep points), 'soup' (greedy soup); then, on top of "
-            "the best of those, 'head_refit' and 'projection'. Chosen by accuracy on held-out verified folds.",
+            "the best of those, 'head_refit', 'projection' and 'erase' (identify the harmful training samples with "
+            "that model and fine-tune without them, retention_epochs of budget; only when the training data is "
+            "given). Chosen by accuracy on held-out verified folds.",
         },
     )
 

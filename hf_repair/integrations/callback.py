@@ -84,7 +84,7 @@ class RepairCallback(TrainerCallback):
         test_dataset: labelled held-out data, preprocessed like `verified_dataset`, that the report scores
             before and after the repair (per class, confusion matrices). The main process scores it
             alone, so it needs unsharded weights (not FSDP or ZeRO-3).
-        train_dataset: for the fine-tuning methods (all but "projection"): the training data to identify
+        train_dataset: for the fine-tuning methods (and the erase refinement of "auto"): the training data to identify
             harmful samples in and fine-tune on. By default the dataset the
             `Trainer` trained on (after its unused-column removal), so it batches with its collator.
 
@@ -167,7 +167,7 @@ class RepairCallback(TrainerCallback):
             self.trajectory = None
             self._recorder = TrajectoryRecorder(model, repairer.verified_split(self.verified_dataset),
                                                 repairer.forward_fn, self.config.trajectory_keep)
-        if self.config.method in FINETUNE_METHODS:
+        if self._uses_training_data():
             self._training_data()
         if self.test_dataset is not None:
             self._check_test_dataset(model)
@@ -185,7 +185,7 @@ class RepairCallback(TrainerCallback):
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         self.result, self.error = None, None
         try:
-            train_dataset = self._training_data() if self.config.method in FINETUNE_METHODS else None
+            train_dataset = self._training_data() if self._uses_training_data() else None
             trajectory = self._final_trajectory(state)
             self.result = self._repairer(model, args).repair(self.verified_dataset, train_dataset=train_dataset,
                                                              checkpoints=trajectory)
@@ -222,8 +222,10 @@ class RepairCallback(TrainerCallback):
         config = self.config
         if args.disable_tqdm and not config.repair_disable_tqdm:
             config = dataclasses.replace(config, repair_disable_tqdm=True)
-        if config.method in FINETUNE_METHODS and config.retention_batch_size is None:  # fine-tune as training did
-            config = dataclasses.replace(config, retention_batch_size=args.per_device_train_batch_size)
+        if self._uses_training_data():  # fine-tune as training did, unless told otherwise
+            config = dataclasses.replace(
+                config, retention_batch_size=config.retention_batch_size or args.per_device_train_batch_size,
+                retention_learning_rate=config.retention_learning_rate or args.learning_rate)
         return Repairer(
             model,
             config,
@@ -240,6 +242,13 @@ class RepairCallback(TrainerCallback):
         recorder.record_final(state.global_step, state.epoch)
         self.trajectory = recorder.trajectory
         return self.trajectory
+
+    def _uses_training_data(self) -> bool:
+        """The fine-tuning methods need the training data; "auto" weighs its erase refinement when it has some."""
+        if self.config.method == "auto":
+            dataset = self.train_dataset if self.train_dataset is not None else self._trainer_train_dataset
+            return "erase" in self.config.auto_candidates and isinstance(dataset, datasets.Dataset)
+        return self.config.method in FINETUNE_METHODS
 
     def _training_data(self) -> datasets.Dataset:
         """The training set a fine-tuning repair needs: the one given, else the one `Trainer` trained on."""

@@ -54,6 +54,8 @@ from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_LEARNING_RATE = 5e-4  # retention_learning_rate=None outside RepairCallback
+
 HELDOUT_FOLD = 0  # the verified fold that judges the fine-tune; the other folds are trained on
 _GATES = {"belief": GATE_BELIEF, "agreement": GATE_AGREEMENT, "soft": GATE_NONE, "surgery": GATE_SURGERY}
 
@@ -176,7 +178,7 @@ class RetentionRepair:
     def _finetune_arguments(self, steps: int, batch_size: int, seed: int, gradient_surgery: bool) -> FinetuneArguments:
         config = self.config
         return FinetuneArguments(
-            learning_rate=config.retention_learning_rate,
+            learning_rate=config.retention_learning_rate or DEFAULT_LEARNING_RATE,
             max_steps=steps,
             batch_size=batch_size,
             belief_power=config.belief_power,

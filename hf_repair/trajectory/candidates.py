@@ -10,7 +10,10 @@ when it is finally run -- and builds weights from the trajectory with them alone
   average while the average's accuracy on those samples does not drop;
 - `<base>+head_refit`: the base procedure, then its head refitted on those samples (its strength chosen
   by inner folds of them);
-- `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples.
+- `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples;
+- `<base>+erase`: the base procedure, then the harmful training samples identified with it (its probe
+  trained on those samples) and a fine-tune on those samples and the unflagged training data, kept at
+  its lowest loss on an inner fold of them without a gate of its own: the outer folds judge it.
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` runs it on every verified sample and leaves the model so.
@@ -33,13 +36,14 @@ from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification.influence import TrackedLayer
 from ..projection.pipeline import ProjectionResult, project
+from ..retention import repair_with_finetuning
 from .checkpoints import StateDict, load_weights
 from .points import Trajectory
 
 logger = logging.getLogger(__name__)
 
 BASE_PROCEDURES = ("final", "best", "average", "soup")
-REFINEMENTS = ("head_refit", "projection")
+REFINEMENTS = ("head_refit", "projection", "erase")
 
 Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
 
@@ -52,8 +56,10 @@ class CandidateBuilder:
     """
 
     def __init__(self, model: nn.Module, trajectory: Trajectory, split: VerifiedSplit, verified: Any,
-                 config: RepairConfig, forward_fn: ForwardFn, collate_fn: CollateFn | None = None) -> None:
+                 config: RepairConfig, forward_fn: ForwardFn, collate_fn: CollateFn | None = None,
+                 train_dataset: Any = None) -> None:
         self.model = model
+        self.train_dataset = train_dataset
         self.trajectory = trajectory
         self.split = split
         self.verified = verified
@@ -151,12 +157,11 @@ class CandidateBuilder:
             logits = refit_and_predict(inputs.features, inputs.labels, ~held, anchor, self.config.num_folds,
                                        self.config.repair_seed)
             return logits.argmax(-1)
-        if refinement == "projection":
+        if refinement in ("projection", "erase"):
             self.load(points)
             outside = np.sort(np.concatenate([
                 indices for f, indices in enumerate(self._dataset_folds()) if f != fold]))
-            project(self.model, self._projection_config(), self.verified.select(outside), forward_fn=self.forward_fn,
-                    collate_fn=self.collate_fn)
+            self._refine(refinement, self.verified.select(outside))
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
             return logits.argmax(-1).cpu()
@@ -172,24 +177,33 @@ class CandidateBuilder:
             inputs, anchor = self.head_inputs(points)
             refit = fit_head(inputs.features, inputs.labels, anchor, self.config.num_folds, self.config.repair_seed)
             write_head(self._head, refit.weight)
-        elif refinement == "projection":
-            projection = project(self.model, self._projection_config(), self.verified, forward_fn=self.forward_fn,
-                                 collate_fn=self.collate_fn)
+        elif refinement:
+            projection = self._refine(refinement, self.verified)
         return points, projection
+
+    def _refine(self, refinement: str, verified: datasets.Dataset) -> ProjectionResult | None:
+        """Run a projection or erase refinement on the loaded weights with `verified` alone."""
+        if refinement == "projection":
+            return project(self.model, dataclasses.replace(self.config, method="projection"), verified,
+                           forward_fn=self.forward_fn, collate_fn=self.collate_fn)
+        # No gate inside: the fine-tune keeps its lowest-loss checkpoint, and the outer folds judge the procedure.
+        erase = dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0)
+        repair_with_finetuning(self.model, erase, verified, self.train_dataset, forward_fn=self.forward_fn,
+                               collate_fn=self.collate_fn)
+        return None
 
     def check_refinement(self, refinement: str) -> str | None:
         """Why a refinement cannot run on this model or verified split (None: it can)."""
-        if refinement == "projection" and not isinstance(self.verified, datasets.Dataset):
-            return "the projection of each fold's complement needs the verified split as a datasets.Dataset"
+        if refinement in ("projection", "erase") and not isinstance(self.verified, datasets.Dataset):
+            return f"the {refinement} of each fold's complement needs the verified split as a datasets.Dataset"
+        if refinement == "erase" and self.train_dataset is None:
+            return "erase fine-tunes on the training data, and none was given (Repairer.repair(train_dataset=...))"
         if refinement == "head_refit" and self._head is None:
             try:
                 self._head = find_head(self.model, self.split, self.config, self.forward_fn)
             except ValueError as err:
                 return str(err)
         return None
-
-    def _projection_config(self) -> RepairConfig:
-        return dataclasses.replace(self.config, method="projection")
 
     def _dataset_folds(self) -> list[np.ndarray]:
         """Dataset row indices of each verified fold (the folds the split was built with)."""

@@ -30,6 +30,7 @@ def repair_from_trajectory(
     verified: Any,
     checkpoints: Checkpoints | Trajectory | None = None,
     *,
+    train_dataset: Any = None,
     forward_fn: ForwardFn = default_forward,
     collate_fn: CollateFn | None = None,
 ) -> RepairResult:
@@ -38,7 +39,8 @@ def repair_from_trajectory(
     Args:
         checkpoints: the trajectory: a `Trainer` output_dir with `checkpoint-*` folders, a list of checkpoint
             folders or state dicts in training order, or the `Trajectory` `RepairCallback` recorded. None: the
-            final weights alone (the candidates are then the head refit and projection on top of them).
+            final weights alone (the candidates are then the refinements on top of them).
+        train_dataset: the training data, for the "erase" refinement (left out without it).
     """
     start = time.perf_counter()
     check_materialized(model)
@@ -50,7 +52,7 @@ def repair_from_trajectory(
     snapshot = ModelSnapshot(model)  # the final weights: every candidate is loaded over them, undo restores them
     try:
         trajectory = _trajectory(model, split, config, checkpoints, forward_fn, snapshot)
-        builder = CandidateBuilder(model, trajectory, split, verified, config, forward_fn, collate_fn)
+        builder = CandidateBuilder(model, trajectory, split, verified, config, forward_fn, collate_fn, train_dataset)
         choice = choose(builder, config)
         snapshot.restore()
         points, projection = builder.apply(choice.chosen) if choice.adopted else ((trajectory.final_index,), None)

@@ -1,6 +1,7 @@
 """Method "auto": the training trajectory recorded by RepairCallback, or read from checkpoints, chosen among by
 nested held-out verified folds. Real data: an MLP memorising Fashion-MNIST with 40% symmetric label noise."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -92,12 +93,14 @@ def test_auto_ends_above_the_final_model_and_the_best_trajectory_point(data, run
 @needs_fashion_mnist
 @pytest.mark.parametrize("given", ["output_dir", "state_dicts"])
 def test_offline_from_checkpoints_makes_the_callbacks_choice(data, run, given):
-    _, verified, _ = data
+    train, verified, _ = data
     model, callback, _, output_dir = run
     folders = list_checkpoints(output_dir)
     checkpoints = str(output_dir) if given == "output_dir" else [read_checkpoint(f) for f in folders]
     offline = fresh_final_model(output_dir)
-    result = Repairer(offline, AUTO).repair(verified, checkpoints=checkpoints)
+    # the callback fine-tunes its erase refinement with the Trainer's training set, learning rate and batch size
+    config = dataclasses.replace(AUTO, retention_learning_rate=3e-3, retention_batch_size=64)
+    result = Repairer(offline, config).repair(verified, train, checkpoints=checkpoints)
     m, expected = result.metrics, callback.result.metrics
     for key in ("chosen", "candidate", "heldout_accuracy", "gain", "gain_ci", "p_value", "chosen_points"):
         assert m[key] == expected[key], key
@@ -117,6 +120,7 @@ def test_without_checkpoints_auto_weighs_refinements_of_the_final_weights(data, 
     assert len(m["trajectory"]) == 1 and m["trajectory"][0]["final"]
     assert set(m["heldout_accuracy"]) == {"final", "best", "average", "soup", "final+head_refit", "final+projection"}
     assert m["chosen"] == "final+head_refit" and result.adopted  # the memorised head is worth refitting
+    assert "train_dataset" in m["skipped"]["erase"]  # no training data: no erase refinement
 
 
 @needs_fashion_mnist
