@@ -74,8 +74,8 @@ class CLIArguments:
         metadata={
             "metavar": "PATH",
             "help": "The training data (same formats and columns as --verified), for the methods that fine-tune "
-            "(--method projection+retention, retention, erase, projection+erase): its harmful samples are found "
-            "and the model is fine-tuned briefly on it."
+            "(--method projection+retention, retention, erase, projection+erase; with --method auto, its erase "
+            "refinement): its harmful samples are found and the model is fine-tuned briefly on it."
         },
     )
     train_split: Optional[str] = field(

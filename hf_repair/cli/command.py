@@ -77,8 +77,9 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
         raise ValueError("--repair_dir re-applies a saved projection; it cannot be combined with a fine-tuning --method.")
     if cli_args.checkpoints is not None and config.method != "auto":
         raise ValueError("--checkpoints is read by --method auto only; drop it or pass --method auto.")
-    if not fine_tunes and cli_args.train is not None:
-        raise ValueError("--train is read by the fine-tuning methods only; drop it or pass e.g. --method projection+retention.")
+    if not fine_tunes and config.method != "auto" and cli_args.train is not None:
+        raise ValueError("--train is read by the fine-tuning methods and auto only; drop it or pass e.g. --method "
+                         "projection+retention.")
     check_checkpoint(model_path)
     check_output(model_path, output_path, cli_args.overwrite)  # before the repair, not after it
 
@@ -95,7 +96,7 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
         train = None
         with state.main_process_first():  # the first process fills the datasets cache, the others read it
             verified, collate_fn = load_data(cli_args.verified, cli_args.split, config, model, preprocessor, cli_args)
-            if fine_tunes:
+            if cli_args.train is not None:  # a fine-tuning method, or auto's erase refinement
                 train, _ = load_data(cli_args.train, cli_args.train_split, config, model, preprocessor, cli_args,
                                      name="train")
         result = Repairer(model, config, collate_fn=collate_fn).repair(verified, train_dataset=train,

@@ -483,7 +483,9 @@ def test_auto_reads_a_trainer_output_dir_and_head_refit_writes_a_model(workdir, 
         with torch.no_grad():
             model.classifier.weight.mul_(scale)
         model.save_pretrained(run / f"checkpoint-{step}")
-    for method, extra in (("auto", ["--checkpoints", str(run)]), ("head_refit", [])):
+    # --train adds auto's erase refinement (the verified texts stand in for the training set)
+    auto_args = ["--checkpoints", str(run), "--train", str(workdir / "verified.csv"), "--score", "loss"]
+    for method, extra in (("auto", auto_args), ("head_refit", [])):
         out = tmp_path / method
         assert main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir", str(out),
                      "--method", method, *extra]) == 0
@@ -493,6 +495,7 @@ def test_auto_reads_a_trainer_output_dir_and_head_refit_writes_a_model(workdir, 
         if method == "auto":
             assert results["source"]["checkpoints"] == str(run.absolute())
             assert results["metrics"]["chosen"]
+            assert any(name.endswith("+erase") for name in results["metrics"]["heldout_accuracy"])
         assert f"hf-repair: BertForSequenceClassification, {NUM_TEXTS} verified samples, {method}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir",

@@ -214,11 +214,13 @@ def test_fine_tuning_methods_use_the_trainers_training_set_and_collator(tmp_path
         saved = json.load(handle)
     assert saved["report"] == f"{REPORT_DIR}/index.html" and "report_error" not in saved
     assert saved["metrics"]["num_flagged"] == 24
-    # the repair is the one a Repairer makes from the trained weights with the same data and collator
+    # the repair is the one a Repairer makes from the trained weights with the same data and collator, and the
+    # Trainer's batch size and learning rate
     reference = tiny_bert()
     reference.load_state_dict(trained)
-    Repairer(reference, dataclasses.replace(config, retention_batch_size=8), collate_fn=PadCollator()).repair(
-        verified, train_dataset=train)
+    fine_tune_as_trained = dataclasses.replace(config, retention_batch_size=8,
+                                               retention_learning_rate=trainer.args.learning_rate)
+    Repairer(reference, fine_tune_as_trained, collate_fn=PadCollator()).repair(verified, train_dataset=train)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-5)
 
