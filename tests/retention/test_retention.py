@@ -134,6 +134,24 @@ def test_a_fine_tune_that_only_gets_worse_is_not_kept(fashion, memorized, caplog
     assert result.metrics["accuracy_after"] == result.metrics["accuracy_before"]
 
 
+def test_a_gain_its_heldout_fold_cannot_resolve_is_not_kept(fashion, memorized):
+    train, verified, _ = fashion
+    model, identification = memorized
+    few = verified.select(range(20))  # a held-out fold of 4 samples: even 4 wins of 4 is p = 1/16
+    options = dict(QUIET, method="erase", flag_rule="budget", flag_fraction=0.8, retention_epochs=1.0)
+    gated = copy.deepcopy(model)
+    start = _state(gated)
+    result = Repairer(gated, RepairConfig(**options)).repair(few, train, identification=identification)
+    assert not result.adopted and _same_state(gated, start)
+    assert not result.metrics["significant"] and result.metrics["p_value"] >= 1 / 16
+    assert result.metrics["wins"] == result.metrics["losses"] == 0  # unchanged: nothing to compare
+    # the same fine-tune without the gate is kept: the gate, not the fine-tune, refused it
+    ungated = copy.deepcopy(model)
+    forced = Repairer(ungated, RepairConfig(**options, significance_test="none")).repair(
+        few, train, identification=identification)
+    assert forced.adopted and not _same_state(ungated, start)
+
+
 def test_nan_loss_stops_restores_and_reports(fashion, memorized, caplog):
     model, identification = memorized
     repaired = copy.deepcopy(model)
