@@ -1,7 +1,8 @@
 """One-shot clean-space projection (Verifix, Kodge et al. 2024), with alpha chosen without an oracle.
 
-One pass over the verified split accumulates a Gram per layer input *per fold*. For fold f the
-space is built from the other folds (G_total - G_f) and scored on fold f, so every verified
+One pass over the verified split accumulates a Gram per layer input *per fold* (or keeps the rows
+while they are fewer than the input's width, `GramCollector`). For fold f the space is built from
+the other folds (G_total - G_f) and scored on fold f, so every verified
 sample is scored by a projection that never saw it; the pooled held-out score of each alpha is
 compared with the unrepaired model's score on the same samples. The winning alpha is applied with
 the space of the whole split, and only if it beats the unrepaired model by more than `min_improvement`
@@ -101,17 +102,18 @@ class AlphaSearch:
 
         timings["capture_s"] = time.perf_counter() - start
 
-        # 2. Fold f is scored with the space of the other folds: G_total - G_f, no further capture pass.
+        # 2. Fold f is scored with the space of the other folds (G_total - G_f), no further capture pass. The
+        # space of the whole split is built now too, so what was captured can be freed before the selection.
         start = time.perf_counter()
-        totals = {leader: gram.sum(0) for leader, gram in collector.grams.items()}
-        projectors = [
-            Projector(self.targets, snapshot, groups, {
-                leader: CleanSpace.from_gram(totals[leader] - collector.grams[leader][fold],
-                                             int(collector.rows[leader].sum() - collector.rows[leader][fold]))
-                for leader in groups
-            })
-            for fold in range(k)
-        ]
+        fold_spaces: list[dict[str, CleanSpace]] = [{} for _ in range(k)]
+        final_spaces: dict[str, CleanSpace] = {}
+        for leader in groups:
+            for fold in range(k):
+                fold_spaces[fold][leader] = collector.space(leader, without=fold)
+            final_spaces[leader] = collector.space(leader, complete=True)  # complete: saved as d x d
+            collector.release(leader)
+        projectors = [Projector(self.targets, snapshot, groups, spaces) for spaces in fold_spaces]
+        del fold_spaces
         timings["decomposition_s"] = time.perf_counter() - start
         start = time.perf_counter()
         correct: dict[Any, torch.Tensor] = {}  # held-out correctness of every choice scored, for the paired test
@@ -141,18 +143,15 @@ class AlphaSearch:
             progress.total += len(groups) * len(config.alphas) * num_local
             choice, best_scores = self._per_layer_search(groups, best_alpha, best_scores, cross_validate, value)
         snapshot.restore()
+        projectors.clear()  # their rotated weights are not needed past the selection
         progress.total = progress.n  # coarse-to-fine scores fewer alphas than the grid the bar was sized for
         progress.close()
         timings["selection_s"] = time.perf_counter() - start
 
         # 3. Adopt the choice, with the space of the whole split, only if it beats no repair by a margin and
         # significantly, on the same held-out samples.
-        start = time.perf_counter()
         comparison = significance_gate(correct[_choice_key(choice)], baseline_correct, config)
         adopted = value(best_scores) > sign * baseline_value + config.min_improvement and comparison.significant
-        final_spaces = {leader: CleanSpace.from_gram(totals[leader], int(collector.rows[leader].sum()))
-                        for leader in groups}
-        timings["decomposition_s"] += time.perf_counter() - start
         if adopted:
             Projector(self.targets, snapshot, groups, final_spaces).apply(choice)
         else:
