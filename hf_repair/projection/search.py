@@ -117,8 +117,14 @@ class AlphaSearch:
         timings["decomposition_s"] = time.perf_counter() - start
         start = time.perf_counter()
         correct: dict[Any, torch.Tensor] = {}  # held-out correctness of every choice scored, for the paired test
+        scored: dict[Any, dict[str, float]] = {}  # and its scores: no choice is scored twice
+        untouched = _choice_key({leader: None for leader in groups})  # no projection: the capture pass scored it
+        correct[untouched], scored[untouched] = baseline_correct, baseline
 
         def cross_validate(alpha: float | Mapping[str, float | None]) -> dict[str, float]:
+            key = _choice_key(alpha)
+            if key in scored:
+                return scored[key]
             fold_logits, fold_labels = [], []
             for fold, projector in enumerate(projectors):
                 projector.apply(alpha)
@@ -127,8 +133,9 @@ class AlphaSearch:
                 fold_logits.append(logits_f)
                 fold_labels.append(labels_f)
             heldout_logits, heldout_labels = torch.cat(fold_logits), torch.cat(fold_labels)
-            correct[_choice_key(alpha)] = heldout_logits.argmax(-1) == heldout_labels
-            return compute_scores(heldout_logits, heldout_labels, self.compute_metrics)
+            correct[key] = heldout_logits.argmax(-1) == heldout_labels
+            scored[key] = compute_scores(heldout_logits, heldout_labels, self.compute_metrics)
+            return scored[key]
 
         sign = 1.0 if config.repair_greater_is_better else -1.0
 
