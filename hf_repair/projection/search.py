@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -105,11 +105,13 @@ class AlphaSearch:
         # 2. Fold f is scored with the space of the other folds (G_total - G_f), no further capture pass. The
         # space of the whole split is built now too, so what was captured can be freed before the selection.
         start = time.perf_counter()
+        selection_dtype = _selection_dtype(snapshot, self.targets)
         fold_spaces: list[dict[str, CleanSpace]] = [{} for _ in range(k)]
         final_spaces: dict[str, CleanSpace] = {}
         for leader in groups:
             for fold in range(k):
-                fold_spaces[fold][leader] = collector.space(leader, without=fold)
+                space = collector.space(leader, without=fold)
+                fold_spaces[fold][leader] = replace(space, basis=space.basis.to(selection_dtype))
             final_spaces[leader] = collector.space(leader, complete=True)  # complete: saved as d x d
             collector.release(leader)
         projectors = [Projector(self.targets, snapshot, groups, spaces) for spaces in fold_spaces]
@@ -232,6 +234,17 @@ def search_alphas(
         if 0 <= index < len(alphas) and index not in scored:
             scored[index] = cross_validate(alphas[index])
     return [(alphas[i], scored[i]) for i in sorted(scored)]
+
+
+def _selection_dtype(snapshot: WeightSnapshot, targets: dict[str, tuple[nn.Module, LayerAdapter]]) -> torch.dtype:
+    """float32 for the fold projectors, unless a target weight is float64.
+
+    They only score alphas: float32 products halve their time and memory and err by about 1e-6 of a
+    weight (on the repairs of tests/test_end_to_end.py, a CNN, a ViT and a BERT they left every alpha's
+    held-out accuracy unchanged). The chosen alpha is applied from the float64 space of the whole split.
+    """
+    float64 = any(snapshot.original(name).dtype == torch.float64 for name in targets)
+    return torch.float64 if float64 else torch.float32
 
 
 def _choice_key(choice: float | Mapping[str, float | None]) -> Any:
