@@ -115,7 +115,6 @@ class AlphaSearch:
             final_spaces[leader] = collector.space(leader, complete=True)  # complete: saved as d x d
             collector.release(leader)
         projectors = [Projector(self.targets, snapshot, groups, spaces) for spaces in fold_spaces]
-        del fold_spaces
         timings["decomposition_s"] = time.perf_counter() - start
         start = time.perf_counter()
         correct: dict[Any, torch.Tensor] = {}  # held-out correctness of every choice scored, for the paired test
