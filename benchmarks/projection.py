@@ -28,7 +28,6 @@ from hf_repair.data import VerifiedSplit
 from hf_repair.evaluation import default_forward
 from hf_repair.modeling.targets import find_target_modules
 from hf_repair.projection.capture import GramCollector
-from hf_repair.projection.clean_space import CleanSpace
 from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
@@ -72,7 +71,7 @@ def streamed_gram_spaces(model, targets, split: VerifiedSplit):
         for batch in split.batches():
             collector.begin_batch(0)
             default_forward(model, batch.inputs)
-    return {name: CleanSpace.from_gram(g[0], int(collector.rows[name][0])) for name, g in collector.grams.items()}
+    return {name: collector.space(name, complete=True) for name in collector.groups()}
 
 
 def main() -> None:

@@ -227,6 +227,21 @@ def test_per_layer_alphas_match_or_beat_the_global_choice():
     assert {r.alpha for r in glob.layers.values()} == {glob.metrics["alpha"]}
 
 
+def test_per_layer_search_scores_no_choice_twice():
+    split = image_split(n=60)
+    passes = []
+
+    def forward(model, inputs):
+        passes.append(len(inputs["pixel_values"]))
+        return model(**inputs).logits
+
+    config = RepairConfig(target_modules=["fc"], alpha_scope="layer", alpha_search="grid", seed=0, **FORCE)
+    Repairer(TinyCNN(), config, forward_fn=forward).repair(split)
+    # The capture pass, then one pass per alpha of the grid. With one clean space every per-layer trial
+    # (each alpha, and no projection) is a choice the global search or the capture pass already scored.
+    assert sum(passes) == (1 + len(config.alphas)) * 60
+
+
 def test_image_model_refuses_pixel_values_without_channel_dimension_before_any_change():
     config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=32, num_labels=3)

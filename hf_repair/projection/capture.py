@@ -1,8 +1,8 @@
-"""Streaming capture of per-layer input Grams through forward pre-hooks (`hf_repair.modeling.hooks`).
+"""Streaming capture of per-layer input rows through forward pre-hooks (`hf_repair.modeling.hooks`).
 
 Memory is O(d^2) per distinct layer input and per fold, independent of how many samples or
 tokens flow through. Layers fed the very same tensor (q, k and v of an attention block) are
-grouped on first sight and share one Gram, hence one clean space.
+grouped on first sight and share one clean space.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch import nn
 
 from ..modeling.hooks import LayerHooks
 from ..modeling.layers import LayerAdapter
-from ..utils.distributed import sum_across_processes
+from ..utils.distributed import process_info, sum_across_processes
+from .clean_space import CleanSpace
 
 
 class NonFiniteActivationError(ValueError):
@@ -22,10 +23,15 @@ class NonFiniteActivationError(ValueError):
 
 
 class GramCollector(LayerHooks):
-    """Accumulates sum x x^T of each target layer's input rows, one Gram per fold ("slot").
+    """Collects each target layer's input rows per fold ("slot"); `space(leader, without=f)` is the clean space of all folds but f.
 
     Use as a context manager around forward passes; set `begin_batch(slot, token_mask)` before
     each forward so rows land in the right fold and padded tokens are dropped.
+
+    A layer input's rows are kept as they are while a space built from them could have fewer rows
+    than the input's width d, and while they take no more memory than one Gram per slot: such a space
+    is decomposed in O(n^2 d) instead of O(d^3) (`CleanSpace.from_rows`). Past that, each slot keeps
+    only its Gram sum x x^T, which no number of rows makes larger.
     """
 
     def __init__(self, targets: dict[str, tuple[nn.Module, LayerAdapter]], num_slots: int,
@@ -34,9 +40,12 @@ class GramCollector(LayerHooks):
         self.targets = targets
         self.num_slots = num_slots
         self.dtype = dtype
-        self.leader: dict[str, str] = {}  # layer name -> name of the layer whose Gram it shares
-        self.grams: dict[str, torch.Tensor] = {}  # leader -> (num_slots, d, d)
-        self.rows: dict[str, torch.Tensor] = {}  # leader -> (num_slots,) row counts
+        self.leader: dict[str, str] = {}  # layer name -> name of the layer whose rows it shares
+        self.counts: dict[str, list[int]] = {}  # leader -> rows per slot
+        self.grams: dict[str, torch.Tensor] = {}  # leader -> (num_slots, d, d), once its rows are folded in
+        self._kept: dict[str, list[list[torch.Tensor]]] = {}  # leader -> each slot's row chunks, until then
+        self._dims: dict[str, int] = {}
+        self._totals: dict[str, torch.Tensor] = {}
         self._slot = 0
         self._token_mask: torch.Tensor | None = None
         self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
@@ -61,21 +70,49 @@ class GramCollector(LayerHooks):
         if leader != name:
             return
         self._seen[key] = (x, name)
-        rows = adapter.input_rows(module, x.detach(), self._token_mask).to(self.dtype)
-        if not torch.isfinite(rows).all():
+        x = x.detach()
+        if adapter.kind == "conv2d":  # convert before unfolding: the patches are kh * kw times the input
+            rows = adapter.input_rows(module, x.to(self.dtype), self._token_mask)
+        else:  # and after dropping padded tokens
+            rows = adapter.input_rows(module, x, self._token_mask).to(self.dtype)
+        if name not in self.counts:
+            self.counts[name] = [0] * self.num_slots
+            self._kept[name] = [[] for _ in range(self.num_slots)]
+            self._dims[name] = rows.shape[1]
+        self.counts[name][self._slot] += rows.shape[0]
+        if name in self.grams:
+            gram = self.grams[name][self._slot].addmm_(rows.t(), rows)
+            finite = torch.isfinite(gram.diagonal()).all()  # a NaN or inf row leaves one on the diagonal
+        else:
+            finite = torch.isfinite(rows).all()
+            if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                rows = rows.clone()  # the model may change its own tensor in place later
+            self._kept[name][self._slot].append(rows)
+            if not self._rows_pay(name):
+                self._fold_into_grams(name)
+        if not finite:
             raise NonFiniteActivationError(
                 f"The input of layer {name!r} has NaN or inf on verified samples; the model "
                 f"or the data is broken, and no clean space can be built from it."
             )
-        if name not in self.grams:
-            d = rows.shape[1]
-            self.grams[name] = torch.zeros(self.num_slots, d, d, dtype=self.dtype, device=rows.device)
-            self.rows[name] = torch.zeros(self.num_slots, dtype=torch.long, device=rows.device)
-        self.grams[name][self._slot].addmm_(rows.t(), rows)
-        self.rows[name][self._slot] += rows.shape[0]
+
+    def _rows_pay(self, leader: str) -> bool:
+        """Whether some space could still have fewer rows than d, with the rows no larger than the slots' Grams."""
+        counts, d = self.counts[leader], self._dims[leader]
+        fewest = sum(counts) - max(counts) if self.num_slots > 1 else sum(counts)
+        return fewest < d and sum(counts) <= self.num_slots * d
+
+    def _fold_into_grams(self, leader: str) -> None:
+        kept, d = self._kept.pop(leader), self._dims[leader]
+        device = next(rows.device for chunks in kept for rows in chunks)
+        grams = torch.zeros(self.num_slots, d, d, dtype=self.dtype, device=device)
+        for slot, chunks in enumerate(kept):
+            for rows in chunks:
+                grams[slot].addmm_(rows.t(), rows)
+        self.grams[leader] = grams
 
     def groups(self) -> dict[str, list[str]]:
-        """leader -> every layer sharing its Gram, in model order."""
+        """leader -> every layer sharing its rows, in model order."""
         out: dict[str, list[str]] = {}
         for name in self.targets:
             if name in self.leader:
@@ -87,11 +124,44 @@ class GramCollector(LayerHooks):
 
     def all_reduce(self) -> None:
         """Sum Grams and row counts over processes: one collective per distinct layer input, one for all counts."""
-        names = sorted(self.grams)
+        if process_info()[1] == 1:
+            return
+        names = sorted(self.counts)
         for name in names:
+            if name not in self.grams:
+                self._fold_into_grams(name)
             self.grams[name] = sum_across_processes(self.grams[name])
         if names:
-            device = self.rows[names[0]].device
-            counts = sum_across_processes(torch.stack([self.rows[name].to(device) for name in names]))
-            for name, count in zip(names, counts, strict=True):
-                self.rows[name] = count.to(self.rows[name].device)
+            counts = torch.tensor([self.counts[name] for name in names], device=self.grams[names[0]].device)
+            for name, count in zip(names, sum_across_processes(counts).tolist(), strict=True):
+                self.counts[name] = count
+
+    def num_rows(self, leader: str, without: int | None = None) -> int:
+        return sum(c for slot, c in enumerate(self.counts[leader]) if slot != without)
+
+    def gram(self, leader: str, without: int | None = None) -> torch.Tensor:
+        """sum x x^T over the rows of every slot but `without`."""
+        if leader not in self.grams:
+            rows = self._stacked(leader, without)
+            return rows.t() @ rows
+        if leader not in self._totals:
+            self._totals[leader] = self.grams[leader].sum(0)
+        total = self._totals[leader]
+        return total if without is None else total - self.grams[leader][without]
+
+    def space(self, leader: str, without: int | None = None, complete: bool = False) -> CleanSpace:
+        """The clean space of every slot's rows but `without`'s: thin when built from fewer rows than d, unless `complete`."""
+        if leader in self.grams:
+            return CleanSpace.from_gram(self.gram(leader, without), self.num_rows(leader, without))
+        return CleanSpace.from_rows(self._stacked(leader, without), complete=complete)
+
+    def release(self, leader: str) -> None:
+        """Free what was captured for `leader` once its spaces are built."""
+        for store in (self.grams, self._kept, self._totals):
+            store.pop(leader, None)
+
+    def _stacked(self, leader: str, without: int | None) -> torch.Tensor:
+        chunks = [rows for slot, kept in enumerate(self._kept[leader]) if slot != without for rows in kept]
+        if not chunks:
+            return torch.zeros(0, self._dims[leader], dtype=self.dtype)
+        return torch.cat(chunks)

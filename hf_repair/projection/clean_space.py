@@ -1,8 +1,15 @@
 """The clean activation space of one layer input: eigenbasis and energies of the verified rows.
 
-The Gram G = sum x x^T of the rows equals R R^T for the stacked row matrix R, so its
-eigenvectors are R's left singular vectors and its eigenvalues the squared singular values:
+The Gram G = sum x x^T of the rows equals R^T R for the stacked row matrix R (n x d), so its
+eigenvectors are R's right singular vectors and its eigenvalues the squared singular values:
 the same basis the published code gets from an SVD of R, in O(d^2) memory however many rows.
+
+With fewer rows than dimensions (n < d: a 1568-wide layer and 1,000 verified images, a classifier
+reading one pooled vector per sample) G has rank n at most. Then the space comes from R itself:
+R^T = Q T (QR, Q d x n orthonormal) gives G = Q (T T^T) Q^T, so the n x n eigenproblem of T T^T
+yields the basis Q V and the energies, in O(n^2 d) instead of O(d^3). The other d - n directions
+hold no energy: their importance is 0 for every alpha, so such a "thin" space (basis d x n) gives
+the same projection M = U diag(lambda) U^T as the full one.
 """
 
 from __future__ import annotations
@@ -14,7 +21,11 @@ import torch
 
 @dataclass
 class CleanSpace:
-    """Eigenbasis (columns of `basis`, d x d) and energies (descending) of one layer input."""
+    """Eigenbasis (columns of `basis`) and energies (descending) of one layer input.
+
+    `basis` is d x d, or d x m with m < d for a thin space whose other directions have zero energy;
+    `energies` has one entry per column.
+    """
 
     basis: torch.Tensor
     energies: torch.Tensor
@@ -26,6 +37,25 @@ class CleanSpace:
         energies, basis = torch.linalg.eigh(gram)
         energies = energies.flip(0).clamp_min(0.0)  # round-off can leave tiny negatives
         return cls(basis=basis.flip(1), energies=energies, num_rows=num_rows)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, complete: bool = False) -> CleanSpace:
+        """The space of stacked rows (n x d): thin (d x n) when n < d, unless `complete` (d x d, zero energies appended).
+
+        A complete basis costs one d x d QR factor instead of a d x d eigendecomposition.
+        """
+        n, d = rows.shape
+        if n == 0 or n >= d:
+            return cls.from_gram(rows.t() @ rows, n)
+        q, t = torch.linalg.qr(rows.t(), mode="complete" if complete else "reduced")
+        t = t[:n]
+        energies, vectors = torch.linalg.eigh(t @ t.t())
+        energies, vectors = energies.flip(0).clamp_min(0.0), vectors.flip(1)
+        basis = q[:, :n] @ vectors
+        if complete:
+            basis = torch.cat([basis, q[:, n:]], dim=1)
+            energies = torch.cat([energies, energies.new_zeros(d - n)])
+        return cls(basis=basis, energies=energies, num_rows=n)
 
     @property
     def dim(self) -> int:

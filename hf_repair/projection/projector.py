@@ -16,7 +16,8 @@ class Projector:
     """Sets target weights to W_original M(alpha) for any alpha, cheaply.
 
     With M = U diag(lambda) U^T, W M = ((W U) diag(lambda)) U^T: W U is computed once per set of
-    spaces, so each further alpha costs out x d^2 per layer instead of a d^3 product.
+    spaces, so each further alpha costs out x d x m per layer (m = d, or the rank of a thin space)
+    instead of a d^3 product. The products run in the dtype of the spaces' bases.
     """
 
     def __init__(self, targets: dict[str, tuple[nn.Module, LayerAdapter]], snapshot: WeightSnapshot,
@@ -41,7 +42,7 @@ class Projector:
                     self.snapshot.write(name, self.snapshot.original(name))
                 continue
             space = self.spaces[leader]
-            importance, basis_t = space.importance(group_alpha), space.basis.t()
+            importance, basis_t = space.importance(group_alpha).to(space.basis.dtype), space.basis.t()
             for name in members:
                 matrix = (self._rotated[name] * importance) @ basis_t
                 self.snapshot.write(name, self.targets[name][1].from_matrix(matrix, self.snapshot.original(name)))

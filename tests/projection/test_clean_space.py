@@ -14,7 +14,7 @@ def _gram_of(layer: nn.Module, batches: list[torch.Tensor]) -> tuple[torch.Tenso
         for x in batches:
             collector.begin_batch(0)
             layer(x)
-    return collector.grams["layer"][0], int(collector.rows["layer"][0])
+    return collector.gram("layer"), collector.num_rows("layer")
 
 
 def test_streamed_gram_eigenbasis_equals_svd_of_stacked_activations():
@@ -62,5 +62,81 @@ def test_padded_tokens_are_masked():
         collector.begin_batch(0, mask)
         layer(x)
     kept = x[mask.bool()].double()
-    assert int(collector.rows["layer"][0]) == 5
-    torch.testing.assert_close(collector.grams["layer"][0], kept.t() @ kept)
+    assert collector.num_rows("layer") == 5
+    torch.testing.assert_close(collector.gram("layer"), kept.t() @ kept)
+
+
+def _projections_close(a: CleanSpace, b: CleanSpace) -> None:
+    # A dense eigh leaves round-off energy (~1e-16 of the largest) on the directions the rows do not span,
+    # which alpha scales up: at 1e7 it reaches 1e-10.
+    for alpha in (1.0, 30.0, 1e4, 1e7):
+        atol = 1e-10 * max(1.0, alpha / 1e6)
+        torch.testing.assert_close(a.projection(alpha), b.projection(alpha), rtol=0, atol=atol)
+
+
+def test_space_of_fewer_rows_than_dimensions_is_thin_and_projects_as_the_full_one():
+    rows = torch.randn(12, 30, dtype=torch.float64) * torch.linspace(3.0, 0.1, 30, dtype=torch.float64)
+    full = CleanSpace.from_gram(rows.t() @ rows, 12)
+    thin = CleanSpace.from_rows(rows)
+    assert thin.basis.shape == (30, 12) and thin.dim == 30 and thin.num_rows == 12
+    torch.testing.assert_close(thin.basis.t() @ thin.basis, torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(thin.energies, full.energies[:12], rtol=1e-10, atol=1e-10)
+    assert thin.rank() == full.rank() == 12
+    _projections_close(thin, full)
+
+    complete = CleanSpace.from_rows(rows, complete=True)  # the d x d basis a saved repair stores
+    assert complete.basis.shape == (30, 30) and complete.energies.shape == (30,)
+    torch.testing.assert_close(complete.basis.t() @ complete.basis, torch.eye(30, dtype=torch.float64))
+    assert torch.all(complete.energies[12:] == 0) and complete.rank() == 12
+    _projections_close(complete, full)
+
+
+def test_space_of_more_rows_than_dimensions_comes_from_the_gram():
+    rows = torch.randn(40, 30, dtype=torch.float64)
+    space = CleanSpace.from_rows(rows)
+    assert space.basis.shape == (30, 30)
+    _projections_close(space, CleanSpace.from_gram(rows.t() @ rows, 40))
+
+
+def _collect(layer: nn.Module, batches: list[tuple[int, torch.Tensor]], num_slots: int) -> GramCollector:
+    collector = GramCollector({"layer": (layer, adapter_for(layer))}, num_slots=num_slots)
+    with collector, torch.no_grad():
+        for slot, x in batches:
+            collector.begin_batch(slot)
+            layer(x)
+    return collector
+
+
+def test_fold_spaces_from_kept_rows_equal_the_dense_ones():
+    layer = nn.Linear(40, 2)
+    batches = [(slot, torch.randn(5, 40)) for slot in (0, 0, 1, 1, 2, 2)]  # 30 rows < 40: kept, never a Gram
+    collector = _collect(layer, batches, num_slots=3)
+    assert "layer" not in collector.grams
+    for fold in range(3):
+        others = torch.cat([x for slot, x in batches if slot != fold]).double()
+        space = collector.space("layer", without=fold)
+        assert space.basis.shape == (40, 20) and space.num_rows == 20 == collector.num_rows("layer", without=fold)
+        _projections_close(space, CleanSpace.from_gram(others.t() @ others, 20))
+    total = torch.cat([x for _, x in batches]).double()
+    assert collector.space("layer", complete=True).basis.shape == (40, 40)
+    _projections_close(collector.space("layer"), CleanSpace.from_gram(total.t() @ total, 30))
+
+
+def test_rows_fold_into_grams_once_no_space_can_be_thin():
+    layer = nn.Linear(8, 2)
+    batches = [(slot, torch.randn(3, 8)) for slot in (0, 1, 1, 2, 0, 2)]  # two folds reach 8 rows at the 5th batch
+    collector = _collect(layer, batches, num_slots=3)
+    assert collector.grams["layer"].shape == (3, 8, 8)  # memory O(d^2) per fold from here on
+    for fold in range(3):
+        others = torch.cat([x for slot, x in batches if slot != fold]).double()
+        torch.testing.assert_close(collector.gram("layer", without=fold), others.t() @ others)
+        _projections_close(collector.space("layer", without=fold), CleanSpace.from_gram(others.t() @ others, 12))
+
+
+def test_kept_rows_do_not_alias_the_layer_input():
+    layer = nn.Linear(6, 2).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    collector = _collect(layer, [(0, x)], num_slots=1)
+    expected = x.t() @ x
+    x.zero_()  # a model may reuse its tensor in place after the layer ran
+    torch.testing.assert_close(collector.gram("layer"), expected)
