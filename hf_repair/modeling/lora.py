@@ -20,9 +20,11 @@ otherwise), so hf_repair works without it installed.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -202,3 +204,29 @@ class FrozenBase:
 def _fingerprint(tensor: torch.Tensor) -> str:
     data = tensor.detach().cpu().contiguous().reshape(-1)
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest() if data.numel() else "empty"
+
+
+ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # what a PeftModel's save_pretrained writes
+
+
+def is_adapter_checkpoint(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / name).is_file() for name in ADAPTER_WEIGHTS_NAMES)
+
+
+def read_adapter_checkpoint(folder: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state of `model` with the adapter saved in `folder` (a `Trainer` checkpoint of a PeftModel), on CPU.
+
+    peft maps the saved names onto the model's; the model's own adapter weights are put back afterwards.
+    """
+    peft = _peft()
+    if peft is None or not isinstance(model, peft.PeftModel):
+        raise ValueError(f"{folder} holds a peft adapter, but the model is a {type(model).__name__}: load the final "
+                         f"model as PeftModel.from_pretrained(base, final_checkpoint) to read its trajectory.")
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    own = {key: value.detach().clone() for key, value in get_peft_model_state_dict(model).items()}
+    try:
+        set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+        return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+    finally:
+        set_peft_model_state_dict(model, own)
