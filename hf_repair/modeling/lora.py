@@ -117,11 +117,13 @@ def peft_layers(model: nn.Module) -> PeftLayers | None:
         elif isinstance(module, wrapper):
             found = True
             active = _single_active(name, module)
-            copy = module.modules_to_save[active]
-            layers.inside.update(id(m) for m in module.modules() if m is not module and m is not copy)
-            adapter = adapter_for(copy)
-            if adapter is not None:
-                layers.trainable[id(copy)] = adapter
+            copy = module.modules_to_save[active]  # trained whole and saved: each of its layers is a layer
+            layers.inside.update(id(m) for m in module.modules() if m is not module)
+            for part in copy.modules():
+                adapter = adapter_for(part)
+                if adapter is not None:
+                    layers.trainable[id(part)] = adapter
+                    layers.inside.discard(id(part))
     return layers if found else None
 
 

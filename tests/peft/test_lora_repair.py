@@ -50,6 +50,18 @@ def test_targets_are_the_lora_layers_and_the_head_never_their_parts(caplog):
         find_target_modules(model, ["k_proj"])
 
 
+def test_every_layer_of_a_block_in_modules_to_save_is_a_target():
+    model = peft.get_peft_model(base_model("vit"), lora_config(
+        "vit", target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers",
+        modules_to_save=["classifier", "vit.layers.1"]))
+    block = [f"vit.layers.1.{name}" for name in ("attention.q_proj", "attention.k_proj", "attention.v_proj",
+                                                  "attention.o_proj", "mlp.fc1", "mlp.fc2")]
+    targets = find_target_modules(model, "all-linear")
+    assert sorted(targets) == sorted(["classifier", "vit.layers.0.attention.q_proj", *block])
+    trained_copy = model.base_model.model.vit.layers[1].modules_to_save["default"]
+    assert targets["vit.layers.1.mlp.fc1"][0] is trained_copy.mlp.fc1
+
+
 @pytest.mark.parametrize("kind", ["vit", "bert"])
 def test_projection_writes_a_times_m_and_the_adapter_reloads_with_the_same_logits(kind, tmp_path):
     model = lora_finetuned(kind)
