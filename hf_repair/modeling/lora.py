@@ -9,9 +9,9 @@ clean space is the same one the base layer would get: `A` reads the very input t
 called on (dropout is the identity in eval mode). BENCHMARKS.md ("LoRA") compares this with
 projecting the merged weight.
 
-The classification head peft fine-tunes whole (`modules_to_save`, wrapped in a `ModulesToSaveWrapper`)
-is an ordinary layer: its active copy is repaired under the wrapper's name, and saved with the adapter.
-Every other layer of a PeftModel is a frozen base layer and is never a target.
+A module peft fine-tunes whole (`modules_to_save`, usually the classification head, wrapped in a
+`ModulesToSaveWrapper`) is saved with the adapter: the layers of its active copy are ordinary layers,
+named as in the bare model. Every other layer of a PeftModel is a frozen base layer and is never a target.
 
 peft is optional: nothing here imports it unless it is already imported (a PeftModel cannot exist
 otherwise), so hf_repair works without it installed.
@@ -186,9 +186,12 @@ class FrozenBase:
 
     @classmethod
     def of(cls, model: nn.Module) -> FrozenBase | None:
-        """The check for a PeftModel (not wrapped for distributed training), None for any other model."""
+        """The check for a PeftModel, None for any other model and for sharded parameters (FSDP2, ZeRO-3: a
+        shard is not the weight save_pretrained gathers)."""
         peft = _peft()
-        return cls(model) if peft is not None and isinstance(model, peft.PeftModel) else None
+        if peft is None or not isinstance(model, peft.PeftModel) or _sharded(model):
+            return None
+        return cls(model)
 
     def _read(self) -> dict[str, str]:
         from peft.utils import get_peft_model_state_dict
@@ -201,6 +204,16 @@ class FrozenBase:
         """The base tensors (state_dict keys) whose bits differ from when the check was made."""
         now = self._read()
         return [key for key, digest in self._fingerprints.items() if now.get(key) != digest]
+
+
+def _sharded(model: nn.Module) -> bool:
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _fingerprint(tensor: torch.Tensor) -> str:
