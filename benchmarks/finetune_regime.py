@@ -15,7 +15,8 @@ free (method.md, "The fine-tuning regime"). Per task, regime and seed this scrip
 
 With `--lora` every fine-tune is a peft LoRA (rank 8, alpha 16, on every linear layer of the blocks, the
 head trained whole as `modules_to_save`) at a higher learning rate (`LORA`); checkpoints are adapters,
-loaded onto a fresh base, and the tasks are reported as "vision+lora" / "text+lora".
+loaded onto a fresh base, and the tasks are reported as "vision+lora" / "text+lora", with one more column:
+the projection applied to the merged weights (`merge_and_unload()`) instead of the adapter's `A <- A M`.
 
 Tasks: "vision", a small ViT (hidden 64, 4 layers, patch 7) pretrained here on clean Fashion-MNIST
 classes 0-4 and fully fine-tuned (new head) on classes 5-9; "text", the pretrained MiniLM-L6 on
@@ -74,9 +75,9 @@ from common import gap_closed, markdown_table
 BASELINES = ("early_stop", "average3", "head_refit", "early_stop+head_refit")
 REPAIRS = ("erase", "projection", "retention", "projection+retention")
 HAS_AUTO = "auto" in hf_repair.config.METHODS  # the trajectory-reading default, once it lands
-METHODS = BASELINES + REPAIRS + (("auto",) if HAS_AUTO else ())
+METHODS = BASELINES + REPAIRS + (("auto",) if HAS_AUTO else ()) + ("projection_merged",)  # the last: --lora only
 LABELS = {"early_stop": "early stop", "average3": "avg best-3 ckpts", "head_refit": "head refit",
-          "early_stop+head_refit": "early stop + head refit"}
+          "early_stop+head_refit": "early stop + head refit", "projection_merged": "projection of merged weights"}
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,13 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
 
     for method in REPAIRS:
         score(method, functools.partial(repair, method))
+    if isinstance(task.model_class, LoraCheckpoints):  # the alternative to A <- A M: project the merged weights
+        def merged_projection() -> tuple[torch.nn.Module, dict[str, Any]]:
+            model = copy.deepcopy(final).merge_and_unload()
+            result = Repairer(model, RepairConfig(method="projection", **common)).repair(task.verified)
+            return model, {"adopted": result.adopted}
+
+        score("projection_merged", merged_projection)
     if HAS_AUTO:
         def auto() -> tuple[torch.nn.Module, dict[str, Any]]:
             model = copy.deepcopy(final)
