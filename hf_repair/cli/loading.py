@@ -29,6 +29,7 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ..config import RepairConfig
+from ..modeling.lora import ADAPTER_WEIGHTS_NAMES, is_adapter_checkpoint
 from ..utils.files import read_json
 from .arguments import CLIArguments
 
@@ -40,8 +41,7 @@ _CLASSIFIER_MAPPINGS = {
     "AutoModelForAudioClassification": MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
 }
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's names, kept here so that peft stays optional
-ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's name, kept here so that peft stays optional
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
@@ -98,7 +98,7 @@ def check_checkpoint(model_dir: Path, base_model: str | None = None) -> None:
         if importlib.util.find_spec("peft") is None:
             raise ValueError(f"MODEL_DIR {model_dir} is a peft adapter, and peft is not installed: "
                              f"pip install 'hf_repair[peft]'.")
-        if not any((model_dir / name).is_file() for name in ADAPTER_WEIGHTS_NAMES):
+        if not is_adapter_checkpoint(model_dir):
             raise ValueError(f"MODEL_DIR {model_dir} has an {ADAPTER_CONFIG_NAME} but no adapter weights (none of "
                              f"{list(ADAPTER_WEIGHTS_NAMES)}); save it with model.save_pretrained(dir).")
         check_checkpoint(adapter_base(model_dir, base_model))

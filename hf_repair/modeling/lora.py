@@ -128,11 +128,12 @@ def peft_layers(model: nn.Module) -> PeftLayers | None:
 
 
 def _check_configs(model: nn.Module) -> None:
+    """Adapters without tuner layers (prompt tuning, prefix tuning) show only in the PeftModel's configs."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         return
-    other = {name: str(getattr(c, "peft_type", "?")) for name, c in configs.items()
-             if str(getattr(getattr(c, "peft_type", None), "value", getattr(c, "peft_type", None))) != "LORA"}
+    kinds = {name: getattr(config.peft_type, "value", config.peft_type) for name, config in configs.items()}
+    other = {name: kind for name, kind in kinds.items() if kind != "LORA"}
     if other:
         raise ValueError(
             f"{type(model).__name__} has peft adapters of type {other}; hf_repair repairs {SUPPORTED}. Merge the "
