@@ -13,6 +13,11 @@ free (method.md, "The fine-tuning regime"). Per task, regime and seed this scrip
    the final and on the early-stopped model; erase and every hf_repair method applied to the final
    model; and `method="auto"` (reads the checkpoints) where this hf_repair has it.
 
+With `--lora` every fine-tune is a peft LoRA (rank 8, alpha 16, on every linear layer of the blocks, the
+head trained whole as `modules_to_save`) at a higher learning rate (`LORA`); checkpoints are adapters,
+loaded onto a fresh base, and the tasks are reported as "vision+lora" / "text+lora", with one more column:
+the projection applied to the merged weights (`merge_and_unload()`) instead of the adapter's `A <- A M`.
+
 Tasks: "vision", a small ViT (hidden 64, 4 layers, patch 7) pretrained here on clean Fashion-MNIST
 classes 0-4 and fully fine-tuned (new head) on classes 5-9; "text", the pretrained MiniLM-L6 on
 Rotten Tomatoes. Regimes: "short" (barely memorises) and "long" (memorises). Tables report the gap
@@ -70,9 +75,9 @@ from common import gap_closed, markdown_table
 BASELINES = ("early_stop", "average3", "head_refit", "early_stop+head_refit")
 REPAIRS = ("erase", "projection", "retention", "projection+retention")
 HAS_AUTO = "auto" in hf_repair.config.METHODS  # the trajectory-reading default, once it lands
-METHODS = BASELINES + REPAIRS + (("auto",) if HAS_AUTO else ())
+METHODS = BASELINES + REPAIRS + (("auto",) if HAS_AUTO else ()) + ("projection_merged",)  # the last: --lora only
 LABELS = {"early_stop": "early stop", "average3": "avg best-3 ckpts", "head_refit": "head refit",
-          "early_stop+head_refit": "early stop + head refit"}
+          "early_stop+head_refit": "early stop + head refit", "projection_merged": "projection of merged weights"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,12 @@ QUICK = {
     "vision": Sizes(train=300, verified=60, test=500, regimes={"short": Recipe(2, 5e-4, 64), "long": Recipe(3, 2e-3, 64)}),
     "text": Sizes(train=48, verified=30, test=48, regimes={"short": Recipe(1, 5e-5, 16), "long": Recipe(2, 1e-4, 16)}),
 }
+# LoRA trains fewer weights from a zero update: the same epochs at a higher learning rate (the ViT's LoRA
+# diverged at 1e-2; at 3e-3 for 40 epochs it memorises, benchmarks/lora_projection.py).
+LORA = {"vision": {"short": Recipe(10, 1e-3, 64), "long": Recipe(40, 3e-3, 64)},
+        "text": {"short": Recipe(2, 5e-4, 16), "long": Recipe(6, 1e-3, 16)}}
+LORA_TARGETS = {"vision": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+                "text": ["query", "key", "value", "dense"]}
 PRETRAIN = {"epochs": 15, "num_images": None}  # the ViT backbone: all 30,000 clean images of classes 0-4
 QUICK_PRETRAIN = {"epochs": 1, "num_images": 2000}
 SOURCE_CLASSES, TARGET_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -118,10 +129,33 @@ class Task:
     clean: datasets.Dataset
     verified: datasets.Dataset
     test: datasets.Dataset
-    model_class: type[PreTrainedModel]
+    model_class: Any  # loads a checkpoint folder: a model class, or `LoraCheckpoints`
     new_model: Callable[[int], PreTrainedModel]
     repair_kwargs: dict[str, Any]
     key: str  # cache key of the data and backbone settings
+    head: str = "classifier"  # the head the baseline refit replaces
+
+
+@dataclass
+class LoraCheckpoints:
+    """Loads a LoRA run's checkpoint (an adapter) onto a fresh base, as a model class loads a full checkpoint."""
+
+    new_base: Callable[[], PreTrainedModel]
+
+    def from_pretrained(self, path: str | os.PathLike) -> torch.nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self.new_base(), str(path), is_trainable=True)  # the fine-tunes train it
+
+
+def with_lora(task: Task, seed: int) -> Task:
+    """The task with every fine-tune a LoRA of the same backbone (see the module docstring)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS[task.name], modules_to_save=["classifier"])
+    return replace(task, name=f"{task.name}+lora", model_class=LoraCheckpoints(lambda: task.new_model(seed)),
+                   new_model=lambda s: get_peft_model(task.new_model(s), config), key=f"{task.key}_lora8",
+                   head="base_model.model.classifier.modules_to_save.default")
 
 
 def vision_task(seed: int, sizes: Sizes, args: argparse.Namespace) -> Task:
@@ -225,7 +259,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
               flush=True)
 
     def refit(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
-        return model, {"l2": refit_head(model, task.verified, seed=seed).l2}
+        return model, {"l2": refit_head(model, task.verified, head=task.head, seed=seed).l2}
 
     score("early_stop", lambda: (load_checkpoint(task.model_class, noisy_run.best), {}))  # the reference, always
     if "average3" in methods:
@@ -258,6 +292,14 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     for method in REPAIRS:
         if method in methods:
             score(method, functools.partial(repair, method))
+    # --lora: the alternative to A <- A M, the projection of the merged weights
+    if isinstance(task.model_class, LoraCheckpoints) and "projection_merged" in methods:
+        def merged_projection() -> tuple[torch.nn.Module, dict[str, Any]]:
+            model = copy.deepcopy(final).merge_and_unload()
+            result = Repairer(model, RepairConfig(method="projection", **common)).repair(task.verified)
+            return model, {"adopted": result.adopted}
+
+        score("projection_merged", merged_projection)
     return _with_auto(row, methods, score, final, task, common, noisy_run.output_dir)
 
 
@@ -298,7 +340,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     groups = {}
     for r in rows:
         groups.setdefault((r["task"], r["regime"]), []).append(r)
-    keys = sorted(groups, key=lambda k: (k[0] != "vision", k[1] != "short"))
+    keys = sorted(groups, key=lambda k: (not k[0].startswith("vision"), k[0], k[1] != "short"))
     recipe = lambda k: Recipe(**groups[k][0]["recipe"]).key()  # noqa: E731
 
     gaps, wins, costs, raw, found = [], [], [], [], []
@@ -361,6 +403,7 @@ def main() -> None:
     parser.add_argument("--text-test", type=int, default=None, help=f"Default {FULL['text'].test}.")
     parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded).")
     parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
+    parser.add_argument("--lora", action="store_true", help="Fine-tune with peft LoRA (rank 8) instead of fully.")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
                                                             "finetune_regime"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
@@ -398,8 +441,10 @@ def main() -> None:
                         test=test_n or sizes.test)
         for seed in seeds:
             task = (vision_task if name == "vision" else text_task)(seed, sizes, args)
+            if args.lora:
+                task = with_lora(task, seed)
             for regime in args.regimes:
-                recipe = sizes.regimes[regime]
+                recipe = LORA[name][regime] if args.lora and not args.quick else sizes.regimes[regime]
                 kept = done.get((run_name(task, regime, recipe), seed))
                 if kept is not None and args.rescore:
                     kept = rescored(kept, run_setting(task, regime, recipe, seed, args, tuple(args.rescore)),

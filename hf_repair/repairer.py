@@ -12,6 +12,7 @@ from .data import CollateFn, VerifiedSplit
 from .evaluation import ForwardFn, MetricFn, default_forward, split_verified
 from .head_refit.repair import repair_head
 from .identification import IdentificationResult, identify_harmful
+from .modeling.lora import FrozenBase, peft_layers
 from .modeling.targets import find_target_modules
 from .projection.pipeline import check_materialized, project
 from .results import RepairResult
@@ -92,6 +93,8 @@ class Repairer:
             raise ValueError(f"checkpoints are chosen among by method='auto' only, not method={self.config.method!r}.")
         if train_dataset is not None and self.config.method not in (*FINETUNE_METHODS, "auto"):
             logger.info("method=%r uses the verified split only; train_dataset is not used.", self.config.method)
+        peft_layers(self.model)  # an unsupported peft adapter fails here, before anything changes
+        frozen = FrozenBase.of(self.model)
         if self.config.method in FINETUNE_METHODS:
             result = repair_with_finetuning(
                 self.model, self.config, verified, train_dataset, identification, forward_fn=self.forward_fn,
@@ -107,5 +110,20 @@ class Repairer:
             projection = project(self.model, self.config, verified, forward_fn=self.forward_fn,
                                  collate_fn=self.collate_fn, compute_metrics=self.compute_metrics)
             result = RepairResult.from_projection(self.config, projection)
+        if frozen is not None:
+            _check_adapter_saveable(result, frozen)
         logger.info("%s", result.summary())
         return result
+
+
+def _check_adapter_saveable(result: RepairResult, frozen: FrozenBase) -> None:
+    """Record in `metrics["peft_adapter_saveable"]` whether the adapter alone holds the repair; warn if not."""
+    changed = frozen.changed()
+    result.metrics["peft_adapter_saveable"] = not changed
+    if changed:
+        logger.warning(
+            "The %s repair changed %d weights of the frozen base model that the peft adapter does not save (e.g. %s), "
+            "so model.save_pretrained() would write an adapter without them. Save the merged model instead: "
+            "model.merge_and_unload().save_pretrained(dir) (hf-repair does so itself).",
+            result.config.method, len(changed), changed[:3],
+        )

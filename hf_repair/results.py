@@ -214,7 +214,7 @@ class RepairResult:
         self._check_consistent()
         targets = find_saved_layers(model, {name: record.kind for name, record in self.layers.items()})
         # The snapshot reads each full weight (also when sharded): checked first, then projected or restored.
-        snapshot = WeightSnapshot({name: module for name, (module, _) in targets.items()}, weight_access_for(model))
+        snapshot = WeightSnapshot.of_targets(targets, weight_access_for(model))
         check_original_weights(
             {name: snapshot.original(name) for name in targets},
             shapes={name: record.weight_shape for name, record in self.layers.items()},
@@ -228,7 +228,7 @@ class RepairResult:
         # Compute on each group's own device, as the repair did, so the result is bit-identical.
         spaces = {}
         for group, space in self.spaces.items():
-            device = targets[groups[group][0]][0].weight.device
+            device = snapshot.modules[groups[group][0]].weight.device
             spaces[group] = CleanSpace(space.basis.to(device), space.energies.to(device), space.num_rows)
         try:
             Projector(targets, snapshot, groups, spaces).apply(self.group_alphas())

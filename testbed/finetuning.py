@@ -160,7 +160,12 @@ def finetune(model: PreTrainedModel, train: datasets.Dataset, verified: datasets
     output_dir = Path(output_dir)
     if (output_dir / TRAJECTORY_NAME).exists():
         trajectory = Trajectory.load(output_dir)
-        model.load_state_dict(type(model).from_pretrained(trajectory.final.path).state_dict())
+        if Path(trajectory.final.path, "adapter_model.safetensors").is_file():  # a peft LoRA run
+            from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, load_peft_weights(trajectory.final.path))
+        else:
+            model.load_state_dict(type(model).from_pretrained(trajectory.final.path).state_dict())
         return trajectory
     if output_dir.exists():
         shutil.rmtree(output_dir)

@@ -22,7 +22,8 @@ USAGE = """%(prog)s MODEL_DIR --verified PATH --output_dir OUT [options]
 
 DESCRIPTION = """Repair a saved classifier checkpoint with a verified split (hand-checked labels) read from disk.
 
-  MODEL_DIR          a sequence, image or audio classification checkpoint written by save_pretrained
+  MODEL_DIR          a sequence, image or audio classification checkpoint written by save_pretrained,
+                     or a peft LoRA adapter directory (adapter_config.json; see --base_model)
   --verified PATH    a datasets.save_to_disk directory, a .csv/.tsv/.json/.jsonl/.parquet file, or an
                      image folder with one sub-folder per class; text is tokenized with MODEL_DIR's
                      tokenizer, images are prepared with its image processor
@@ -31,7 +32,8 @@ DESCRIPTION = """Repair a saved classifier checkpoint with a verified split (han
 Every other option has a default; the repair options come in one group per phase."""
 
 EPILOG = """OUT receives the repaired model (save_pretrained, with its tokenizer or image processor, and a
-model card tagged hf-repair), the saved repair in OUT/repair (re-apply it to MODEL_DIR with
+model card tagged hf-repair; for an adapter MODEL_DIR the repaired adapter, or the merged model if the repair
+changed base weights the adapter does not hold), the saved repair in OUT/repair (re-apply it to MODEL_DIR with
 RepairResult.from_pretrained or --repair_dir), repair_results.json, and the HTML report in
 OUT/repair_report/index.html (with --test PATH it also scores that labelled data before and after,
 per class). A short before/after table is printed at the end. OUT is built in a temporary directory
@@ -122,6 +124,14 @@ class CLIArguments:
         metadata={
             "help": "transformers Auto class to load MODEL_DIR with (default: chosen from config.architectures, "
             "e.g. AutoModelForSequenceClassification)."
+        },
+    )
+    base_model: Optional[str] = field(
+        default=None,
+        metadata={
+            "metavar": "DIR",
+            "help": "When MODEL_DIR is a peft adapter (adapter_config.json): the base classifier checkpoint to load it "
+            "onto (default: the adapter config's base_model_name_or_path, which must be a local directory).",
         },
     )
     use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})

@@ -80,10 +80,10 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
     if not fine_tunes and config.method != "auto" and cli_args.train is not None:
         raise ValueError("--train is read by the fine-tuning methods and auto only; drop it or pass e.g. --method "
                          "projection+retention.")
-    check_checkpoint(model_path)
+    check_checkpoint(model_path, cli_args.base_model)
     check_output(model_path, output_path, cli_args.overwrite)  # before the repair, not after it
 
-    model, preprocessor = load_checkpoint(model_path, cli_args.auto_class, state.device)
+    model, preprocessor = load_checkpoint(model_path, cli_args.auto_class, state.device, cli_args.base_model)
 
     test, test_collate_fn = None, None
     if cli_args.test is not None and state.is_main_process:  # read before the repair: bad data fails early
@@ -104,11 +104,11 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
 
     if state.is_main_process:
         source = {"model_dir": str(model_path.absolute())}
-        for key in ("verified", "train", "checkpoints", "repair_dir", "test"):
+        for key in ("base_model", "verified", "train", "checkpoints", "repair_dir", "test"):
             if getattr(cli_args, key) is not None:
                 source[key] = str(Path(getattr(cli_args, key)).absolute())
         with atomic_directory(output_path, overwrite=cli_args.overwrite) as staging:
-            model.save_pretrained(staging)
+            save_model(model, result, staging)
             if preprocessor is not None:
                 preprocessor.save_pretrained(staging)
             if result.config.method == "projection":  # other methods change weights beyond clean spaces:
@@ -125,6 +125,20 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
         print(format_table(result, numbers, type(model).__name__, output_path, report))
     state.wait_for_everyone()
     return result
+
+
+def save_model(model: PreTrainedModel, result: RepairResult, directory: Path) -> None:
+    """`save_pretrained` of the repaired model: a peft adapter stays an adapter unless the repair changed base weights.
+
+    `Repairer` sets `metrics["peft_adapter_saveable"]` for a PeftModel; when it is False the adapter alone
+    would lose part of the repair, so the merged model (base weights plus adapter) is written instead.
+    """
+    if result.metrics.get("peft_adapter_saveable") is False:
+        logger.warning("The repair changed base weights that the adapter does not hold: writing the merged model "
+                       "(a full checkpoint, loadable without peft) instead of an adapter.")
+        model.merge_and_unload().save_pretrained(directory)
+        return
+    model.save_pretrained(directory)
 
 
 def check_output(model_dir: Path, output_dir: Path, overwrite: bool) -> None:

@@ -6,6 +6,7 @@ image folder; its labels become the model's label ids and its text or images the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ..config import RepairConfig
+from ..modeling.lora import ADAPTER_WEIGHTS_NAMES, is_adapter_checkpoint
+from ..utils.files import read_json
 from .arguments import CLIArguments
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ _CLASSIFIER_MAPPINGS = {
     "AutoModelForAudioClassification": MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
 }
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's name, kept here so that peft stays optional
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
@@ -45,18 +49,62 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
 # the checkpoint
 
 
-def load_checkpoint(model_dir: Path, auto_class: str | None,
-                    device: torch.device) -> tuple[PreTrainedModel, Any | None]:
-    """MODEL_DIR's classifier (in eval mode, on `device`) and its tokenizer or image processor (or None)."""
-    model_class = resolve_auto_class(AutoConfig.from_pretrained(model_dir), auto_class)
-    model = model_class.from_pretrained(model_dir).to(device).eval()
-    return model, load_preprocessor(model, model_dir)
+def load_checkpoint(model_dir: Path, auto_class: str | None, device: torch.device,
+                    base_model: str | None = None) -> tuple[PreTrainedModel, Any | None]:
+    """MODEL_DIR's classifier (in eval mode, on `device`) and its tokenizer or image processor (or None).
+
+    A peft adapter directory is loaded onto its base checkpoint as a `PeftModel` whose adapter is trainable
+    (the fine-tuning methods train it, and only it).
+    """
+    if not is_adapter_dir(model_dir):
+        model_class = resolve_auto_class(AutoConfig.from_pretrained(model_dir), auto_class)
+        model = model_class.from_pretrained(model_dir).to(device).eval()
+        return model, load_preprocessor(model, model_dir)
+    from peft import PeftModel
+
+    base_dir = adapter_base(model_dir, base_model)
+    base = resolve_auto_class(AutoConfig.from_pretrained(base_dir), auto_class).from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(base, model_dir, is_trainable=True).to(device).eval()
+    return model, load_preprocessor(model, model_dir) or load_preprocessor(model, base_dir)
 
 
-def check_checkpoint(model_dir: Path) -> None:
-    """A directory with config.json and weights, or a clear reason why not."""
+def is_adapter_dir(model_dir: Path) -> bool:
+    """Whether MODEL_DIR is a peft adapter (`adapter_config.json`) rather than a whole model."""
+    return (model_dir / ADAPTER_CONFIG_NAME).is_file()
+
+
+def adapter_base(model_dir: Path, base_model: str | None) -> Path:
+    """The base checkpoint of an adapter directory: --base_model, else the adapter config's base_model_name_or_path."""
+    if base_model is None:
+        base_model = read_json(model_dir / ADAPTER_CONFIG_NAME).get("base_model_name_or_path")
+        if not base_model:
+            raise ValueError(f"{model_dir / ADAPTER_CONFIG_NAME} names no base_model_name_or_path; give the base "
+                             f"model's directory with --base_model DIR.")
+    base_dir = Path(base_model)
+    if not base_dir.is_dir():
+        raise ValueError(
+            f"The adapter's base model {base_model!r} is not a local directory; hf-repair reads local checkpoints "
+            f"only. Save the base classifier (the model get_peft_model wrapped) with save_pretrained and give it "
+            f"with --base_model DIR."
+        )
+    return base_dir
+
+
+def check_checkpoint(model_dir: Path, base_model: str | None = None) -> None:
+    """A directory with config.json and weights (or a peft adapter and its base checkpoint), or why not."""
     if not model_dir.is_dir():
         raise FileNotFoundError(f"MODEL_DIR {model_dir} is not a directory; give a model saved with save_pretrained.")
+    if is_adapter_dir(model_dir):
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError(f"MODEL_DIR {model_dir} is a peft adapter, and peft is not installed: "
+                             f"pip install 'hf_repair[peft]'.")
+        if not is_adapter_checkpoint(model_dir):
+            raise ValueError(f"MODEL_DIR {model_dir} has an {ADAPTER_CONFIG_NAME} but no adapter weights (none of "
+                             f"{list(ADAPTER_WEIGHTS_NAMES)}); save it with model.save_pretrained(dir).")
+        check_checkpoint(adapter_base(model_dir, base_model))
+        return
+    if base_model is not None:
+        raise ValueError(f"--base_model is for a peft adapter MODEL_DIR; {model_dir} has no {ADAPTER_CONFIG_NAME}.")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"MODEL_DIR {model_dir} has no config.json; it is not a transformers checkpoint.")
     names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)

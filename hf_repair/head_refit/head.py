@@ -44,6 +44,12 @@ def find_head(model: nn.Module, split: VerifiedSplit, config: RepairConfig, forw
             f"{type(model).__name__} has no layer whose output is the logits themselves (they are pooled or "
             f"transformed after the last linear layer), so there is no classification head to refit."
         )
+    if head.adapter.weight_module(head.module) is not head.module:
+        raise ValueError(
+            f"The classification head {head.name!r} is a LoRA layer: a refitted head is a full matrix, not a "
+            f"low-rank update of its frozen weight. Train the head whole (peft LoraConfig(modules_to_save="
+            f"[{head.name.rsplit('.', 1)[-1]!r}])), or merge the adapter (model.merge_and_unload()) first."
+        )
     return head
 
 

@@ -55,8 +55,8 @@ class TrackedLayer:
 
     def shape(self) -> tuple[int, int]:
         """(out, in) of the per-sample gradient, the bias counted as one more input."""
-        weight = self.module.weight
-        if self.adapter.kind == "conv1d":  # GPT-2 Conv1D stores (in, out)
+        weight = self.adapter.effective_weight(self.module)
+        if self.adapter.layout == "conv1d":  # GPT-2 Conv1D stores (in, out)
             out_dim = weight.shape[1]
         else:
             out_dim = weight.shape[0]
@@ -71,8 +71,8 @@ class TrackedLayer:
 
     def head_weight(self) -> torch.Tensor:
         """The head's weight with the bias as a last column: logits = [x, 1] @ W^T."""
-        weight = self.module.weight.detach()
-        weight = weight.t() if self.adapter.kind == "conv1d" else weight.reshape(weight.shape[0], -1)
+        weight = self.adapter.effective_weight(self.module).detach()
+        weight = weight.t() if self.adapter.layout == "conv1d" else weight.reshape(weight.shape[0], -1)
         if self.has_bias:
             weight = torch.cat([weight, self.module.bias.detach()[:, None]], dim=1)
         return weight
@@ -83,7 +83,7 @@ def gradient_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, g): (batch, T, in) input rows (bias column included) and (batch, T, out) output-gradient rows."""
     rows = layer.input_rows(inputs, batch_size, dtype)
-    if layer.adapter.kind == "conv2d":  # (b, C_out, H, W) -> (b, H*W, C_out), the order unfold uses
+    if layer.adapter.layout == "conv2d":  # (b, C_out, H, W) -> (b, H*W, C_out), the order unfold uses
         grad = output_grad.flatten(2).transpose(1, 2)
     else:
         grad = output_grad

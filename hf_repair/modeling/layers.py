@@ -19,6 +19,15 @@ class LayerAdapter:
     """How to read input rows from, and project the weight of, one kind of layer."""
 
     kind: str = ""
+    layout: str = ""  # how the layer's effective weight is stored: "linear" (out, in), "conv1d" (in, out), "conv2d"
+
+    def weight_module(self, module: nn.Module) -> nn.Module:
+        """The module whose `.weight` the projection reads and writes: the layer itself (a LoRA layer: its `lora_A`)."""
+        return module
+
+    def effective_weight(self, module: nn.Module) -> torch.Tensor:
+        """The weight the layer applies, in its `layout` (a LoRA layer: base weight plus its low-rank update)."""
+        return module.weight
 
     def input_dim(self, module: nn.Module) -> int:
         raise NotImplementedError
@@ -51,7 +60,7 @@ class LayerAdapter:
 
 
 class LinearAdapter(LayerAdapter):
-    kind = "linear"
+    kind = layout = "linear"
 
     def input_dim(self, module: nn.Linear) -> int:
         return module.in_features
@@ -60,7 +69,7 @@ class LinearAdapter(LayerAdapter):
 class Conv1DAdapter(LayerAdapter):
     """GPT-2's `Conv1D` stores its weight as (in, out): the update lands on the left, M^T W."""
 
-    kind = "conv1d"
+    kind = layout = "conv1d"
 
     def input_dim(self, module: Conv1D) -> int:
         return module.weight.shape[0]
@@ -75,7 +84,7 @@ class Conv1DAdapter(LayerAdapter):
 class Conv2dAdapter(LayerAdapter):
     """A groups=1 convolution is a linear map on unfolded patches of length C_in * kh * kw."""
 
-    kind = "conv2d"
+    kind = layout = "conv2d"
 
     def input_dim(self, module: nn.Conv2d) -> int:
         kh, kw = module.kernel_size

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .layers import LayerAdapter
 from .sharding import WeightAccess
 
 
@@ -26,6 +27,12 @@ class WeightSnapshot:
         # How to reach each full weight when training left it sharded (FSDP, ZeRO-3); see sharding.py.
         self.access = access or WeightAccess()
         self._original = {name: self._read(module) for name, module in modules.items()}
+
+    @classmethod
+    def of_targets(cls, targets: dict[str, tuple[nn.Module, LayerAdapter]],
+                   access: WeightAccess | None = None) -> WeightSnapshot:
+        """The snapshot of the weights the projection writes: each layer's own, a LoRA layer's `lora_A`."""
+        return cls({name: adapter.weight_module(module) for name, (module, adapter) in targets.items()}, access)
 
     def _read(self, module: nn.Module) -> torch.Tensor:
         with self.access.full_weight(module) as weight:

@@ -85,7 +85,7 @@ def project(
     check_materialized(model)
     targets = find_target_modules(model, config.target_modules, config.exclude_modules)
     split = split_verified(model, verified, config, forward_fn, collate_fn)
-    snapshot = WeightSnapshot({name: module for name, (module, _) in targets.items()}, weight_access_for(model))
+    snapshot = WeightSnapshot.of_targets(targets, weight_access_for(model))
     try:
         with eval_mode(model):
             search = AlphaSearch(model, config, targets, forward_fn, compute_metrics).run(split, snapshot)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..modeling.layers import LayerAdapter, adapter_for
-from ..modeling.targets import canonical_name
+from ..modeling.layers import LayerAdapter
+from ..modeling.targets import named_layers
 from ..utils.files import PathLike
 from .clean_space import CleanSpace
 
@@ -67,14 +67,14 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
 def find_saved_layers(model: nn.Module, kinds: Mapping[str, str]) -> dict[str, tuple[nn.Module, LayerAdapter]]:
     """The model's layers a saved repair names, or `RepairMismatchError` listing each missing or other-kind layer.
 
-    Names are compared without wrapper prefixes (DDP's `module.`, `torch.compile`'s `_orig_mod.`).
+    Names are compared without wrapper prefixes (DDP's `module.`, `torch.compile`'s `_orig_mod.`, peft's
+    `base_model.model.`), as `find_target_modules` names them.
     """
-    modules = {canonical_name(name): module for name, module in model.named_modules()}
+    modules = named_layers(model)
     targets: dict[str, tuple[nn.Module, LayerAdapter]] = {}
     problems: list[str] = []
     for name, kind in kinds.items():
-        module = modules.get(name)
-        adapter = adapter_for(module) if module is not None else None
+        module, adapter = modules.get(name, (None, None))
         if module is None:
             problems.append(f"{name}: no such layer")
         elif adapter is None or adapter.kind != kind:

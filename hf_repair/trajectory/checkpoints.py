@@ -5,7 +5,8 @@ A checkpoint folder holds the model's weights as `Trainer` saved them (`model.sa
 and its epoch from the `trainer_state.json` beside the weights. `save_pretrained` leaves out weights
 tied to another (an output layer tied to the embeddings); loading fills them through the tie. A
 transformers model's checkpoint is read through `from_pretrained`, which undoes the renaming and
-conversion `save_pretrained` applied to its weights.
+conversion `save_pretrained` applied to its weights. A PeftModel's checkpoint holds its adapter
+(`adapter_model.safetensors`), read onto the model's own frozen base.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from ..modeling.lora import is_adapter_checkpoint, read_adapter_checkpoint
+
 StateDict = dict[str, torch.Tensor]
 Checkpoints = str | os.PathLike | Sequence[str | os.PathLike | StateDict]
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -40,7 +43,7 @@ def list_checkpoints(checkpoints: Checkpoints) -> list[str | StateDict]:
         found = sort_checkpoints(str(folder))
         if found:
             return found
-        if _weights_files(folder):
+        if _weights_files(folder) or is_adapter_checkpoint(folder):
             return [str(folder)]
         raise FileNotFoundError(f"{folder} has no {PREFIX_CHECKPOINT_DIR}-* folders and no model weights; pass the "
                                 f"Trainer output_dir that its checkpoints were saved in (save_strategy != 'no').")
@@ -72,6 +75,8 @@ def read_checkpoint(folder: str | os.PathLike, model: nn.Module | None = None) -
     uses (its checkpoint conversion mapping); given such a `model`, the folder is loaded the way
     `from_pretrained` loads it. Other checkpoints (`Trainer` saves a plain module's state dict) are read as is.
     """
+    if model is not None and is_adapter_checkpoint(folder):
+        return read_adapter_checkpoint(folder, model)
     files = _weights_files(Path(folder))
     if not files:
         raise FileNotFoundError(f"{folder} holds no {SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} or sharded index.")

@@ -1,0 +1,55 @@
+"""method="auto" on a LoRA fine-tune: the trajectory read from a Trainer's adapter checkpoints."""
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+peft = pytest.importorskip("peft")
+
+from hf_repair import RepairConfig, Repairer  # noqa: E402
+from hf_repair.trajectory.checkpoints import list_checkpoints, read_checkpoint  # noqa: E402
+
+from lora_setup import base_model, base_state, data, lora_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A LoRA fine-tune checkpointed every epoch (adapter_model.safetensors per checkpoint) and its final model."""
+    out = tmp_path_factory.mktemp("lora_run")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base_model("vit"), lora_config("vit"))
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, num_train_epochs=3, per_device_train_batch_size=16,
+                             learning_rate=1e-2, report_to="none", save_strategy="epoch", save_only_model=True,
+                             disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=data("vit", 96, seed=1)).train()
+    return out, model.eval()
+
+
+def accuracy(model, dataset):
+    with torch.no_grad():
+        return float((model.eval()(pixel_values=dataset[:]["pixel_values"]).logits.argmax(-1)
+                      == dataset[:]["labels"]).double().mean())
+
+
+def test_adapter_checkpoints_are_read_onto_the_models_base(run):
+    out, model = run
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    first = list_checkpoints(str(out))[0]
+    state = read_checkpoint(first, model)
+    saved = peft.PeftModel.from_pretrained(base_model("vit"), first).state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert any(not torch.equal(state[k], own[k]) for k in own)  # an earlier epoch's adapter...
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())  # ...and the model left as it was
+
+
+def test_auto_scores_every_adapter_checkpoint_and_keeps_the_base(run):
+    out, model = run
+    verified = data("vit", 90, seed=2, noise=0.0)
+    frozen = base_state(model)
+    expected = [accuracy(peft.PeftModel.from_pretrained(base_model("vit"), c), verified) for c in list_checkpoints(str(out))]
+    result = Repairer(model, RepairConfig(method="auto", seed=0, repair_disable_tqdm=True)).repair(
+        verified, checkpoints=str(out))
+    points = result.metrics["trajectory"]  # the last checkpoint holds the final weights: one point
+    assert [p["accuracy"] for p in points] == pytest.approx(expected) and points[-1]["final"]
+    assert result.metrics["peft_adapter_saveable"] is True
+    assert all(torch.equal(v, frozen[k]) for k, v in base_state(model).items())
