@@ -89,7 +89,7 @@ class CLIArguments:
             "metavar": "DIR",
             "help": "With --method auto: the Trainer output_dir whose checkpoint-* folders hold the training "
             "trajectory of MODEL_DIR (the final weights); the best point, weight averages and soups of them, and "
-            "head refit / projection on top, are chosen by held-out verified folds.",
+            "head refit / projection / erase on top, are chosen by held-out verified folds.",
         },
     )
     test: Optional[str] = field(

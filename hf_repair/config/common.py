@@ -25,7 +25,7 @@ class CommonArguments:
             "'head_refit': refit the classification head on the verified split (a regularised softmax regression on "
             "the features it reads), judged out-of-fold; 'projection+head_refit' projects first. 'auto': choose among "
             "the final weights, the best point of the training trajectory, weight averages and soups of its best "
-            "points, and head refit / projection on top, by held-out verified folds (RepairCallback, or "
+            "points, and head refit / projection / erase on top, by held-out verified folds (RepairCallback, or "
             "repair(verified, checkpoints=<Trainer output_dir>)); it judges candidates by accuracy.",
             "choices": list(METHODS),
         },

@@ -27,7 +27,7 @@ Method "auto". The callback also records the training trajectory: at the end of 
 sharded over processes and gathered, so every process holds the same numbers) and keeps the weights of
 the points a selection procedure can still use on CPU (`hf_repair.trajectory.points` bounds them). At
 train end `Repairer.repair(verified, checkpoints=trajectory)` chooses among the final weights, the best
-point, weight averages, soups and head refit / projection on top, by nested held-out verified folds.
+point, weight averages, soups and head refit / projection / erase on top, by nested held-out verified folds.
 
 Outputs. The main process writes `repair_results.json` (the layout `hf-repair` writes too) and the
 HTML report of `RepairResult.report` into `output_dir/repair_report/`, both replacing those of an

@@ -1,4 +1,4 @@
-"""Method "auto": the training trajectory (best point, weight averages, soups) and head refit / projection on top,
+"""Method "auto": the training trajectory (best point, weight averages, soups) and head refit / projection / erase on top,
 chosen by nested held-out verified folds and adopted only if significantly better than the final weights."""
 
 from .candidates import BASE_PROCEDURES, REFINEMENTS, CandidateBuilder
