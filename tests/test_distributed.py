@@ -33,8 +33,6 @@ SETUPS = ["replicated", "loader", "fsdp", "fsdp_orig_params", "fsdp2", "trainer"
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
     out = tmp_path_factory.mktemp("distributed")
     launch_two_processes("distributed_repair.py", out, *SETUPS)
     return out

@@ -516,8 +516,6 @@ def test_config_rejects_bad_identification_settings():
 
 
 def test_two_processes_give_the_same_table_as_one(subsets, tmp_path):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
     from identification_setup import distributed_case
 
     model, train, verified, config = distributed_case()

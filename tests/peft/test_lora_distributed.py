@@ -15,8 +15,6 @@ from lora_setup import FORCED, base_state, data, lora_finetuned  # noqa: E402
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
     out = tmp_path_factory.mktemp("lora_distributed")
     launch_two_processes("distributed_lora.py", out)
     return out

@@ -447,9 +447,6 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 
 @pytest.mark.parametrize("separation, precision", [("belief", "no"), ("surgery", "no"), ("belief", "bf16")])
 def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, precision):
-
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
     launch_two_processes("distributed_retention.py", tmp_path, separation, mixed_precision=precision)
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
