@@ -10,7 +10,9 @@ weights). A point that drops out of every such top-`keep` never comes back (late
 further down), so its in-memory weights are freed at once.
 
 Memory, with weights held in memory (`RepairCallback`): at most (num_folds + 1) x keep + 1 CPU copies
-of the model's state dict; since the rankings mostly agree, usually little more than keep + 1. Points
+of the model's state dict; since the rankings mostly agree, usually little more than keep + 1. Parameters
+that stay frozen and unchanged (a LoRA's base model, a frozen backbone) are held once for all points
+(`Trajectory.shared`), so a LoRA fine-tune costs one copy of the model plus keep + 1 adapters. Points
 read from checkpoint folders keep only the folder's path.
 """
 
@@ -46,6 +48,7 @@ class Trajectory:
         self.keep = keep
         self.reader = reader  # reads a checkpoint folder's weights
         self.points: list[TrajectoryPoint] = []
+        self.shared: StateDict = {}  # frozen weights every in-memory point has, held once (`cpu_state`)
         self._read: dict[int, StateDict] = {}  # checkpoint folders read so far, while usable
 
     @property
@@ -95,18 +98,36 @@ class Trajectory:
             raise RuntimeError(f"The weights of trajectory point {index} were not kept: no selection procedure can use "
                                f"them (it is not among the trajectory_keep={self.keep} best points on any ranking).")
         if isinstance(weights, dict):
-            return weights
+            return {**self.shared, **weights} if self.shared else weights
         if index not in self._read:
             usable = self.usable()
             self._read = {i: state for i, state in self._read.items() if i in usable}
             self._read[index] = self.reader(weights)
         return self._read[index]
 
+    def cpu_state(self, state: StateDict, frozen: set[str]) -> StateDict:
+        """A CPU copy of `state` for a new point, without the `frozen` keys `shared` already holds with equal values.
+
+        The first point's frozen keys fill `shared`. A frozen key whose value differs from the shared one (a
+        layer unfrozen, changed and frozen again) stays in the point's state and overrides the shared value.
+        Copied key by key, so no second whole copy of the frozen weights exists even for a moment.
+        """
+        first = not self.points and not self.shared
+        kept: StateDict = {}
+        for key, value in state.items():
+            value = value.detach().to("cpu", copy=True)
+            if first and key in frozen:
+                self.shared[key] = value
+            elif key not in self.shared or not torch.equal(value, self.shared[key]):
+                kept[key] = value
+        return kept
+
     def release_weights(self) -> None:
         """Free every kept state (the predictions stay, for inspection); no procedure can be run afterwards."""
         for point in self.points:
             if isinstance(point.weights, dict):
                 point.weights = None
+        self.shared = {}
         self._read.clear()
 
     def _free_unusable(self) -> None:

@@ -43,10 +43,12 @@ class TrajectoryRecorder:
     def record(self, step: int | None, epoch: float | None, weights: StateDict | str | None = None,
                *, final: bool = False, predictions: torch.Tensor | None = None) -> TrajectoryPoint:
         """Score the model as it is now; its weights are `weights` (a checkpoint folder or a state dict) or,
-        by default, a CPU copy of its state dict, kept while a selection procedure can use it."""
+        by default, a CPU copy of its state dict (frozen parameters held once), kept while a selection
+        procedure can use it."""
         predictions = self.predictions() if predictions is None else predictions
         if weights is None:
-            weights = {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()}
+            frozen = {name for name, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            weights = self.trajectory.cpu_state(self.model.state_dict(), frozen)
         point = TrajectoryPoint(step=step, epoch=epoch, predictions=predictions, weights=weights, final=final)
         self.trajectory.add(point)
         return point

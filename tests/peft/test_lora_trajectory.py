@@ -53,3 +53,33 @@ def test_auto_scores_every_adapter_checkpoint_and_keeps_the_base(run):
     assert [p["accuracy"] for p in points] == pytest.approx(expected) and points[-1]["final"]
     assert result.metrics["peft_adapter_saveable"] is True
     assert all(torch.equal(v, frozen[k]) for k, v in base_state(model).items())
+
+
+def test_the_recorded_trajectory_holds_the_frozen_base_once():
+    """RepairCallback's in-memory points of a LoRA fine-tune keep only the adapter (and modules_to_save); the base
+    is held once, and every point's weights read back whole."""
+    from hf_repair.evaluation import default_forward, split_verified
+    from hf_repair.trajectory.recorder import TrajectoryRecorder
+
+    model = peft.get_peft_model(base_model("vit"), lora_config("vit"))
+    split = split_verified(model, data("vit", 30, seed=2), RepairConfig(batch_size=16, num_folds=3))
+    recorder = TrajectoryRecorder(model, split, default_forward, keep=3)
+    states = []
+    for epoch in range(3):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.01 * (epoch + 1))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        recorder.record(step=epoch, epoch=float(epoch))
+    trajectory = recorder.trajectory
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(trajectory.shared) == set(base_state(model))  # exactly the frozen base
+    for index, state in enumerate(states):
+        assert set(trajectory.points[index].weights) == set(state) - set(trajectory.shared)
+        assert trainable <= set(trajectory.points[index].weights)
+        assert_same(trajectory.weights(index), state)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -202,3 +202,16 @@ def test_the_trajectory_options_are_checked():
         RepairConfig(method="auto", auto_candidates=["ensemble"])
     with pytest.raises(ValueError, match="method='auto' only"):
         Repairer(MLP(), RepairConfig()).repair(None, checkpoints=[])
+
+
+def test_a_frozen_weight_is_held_once_unless_it_changed_between_points():
+    trajectory = Trajectory(torch.zeros(2, dtype=torch.long), torch.tensor([0, 1]), keep=3)
+    states = [{"base": torch.ones(2), "lora": torch.zeros(2)}, {"base": torch.ones(2), "lora": torch.ones(2)},
+              {"base": 2 * torch.ones(2), "lora": torch.ones(2)}]  # the last: unfrozen, changed, frozen again
+    for state in states:
+        weights = trajectory.cpu_state(state, frozen={"base"})
+        trajectory.add(TrajectoryPoint(step=None, epoch=None, predictions=torch.zeros(2, dtype=torch.long),
+                                       weights=weights))
+    assert [set(p.weights) for p in trajectory.points] == [{"lora"}, {"lora"}, {"base", "lora"}]
+    for index, state in enumerate(states):
+        assert_same_state(trajectory.weights(index), state)
