@@ -43,6 +43,11 @@ from common import markdown_table, measure
 NUM_VERIFIED = 1000
 EPOCH_EXAMPLES = 10_000
 PUBLISHED_MAX_ROWS = 50_000
+PHASE_COLUMNS = ["model", "alpha search", "capture s", "decomposition s", "selection s", "repair s", "peak MiB",
+                 "x epoch", "x verified forward", "alphas scored", "alpha"]
+COMPARE_COLUMNS = ["model", "M params", "epoch s", "epoch examples", "verified forward s", "padded / real tokens",
+                   "clean spaces s (ours)", "clean spaces s (published)", "published / ours", "repair s (ours)",
+                   "published spaces + our selection s"]
 
 
 def image_case(kind: str, seed: int):
@@ -86,6 +91,13 @@ def forward_pass_seconds(model, verified, collator) -> float:
         for batch in split.batches():
             default_forward(model, batch.inputs)
     return time.perf_counter() - start
+
+
+def padded_tokens_ratio(model, verified, collator) -> float:
+    """Tokens in the repair's verified batches (the default batch size and folds) over the texts' own tokens."""
+    split = split_verified(model, verified, RepairConfig(), collate_fn=collator)
+    masks = [batch.inputs["attention_mask"] for batch in split.batches()]
+    return sum(mask.numel() for mask in masks) / sum(int(mask.sum()) for mask in masks)
 
 
 def published_spaces_seconds(model, verified, collator, target_modules: str) -> float:
@@ -148,6 +160,7 @@ def main() -> None:
         else:
             model, verified, collator, target_modules, epoch_s, epoch_note = image_case(kind, 0)
         forward_s = forward_pass_seconds(model, verified, collator)
+        padding = padded_tokens_ratio(model, verified, collator) if kind == "bert" else np.nan
         results = {}
         for search in args.searches:
             config = RepairConfig(target_modules=target_modules, alpha_search=search, seed=0, disable_tqdm=True)
@@ -157,27 +170,21 @@ def main() -> None:
             m = result.metrics
             phase_rows.append([kind, search, m["capture_time_s"], m["decomposition_time_s"], m["selection_time_s"],
                                cost.seconds, cost.peak_mib, cost.seconds / epoch_s, cost.seconds / forward_s,
-                               m["alpha"]])
-            print(markdown_table(["model", "alpha search", "capture s", "decomposition s", "selection s", "repair s",
-                                  "peak MiB", "x epoch", "x verified forward", "alpha"], phase_rows[-1:]), flush=True)
+                               len(result.selection), m["alpha"]])
+            print(markdown_table(PHASE_COLUMNS, phase_rows[-1:]), flush=True)
         published_s = np.nan if args.skip_published else published_spaces_seconds(model, verified, collator,
                                                                                     target_modules)
         ours = results[args.searches[0]][0].metrics
         ours_spaces = ours["capture_time_s"] + ours["decomposition_time_s"]
         compare_rows.append([kind, sum(p.numel() for p in model.parameters()) / 1e6, epoch_s, epoch_note, forward_s,
-                             ours_spaces, published_s, published_s / ours_spaces,
+                             padding, ours_spaces, published_s, published_s / ours_spaces,
                              results[args.searches[0]][1].seconds, published_s + ours["selection_time_s"]])
-        print(markdown_table(["model", "M params", "epoch s", "epoch examples", "verified forward s",
-                              "clean spaces s (ours)", "clean spaces s (published)", "published / ours",
-                              "repair s (ours)", "published spaces + our selection s"], compare_rows[-1:]), flush=True)
+        print(markdown_table(COMPARE_COLUMNS, compare_rows[-1:]), flush=True)
 
     print(f"\n{NUM_VERIFIED} verified samples, {args.threads} threads\n")
-    print(markdown_table(["model", "alpha search", "capture s", "decomposition s", "selection s", "repair s",
-                          "peak MiB", "x epoch", "x verified forward", "alpha"], phase_rows))
+    print(markdown_table(PHASE_COLUMNS, phase_rows))
     print()
-    print(markdown_table(["model", "M params", "epoch s", "epoch examples", "verified forward s",
-                          "clean spaces s (ours)", "clean spaces s (published)", "published / ours",
-                          "repair s (ours)", "published spaces + our selection s"], compare_rows))
+    print(markdown_table(COMPARE_COLUMNS, compare_rows))
 
 
 if __name__ == "__main__":
