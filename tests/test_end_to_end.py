@@ -30,7 +30,7 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     # Long enough to memorise the wrong labels, as an unregularised model does.
     model = train_classifier(SmallCNN(width=16), train, epochs=40, lr=3e-3, batch_size=64, seed=0, progress=False)
     noisy_accuracy = evaluate_accuracy(model, test)
-    unrepaired = copy.deepcopy(model)
+    unrepaired, double = copy.deepcopy(model), copy.deepcopy(model).double()
 
     result = Repairer(model, RepairConfig(target_modules="all", seed=0, disable_tqdm=True)).repair(verified)
     repaired_accuracy = evaluate_accuracy(model, test)
@@ -44,3 +44,10 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     assert full.repair(verified).metrics["alpha"] == result.metrics["alpha"]
     for (name, ours), theirs in zip(model.state_dict().items(), unrepaired.state_dict().values(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+    # The fold spaces score alphas in float32 (eigendecompositions and products); a float64 copy of the
+    # model scores them in float64, with the same held-out accuracy at every alpha.
+    exact = Repairer(double, RepairConfig(target_modules="all", seed=0, disable_tqdm=True),
+                     forward_fn=lambda m, inputs: m(**{k: v.double() for k, v in inputs.items()}).logits).repair(verified)
+    assert [(alpha, s["accuracy"]) for alpha, s in exact.selection] == [
+        (alpha, s["accuracy"]) for alpha, s in result.selection]

@@ -32,10 +32,11 @@ class CleanSpace:
     num_rows: int
 
     @classmethod
-    def from_gram(cls, gram: torch.Tensor, num_rows: int) -> CleanSpace:
+    def from_gram(cls, gram: torch.Tensor, num_rows: int, solver_dtype: torch.dtype | None = None) -> CleanSpace:
+        """The eigendecomposition of `gram`, in `solver_dtype` if given (the basis keeps it; energies keep gram's dtype)."""
         gram = 0.5 * (gram + gram.t())  # exact symmetry for eigh after float sums
-        energies, basis = torch.linalg.eigh(gram)
-        energies = energies.flip(0).clamp_min(0.0)  # round-off can leave tiny negatives
+        energies, basis = torch.linalg.eigh(gram if solver_dtype is None else gram.to(solver_dtype))
+        energies = energies.flip(0).clamp_min(0.0).to(gram.dtype)  # round-off can leave tiny negatives
         return cls(basis=basis.flip(1), energies=energies, num_rows=num_rows)
 
     @classmethod
@@ -71,7 +72,7 @@ class CleanSpace:
 
     def projection(self, alpha: float) -> torch.Tensor:
         """M = U diag(lambda) U^T: keeps strong clean directions, suppresses the rest."""
-        return (self.basis * self.importance(alpha)) @ self.basis.t()
+        return (self.basis * self.importance(alpha).to(self.basis.dtype)) @ self.basis.t()
 
     def rank(self, tol: float = 1e-10) -> int:
         if self.energies.numel() == 0 or self.energies[0] <= 0:

@@ -1,9 +1,11 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hf_repair.modeling.layers import adapter_for
-from hf_repair.projection.capture import GramCollector
+from hf_repair.projection.capture import GramCollector, add_to_upper_gram, mirror_upper
 from hf_repair.projection.clean_space import CleanSpace
 
 
@@ -140,3 +142,38 @@ def test_kept_rows_do_not_alias_the_layer_input():
     expected = x.t() @ x
     x.zero_()  # a model may reuse its tensor in place after the layer ran
     torch.testing.assert_close(collector.gram("layer"), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(1, 450), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_upper_gram_bands_sum_the_full_product(d, n, seed):
+    rows = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gram = torch.full((d, d), 7.0, dtype=torch.float64).triu()  # what earlier batches summed
+    add_to_upper_gram(gram, rows)
+    add_to_upper_gram(gram, 2 * rows)
+    expected = 7.0 + 5 * rows.t() @ rows
+    torch.testing.assert_close(mirror_upper(gram), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(mirror_upper(gram), mirror_upper(gram).t())
+
+
+def test_wide_fold_grams_are_symmetric_and_equal_the_stacked_products():
+    layer = nn.Linear(300, 2)  # wide enough to be summed in bands
+    batches = [(slot, torch.randn(110, 300)) for slot in (0, 1, 2, 0, 1, 2)]  # 220 rows a fold: Grams
+    collector = _collect(layer, batches, num_slots=3)
+    assert "layer" in collector.grams
+    for fold in (None, 0, 1, 2):
+        others = torch.cat([x for slot, x in batches if slot != fold]).double()
+        gram = collector.gram("layer", without=fold)
+        assert torch.equal(gram, gram.t())
+        torch.testing.assert_close(gram, others.t() @ others, rtol=1e-12, atol=1e-10)
+
+
+def test_a_float32_solver_keeps_float64_energies_close_to_the_float64_ones():
+    rows = torch.randn(500, 60, dtype=torch.float64) * torch.logspace(0, -3, 60, dtype=torch.float64)
+    gram = rows.t() @ rows
+    exact, single = CleanSpace.from_gram(gram, 500), CleanSpace.from_gram(gram, 500, solver_dtype=torch.float32)
+    assert single.basis.dtype == torch.float32 and single.energies.dtype == torch.float64
+    torch.testing.assert_close(single.energies, exact.energies, rtol=0, atol=1e-6 * float(exact.energies[0]))
+    for alpha in (1.0, 1e3, 1e5):  # float32 precision, scaled by alpha on the weakest directions
+        atol = 1e-6 + 1e-7 * alpha
+        torch.testing.assert_close(single.projection(alpha).double(), exact.projection(alpha), rtol=0, atol=atol)
