@@ -53,6 +53,7 @@ COMPARE_COLUMNS = ["model", "M params", "epoch s", "epoch examples", "verified f
 def image_case(kind: str, seed: int):
     data = load_fashion_mnist("train").shuffle(seed=seed)
     train, verified = data.select(range(EPOCH_EXAMPLES)), data.select(range(EPOCH_EXAMPLES, EPOCH_EXAMPLES + NUM_VERIFIED))
+    torch.manual_seed(seed)  # the initial weights, so that every run repairs the same model
     model = SmallCNN() if kind == "cnn" else small_vit()
     target_modules = "all" if kind == "cnn" else "all-linear"
     with measure() as epoch:
