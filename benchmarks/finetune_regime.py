@@ -309,8 +309,9 @@ def _with_auto(row: dict[str, Any], methods: tuple[str, ...], score: Callable, f
     if "auto" in methods:
         def auto() -> tuple[torch.nn.Module, dict[str, Any]]:
             model = copy.deepcopy(final)
+            # the weights training started from (new_model is seeded), which RepairCallback keeps for "retrain"
             result = Repairer(model, RepairConfig(method="auto", **common)).repair(
-                task.verified, task.noisy, checkpoints=checkpoints)
+                task.verified, task.noisy, checkpoints=checkpoints, initial_weights=task.new_model(row["seed"]).state_dict())
             return model, {"adopted": result.adopted, "chosen": result.metrics.get("chosen"),
                            "p_value": result.metrics.get("p_value")}
 

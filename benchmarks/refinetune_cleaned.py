@@ -99,8 +99,9 @@ def run_setting(task: regime_benchmark.Task, regime: str, recipe: regime_benchma
     start = time.perf_counter()
     model = copy.deepcopy(final)
     result = Repairer(model, RepairConfig(method="auto", **common)).repair(
-        task.verified, task.noisy, checkpoints=noisy_run.output_dir)
-    row.update(auto=accuracy(model), auto_s=time.perf_counter() - start, auto_chosen=result.metrics.get("chosen"))
+        task.verified, task.noisy, checkpoints=noisy_run.output_dir, initial_weights=task.new_model(seed).state_dict())
+    row.update(auto=accuracy(model), auto_s=time.perf_counter() - start, auto_chosen=result.metrics.get("chosen"),
+               auto_heldout=result.metrics.get("heldout_accuracy"))
     for base_name, base in (("final", final), ("early_stop", early_stop)):
         start = time.perf_counter()
         identification = Repairer(base, RepairConfig(method="erase", **common)).identify(task.noisy, task.verified)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from torch import nn
@@ -17,7 +18,7 @@ from .modeling.targets import find_target_modules
 from .projection.pipeline import check_materialized, project
 from .results import RepairResult
 from .retention import repair_with_finetuning
-from .trajectory.checkpoints import Checkpoints
+from .trajectory.checkpoints import Checkpoints, StateDict
 from .trajectory.points import Trajectory
 from .trajectory.repair import repair_from_trajectory
 
@@ -76,7 +77,8 @@ class Repairer:
 
     def repair(self, verified: Any, train_dataset: Any = None, *,
                identification: IdentificationResult | None = None,
-               checkpoints: Checkpoints | Trajectory | None = None) -> RepairResult:
+               checkpoints: Checkpoints | Trajectory | None = None,
+               initial_weights: str | os.PathLike | StateDict | None = None) -> RepairResult:
         """Repair the model in place with `config.method` and return what was done; on any error the model is restored.
 
         Args:
@@ -88,9 +90,13 @@ class Repairer:
             checkpoints: method "auto" only: the training trajectory to choose from -- a `Trainer` output_dir with
                 `checkpoint-*` folders, a list of checkpoint folders or state dicts in training order, or the
                 `Trajectory` that `RepairCallback` records. The model itself is taken as the final weights.
+            initial_weights: method "auto" only: the weights training started from (a checkpoint folder or a state
+                dict; e.g. the pretrained model with its new head, saved before `trainer.train()`), for the
+                "retrain" refinement. `RepairCallback` keeps them itself.
         """
-        if checkpoints is not None and self.config.method != "auto":
-            raise ValueError(f"checkpoints are chosen among by method='auto' only, not method={self.config.method!r}.")
+        for name, value in (("checkpoints", checkpoints), ("initial_weights", initial_weights)):
+            if value is not None and self.config.method != "auto":
+                raise ValueError(f"{name} are used by method='auto' only, not method={self.config.method!r}.")
         if train_dataset is not None and self.config.method not in (*FINETUNE_METHODS, "auto"):
             logger.info("method=%r uses the verified split only; train_dataset is not used.", self.config.method)
         peft_layers(self.model)  # an unsupported peft adapter fails here, before anything changes
@@ -102,7 +108,8 @@ class Repairer:
             )
         elif self.config.method == "auto":
             result = repair_from_trajectory(self.model, self.config, verified, checkpoints, train_dataset=train_dataset,
-                                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
+                                            initial_weights=initial_weights, forward_fn=self.forward_fn,
+                                            collate_fn=self.collate_fn)
         elif self.config.method in HEAD_REFIT_METHODS:
             result = repair_head(self.model, self.config, verified, forward_fn=self.forward_fn,
                                  collate_fn=self.collate_fn, compute_metrics=self.compute_metrics)

@@ -89,7 +89,16 @@ class CLIArguments:
             "metavar": "DIR",
             "help": "With --method auto: the Trainer output_dir whose checkpoint-* folders hold the training "
             "trajectory of MODEL_DIR (the final weights); the best point, weight averages and soups of them, and "
-            "head refit / projection / erase on top, are chosen by held-out verified folds.",
+            "head refit / projection / erase / retrain on top, are chosen by held-out verified folds.",
+        },
+    )
+    initial_weights: Optional[str] = field(
+        default=None,
+        metadata={
+            "metavar": "DIR",
+            "help": "With --method auto and --train: a checkpoint folder with the weights training started from "
+            "(e.g. the pretrained model with its new head, saved before training), for the retrain refinement: "
+            "fine-tune them again without the training samples flagged as harmful.",
         },
     )
     test: Optional[str] = field(

@@ -75,11 +75,15 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
         raise ValueError(f"--method {config.method} fine-tunes on the training data: give it with --train PATH.")
     if fine_tunes and cli_args.repair_dir is not None:
         raise ValueError("--repair_dir re-applies a saved projection; it cannot be combined with a fine-tuning --method.")
-    if cli_args.checkpoints is not None and config.method != "auto":
-        raise ValueError("--checkpoints is read by --method auto only; drop it or pass --method auto.")
+    for flag in ("checkpoints", "initial_weights"):
+        if getattr(cli_args, flag) is not None and config.method != "auto":
+            raise ValueError(f"--{flag} is read by --method auto only; drop it or pass --method auto.")
     if not fine_tunes and config.method != "auto" and cli_args.train is not None:
         raise ValueError("--train is read by the fine-tuning methods and auto only; drop it or pass e.g. --method "
                          "projection+retention.")
+    if cli_args.initial_weights is not None and not Path(cli_args.initial_weights).is_dir():
+        raise ValueError(f"--initial_weights {cli_args.initial_weights} is not a checkpoint folder; give the folder "
+                         f"the model was saved to before training (model.save_pretrained(DIR)).")
     check_checkpoint(model_path, cli_args.base_model)
     check_output(model_path, output_path, cli_args.overwrite)  # before the repair, not after it
 
@@ -99,12 +103,12 @@ def repair_checkpoint(model_dir: str, cli_args: CLIArguments, config: RepairConf
             if cli_args.train is not None:  # a fine-tuning method, or auto's erase refinement
                 train, _ = load_data(cli_args.train, cli_args.train_split, config, model, preprocessor, cli_args,
                                      name="train")
-        result = Repairer(model, config, collate_fn=collate_fn).repair(verified, train_dataset=train,
-                                                                      checkpoints=cli_args.checkpoints)
+        result = Repairer(model, config, collate_fn=collate_fn).repair(
+            verified, train_dataset=train, checkpoints=cli_args.checkpoints, initial_weights=cli_args.initial_weights)
 
     if state.is_main_process:
         source = {"model_dir": str(model_path.absolute())}
-        for key in ("base_model", "verified", "train", "checkpoints", "repair_dir", "test"):
+        for key in ("base_model", "verified", "train", "checkpoints", "initial_weights", "repair_dir", "test"):
             if getattr(cli_args, key) is not None:
                 source[key] = str(Path(getattr(cli_args, key)).absolute())
         with atomic_directory(output_path, overwrite=cli_args.overwrite) as staging:

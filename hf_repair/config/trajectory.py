@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
-AUTO_CANDIDATES = ("best", "average", "soup", "head_refit", "projection", "erase")
+AUTO_CANDIDATES = ("best", "average", "soup", "head_refit", "projection", "erase", "retrain")
 
 
 @dataclass
@@ -43,7 +43,16 @@ class TrajectoryArguments:
             "'average' (uniform average of the best trajectory_keep points), 'soup' (greedy soup); then, on top of "
             "the best of those, 'head_refit', 'projection' and 'erase' (identify the harmful training samples with "
             "that model and fine-tune without them, retention_epochs of budget; only when the training data is "
-            "given). Chosen by accuracy on held-out verified folds.",
+            "given), 'retrain' (identify them the same way, then fine-tune the weights training *started* from "
+            "on the rest, retrain_epochs of budget; needs the training data and the initial weights, which "
+            "RepairCallback keeps). Chosen by accuracy on held-out verified folds.",
+        },
+    )
+    retrain_epochs: float = field(
+        default=3.0,
+        metadata={
+            "help": "The 'retrain' refinement's budget in epochs of the training set; its fine-tune stops early at "
+            "its lowest held-out verified loss, with the learning rate and batch size of erase and retention."
         },
     )
 
@@ -56,6 +65,8 @@ class TrajectoryArguments:
             raise ValueError("trajectory_eval_strategy='steps' needs trajectory_eval_steps >= 1.")
         if self.trajectory_keep < 1:
             raise ValueError(f"trajectory_keep must be at least 1, got {self.trajectory_keep}.")
+        if not self.retrain_epochs > 0:
+            raise ValueError(f"retrain_epochs must be positive, got {self.retrain_epochs}.")
         unknown = [c for c in self.auto_candidates if c not in AUTO_CANDIDATES]
         if unknown:
             raise ValueError(f"Unknown auto_candidates {unknown}; choose from {list(AUTO_CANDIDATES)}.")

@@ -25,9 +25,10 @@ reach `log_history` and `repair_results.json`, and `on_train_begin` refuses to s
 Method "auto". The callback also records the training trajectory: at the end of every epoch (or every
 `trajectory_eval_steps` steps) it scores the model on the verified samples (one forward pass, eval mode,
 sharded over processes and gathered, so every process holds the same numbers) and keeps the weights of
-the points a selection procedure can still use on CPU (`hf_repair.trajectory.points` bounds them). At
-train end `Repairer.repair(verified, checkpoints=trajectory)` chooses among the final weights, the best
-point, weight averages, soups and head refit / projection / erase on top, by nested held-out verified folds.
+the points a selection procedure can still use on CPU (`hf_repair.trajectory.points` bounds them), and,
+for the retrain refinement, the weights training starts from. At train end
+`Repairer.repair(verified, checkpoints=trajectory)` chooses among the final weights, the best point, weight
+averages, soups and head refit / projection / erase / retrain on top, by nested held-out verified folds.
 
 Outputs. The main process writes `repair_results.json` (the layout `hf-repair` writes too) and the
 HTML report of `RepairResult.report` into `output_dir/repair_report/`, both replacing those of an
@@ -167,6 +168,8 @@ class RepairCallback(TrainerCallback):
             self.trajectory = None
             self._recorder = TrajectoryRecorder(model, repairer.verified_split(self.verified_dataset),
                                                 repairer.forward_fn, self.config.trajectory_keep)
+            if "retrain" in self.config.auto_candidates and self._uses_training_data():
+                self._recorder.record_initial()  # one more CPU copy of the trainable weights
         if self._uses_training_data():
             self._training_data()
         if self.test_dataset is not None:
@@ -244,10 +247,11 @@ class RepairCallback(TrainerCallback):
         return self.trajectory
 
     def _uses_training_data(self) -> bool:
-        """The fine-tuning methods need the training data; "auto" weighs its erase refinement when it has some."""
+        """The fine-tuning methods need the training data; "auto" weighs its erase and retrain refinements when it has some."""
         if self.config.method == "auto":
             dataset = self.train_dataset if self.train_dataset is not None else self._trainer_train_dataset
-            return "erase" in self.config.auto_candidates and isinstance(dataset, datasets.Dataset)
+            fine_tunes = {"erase", "retrain"} & set(self.config.auto_candidates)
+            return bool(fine_tunes) and isinstance(dataset, datasets.Dataset)
         return self.config.method in FINETUNE_METHODS
 
     def _training_data(self) -> datasets.Dataset:

@@ -13,7 +13,12 @@ when it is finally run -- and builds weights from the trajectory with them alone
 - `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples;
 - `<base>+erase`: the base procedure, then the harmful training samples identified with it (its probe
   trained on those samples) and a fine-tune on those samples and the unflagged training data, kept at
-  its lowest loss on an inner fold of them without a gate of its own: the outer folds judge it.
+  its lowest loss on an inner fold of them without a gate of its own: the outer folds judge it;
+- `<base>+retrain`: the harmful samples identified as for erase, then the weights training started from
+  fine-tuned on those samples and the unflagged training data (`retrain_epochs` of budget, same early
+  stop). When the model barely memorised its noise, what separates it from a clean-trained one is what the
+  noise did while it learnt, which no edit of the final weights undoes; learning again without the flagged
+  samples does (measured in BENCHMARKS.md, fine-tuning regime).
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` runs it on every verified sample and leaves the model so.
@@ -34,6 +39,7 @@ from ..config import RepairConfig
 from ..data import CollateFn, VerifiedSplit, stratified_folds
 from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
+from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import repair_with_finetuning
@@ -43,7 +49,8 @@ from .points import Trajectory
 logger = logging.getLogger(__name__)
 
 BASE_PROCEDURES = ("final", "best", "average", "soup")
-REFINEMENTS = ("head_refit", "projection", "erase")
+REFINEMENTS = ("head_refit", "projection", "erase", "retrain")
+DATASET_REFINEMENTS = ("projection", "erase", "retrain")  # run on each fold's complement as a datasets.Dataset
 
 Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
 
@@ -69,6 +76,8 @@ class CandidateBuilder:
         self._predictions: dict[Points, torch.Tensor] = {}
         self._head_inputs: dict[Points, tuple[HeadInputs, torch.Tensor]] = {}
         self._head: TrackedLayer | None = None
+        # identifications by (base points, held-out fold): erase and retrain on the same base share one
+        self._identifications: dict[tuple[Points, int | None], IdentificationResult] = {}
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a set of points
@@ -157,11 +166,11 @@ class CandidateBuilder:
             logits = refit_and_predict(inputs.features, inputs.labels, ~held, anchor, self.config.num_folds,
                                        self.config.repair_seed)
             return logits.argmax(-1)
-        if refinement in ("projection", "erase"):
+        if refinement in DATASET_REFINEMENTS:
             self.load(points)
             outside = np.sort(np.concatenate([
                 indices for f, indices in enumerate(self._dataset_folds()) if f != fold]))
-            self._refine(refinement, self.verified.select(outside))
+            self._refine(refinement, self.verified.select(outside), (points, fold))
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
             return logits.argmax(-1).cpu()
@@ -178,26 +187,37 @@ class CandidateBuilder:
             refit = fit_head(inputs.features, inputs.labels, anchor, self.config.num_folds, self.config.repair_seed)
             write_head(self._head, refit.weight)
         elif refinement:
-            projection = self._refine(refinement, self.verified)
+            projection = self._refine(refinement, self.verified, (points, None))
         return points, projection
 
-    def _refine(self, refinement: str, verified: datasets.Dataset) -> ProjectionResult | None:
-        """Run a projection or erase refinement on the loaded weights with `verified` alone."""
+    def _refine(self, refinement: str, verified: datasets.Dataset,
+                key: tuple[Points, int | None]) -> ProjectionResult | None:
+        """Run a projection, erase or retrain refinement on the loaded weights (base `key`) with `verified` alone."""
         if refinement == "projection":
             return project(self.model, dataclasses.replace(self.config, method="projection"), verified,
                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         # No gate inside: the fine-tune keeps its lowest-loss checkpoint, and the outer folds judge the procedure.
         erase = dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0)
-        repair_with_finetuning(self.model, erase, verified, self.train_dataset, forward_fn=self.forward_fn,
-                               collate_fn=self.collate_fn)
+        if key not in self._identifications:
+            self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified, erase,
+                                                          forward_fn=self.forward_fn, collate_fn=self.collate_fn)
+        if refinement == "retrain":
+            load_weights(self.model, self.trajectory.initial_weights())
+            erase = dataclasses.replace(erase, retention_epochs=self.config.retrain_epochs)
+        repair_with_finetuning(self.model, erase, verified, self.train_dataset, self._identifications[key],
+                               forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         return None
 
     def check_refinement(self, refinement: str) -> str | None:
         """Why a refinement cannot run on this model or verified split (None: it can)."""
-        if refinement in ("projection", "erase") and not isinstance(self.verified, datasets.Dataset):
+        if refinement in DATASET_REFINEMENTS and not isinstance(self.verified, datasets.Dataset):
             return f"the {refinement} of each fold's complement needs the verified split as a datasets.Dataset"
-        if refinement == "erase" and self.train_dataset is None:
-            return "erase fine-tunes on the training data, and none was given (Repairer.repair(train_dataset=...))"
+        if refinement in ("erase", "retrain") and self.train_dataset is None:
+            return (f"{refinement} fine-tunes on the training data, and none was given "
+                    f"(Repairer.repair(train_dataset=...))")
+        if refinement == "retrain" and self.trajectory.initial is None:
+            return ("retrain starts again from the weights training started from, which were not given "
+                    "(RepairCallback keeps them; offline, Repairer.repair(initial_weights=...))")
         if refinement == "head_refit" and self._head is None:
             try:
                 self._head = find_head(self.model, self.split, self.config, self.forward_fn)

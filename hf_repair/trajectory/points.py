@@ -13,7 +13,8 @@ Memory, with weights held in memory (`RepairCallback`): at most (num_folds + 1) 
 of the model's state dict; since the rankings mostly agree, usually little more than keep + 1. Parameters
 that stay frozen and unchanged (a LoRA's base model, a frozen backbone) are held once for all points
 (`Trajectory.shared`), so a LoRA fine-tune costs one copy of the model plus keep + 1 adapters. Points
-read from checkpoint folders keep only the folder's path.
+read from checkpoint folders keep only the folder's path. The weights training started from (`initial`,
+for the "retrain" refinement) are one more copy of the trainable weights (of a LoRA: its adapter and head).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Trajectory:
         self.reader = reader  # reads a checkpoint folder's weights
         self.points: list[TrajectoryPoint] = []
         self.shared: StateDict = {}  # frozen weights every in-memory point has, held once (`cpu_state`)
+        self.initial: StateDict | str | os.PathLike | None = None  # the weights training started from, if kept
         self._read: dict[int, StateDict] = {}  # checkpoint folders read so far, while usable
 
     @property
@@ -105,6 +107,15 @@ class Trajectory:
             self._read[index] = self.reader(weights)
         return self._read[index]
 
+    def initial_weights(self) -> StateDict:
+        """The weights training started from, on CPU (a checkpoint folder is read each time)."""
+        if self.initial is None:
+            raise RuntimeError("The trajectory has no initial weights: RepairCallback keeps them when 'retrain' is "
+                               "among auto_candidates; offline, pass initial_weights=.")
+        if isinstance(self.initial, dict):
+            return {**self.shared, **self.initial} if self.shared else self.initial
+        return self.reader(self.initial)
+
     def cpu_state(self, state: StateDict, frozen: set[str]) -> StateDict:
         """A CPU copy of `state` for a new point, without the `frozen` keys `shared` already holds with equal values.
 
@@ -127,6 +138,7 @@ class Trajectory:
         for point in self.points:
             if isinstance(point.weights, dict):
                 point.weights = None
+        self.initial = None
         self.shared = {}
         self._read.clear()
 

@@ -40,6 +40,14 @@ class TrajectoryRecorder:
                              "the same verified split with the same num_folds, batch_size and seed.")
         return logits.argmax(-1).cpu()
 
+    def record_initial(self) -> None:
+        """Keep a CPU copy of the weights as they are now, before training, for the "retrain" refinement
+        (frozen parameters held once with the points'; the first call scores the model to set up the trajectory)."""
+        if self.trajectory is None:
+            self.predictions()
+        frozen = {name for name, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        self.trajectory.initial = self.trajectory.cpu_state(self.model.state_dict(), frozen)
+
     def record(self, step: int | None, epoch: float | None, weights: StateDict | str | None = None,
                *, final: bool = False, predictions: torch.Tensor | None = None) -> TrajectoryPoint:
         """Score the model as it is now; its weights are `weights` (a checkpoint folder or a state dict) or,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from ..modeling.weights import ModelSnapshot
 from ..projection.pipeline import ProjectionResult, check_materialized
 from ..results import RepairResult
 from .candidates import CandidateBuilder, Points
-from .checkpoints import Checkpoints, checkpoint_position, list_checkpoints, load_weights, read_checkpoint
+from .checkpoints import Checkpoints, StateDict, checkpoint_position, list_checkpoints, load_weights, read_checkpoint
 from .points import Trajectory
 from .recorder import TrajectoryRecorder
 from .selection import TrajectoryChoice, choose
@@ -31,6 +32,7 @@ def repair_from_trajectory(
     checkpoints: Checkpoints | Trajectory | None = None,
     *,
     train_dataset: Any = None,
+    initial_weights: str | os.PathLike | StateDict | None = None,
     forward_fn: ForwardFn = default_forward,
     collate_fn: CollateFn | None = None,
 ) -> RepairResult:
@@ -40,7 +42,9 @@ def repair_from_trajectory(
         checkpoints: the trajectory: a `Trainer` output_dir with `checkpoint-*` folders, a list of checkpoint
             folders or state dicts in training order, or the `Trajectory` `RepairCallback` recorded. None: the
             final weights alone (the candidates are then the refinements on top of them).
-        train_dataset: the training data, for the "erase" refinement (left out without it).
+        train_dataset: the training data, for the "erase" and "retrain" refinements (left out without it).
+        initial_weights: the weights training started from (a checkpoint folder or a state dict), for the
+            "retrain" refinement; `RepairCallback` keeps them in its trajectory.
     """
     start = time.perf_counter()
     check_materialized(model)
@@ -52,6 +56,8 @@ def repair_from_trajectory(
     snapshot = ModelSnapshot(model)  # the final weights: every candidate is loaded over them, undo restores them
     try:
         trajectory = _trajectory(model, split, config, checkpoints, forward_fn, snapshot)
+        if initial_weights is not None:
+            trajectory.initial = initial_weights
         builder = CandidateBuilder(model, trajectory, split, verified, config, forward_fn, collate_fn, train_dataset)
         choice = choose(builder, config)
         snapshot.restore()

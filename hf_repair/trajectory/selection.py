@@ -9,9 +9,9 @@ weights:
    result predicts fold f. Pooling the folds gives each procedure one held-out prediction per verified
    sample, made by weights whose selection never saw that sample.
 2. The base procedures (final, best, average, soup) are compared by pooled held-out accuracy; on ties
-   the simpler one (in that order) wins. Then the refinements (head refit, projection, erase) are run on top
-   of the winning base the same way, fold by fold, and the best of the base and its refinements is the
-   candidate.
+   the simpler one (in that order) wins. Then the refinements (head refit, projection, erase, retrain) are
+   run on top of the winning base the same way, fold by fold, and the best of the base and its refinements
+   is the candidate.
 3. The candidate replaces the final weights only if its gain over them is significant (the config's
    `significance_test` on the same samples' pooled held-out predictions against the final weights'
    predictions, which nothing was selected on) and larger than `min_improvement`.

@@ -483,8 +483,10 @@ def test_auto_reads_a_trainer_output_dir_and_head_refit_writes_a_model(workdir, 
         with torch.no_grad():
             model.classifier.weight.mul_(scale)
         model.save_pretrained(run / f"checkpoint-{step}")
-    # --train adds auto's erase refinement (the verified texts stand in for the training set)
-    auto_args = ["--checkpoints", str(run), "--train", str(workdir / "verified.csv"), "--score", "loss"]
+    # --train adds auto's erase refinement (the verified texts stand in for the training set), --initial_weights
+    # its retrain refinement (the first checkpoint stands in for the weights training started from)
+    auto_args = ["--checkpoints", str(run), "--train", str(workdir / "verified.csv"), "--score", "loss",
+                 "--initial_weights", str(run / "checkpoint-10")]
     for method, extra in (("auto", auto_args), ("head_refit", [])):
         out = tmp_path / method
         assert main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir", str(out),
@@ -495,10 +497,16 @@ def test_auto_reads_a_trainer_output_dir_and_head_refit_writes_a_model(workdir, 
         if method == "auto":
             assert results["source"]["checkpoints"] == str(run.absolute())
             assert results["metrics"]["chosen"]
-            assert any(name.endswith("+erase") for name in results["metrics"]["heldout_accuracy"])
+            assert results["source"]["initial_weights"] == str((run / "checkpoint-10").absolute())
+            assert {name.split("+")[-1] for name in results["metrics"]["heldout_accuracy"]} >= {"erase", "retrain"}
         assert f"hf-repair: BertForSequenceClassification, {NUM_TEXTS} verified samples, {method}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir",
               str(tmp_path / "refused"), "--checkpoints", str(run)])
     assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
     assert "--checkpoints is read by --method auto only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir",
+              str(tmp_path / "refused"), "--method", "auto", "--initial_weights", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
+    assert "--initial_weights" in capsys.readouterr().err

@@ -56,14 +56,16 @@ def test_auto_scores_every_adapter_checkpoint_and_keeps_the_base(run):
 
 
 def test_the_recorded_trajectory_holds_the_frozen_base_once():
-    """RepairCallback's in-memory points of a LoRA fine-tune keep only the adapter (and modules_to_save); the base
-    is held once, and every point's weights read back whole."""
+    """RepairCallback's in-memory points of a LoRA fine-tune, and the initial weights it keeps for retrain, hold only
+    the adapter (and modules_to_save); the base is held once, and every point's weights read back whole."""
     from hf_repair.evaluation import default_forward, split_verified
     from hf_repair.trajectory.recorder import TrajectoryRecorder
 
     model = peft.get_peft_model(base_model("vit"), lora_config("vit"))
     split = split_verified(model, data("vit", 30, seed=2), RepairConfig(batch_size=16, num_folds=3))
     recorder = TrajectoryRecorder(model, split, default_forward, keep=3)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    recorder.record_initial()  # as RepairCallback does at train begin, for the retrain refinement
     states = []
     for epoch in range(3):
         with torch.no_grad():
@@ -79,6 +81,10 @@ def test_the_recorded_trajectory_holds_the_frozen_base_once():
         assert set(trajectory.points[index].weights) == set(state) - set(trajectory.shared)
         assert trainable <= set(trajectory.points[index].weights)
         assert_same(trajectory.weights(index), state)
+    assert set(trajectory.initial) == set(initial) - set(trajectory.shared)  # the initial adapter and head only
+    assert_same(trajectory.initial_weights(), initial)
+    trajectory.release_weights()
+    assert trajectory.initial is None
 
 
 def assert_same(a, b):

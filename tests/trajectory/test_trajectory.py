@@ -43,11 +43,12 @@ def run(data, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("auto")
     torch.manual_seed(0)
     model = MLP()
+    initial = {key: value.clone() for key, value in model.state_dict().items()}
     trainer = trainer_for(model, train, output_dir)
     callback = RepairCallback(AUTO, verified, write_report=False).attach(trainer)
     trainer.train()
     assert callback.error is None
-    return model, callback, trainer, output_dir
+    return model, callback, trainer, output_dir, initial
 
 
 def fresh_final_model(output_dir):
@@ -63,7 +64,7 @@ def assert_same_state(a, b):
 @needs_fashion_mnist
 def test_auto_ends_above_the_final_model_and_the_best_trajectory_point(data, run):
     _, _, test = data
-    model, callback, trainer, output_dir = run
+    model, callback, trainer, output_dir, _ = run
     m = callback.result.metrics
     assert callback.result.adopted and m["chosen"] not in ("final", "best")
     heldout = m["heldout_accuracy"]
@@ -94,13 +95,13 @@ def test_auto_ends_above_the_final_model_and_the_best_trajectory_point(data, run
 @pytest.mark.parametrize("given", ["output_dir", "state_dicts"])
 def test_offline_from_checkpoints_makes_the_callbacks_choice(data, run, given):
     train, verified, _ = data
-    model, callback, _, output_dir = run
+    model, callback, _, output_dir, initial = run
     folders = list_checkpoints(output_dir)
     checkpoints = str(output_dir) if given == "output_dir" else [read_checkpoint(f) for f in folders]
     offline = fresh_final_model(output_dir)
     # the callback fine-tunes its erase refinement with the Trainer's training set, learning rate and batch size
     config = dataclasses.replace(AUTO, retention_learning_rate=3e-3, retention_batch_size=64)
-    result = Repairer(offline, config).repair(verified, train, checkpoints=checkpoints)
+    result = Repairer(offline, config).repair(verified, train, checkpoints=checkpoints, initial_weights=initial)
     m, expected = result.metrics, callback.result.metrics
     for key in ("chosen", "candidate", "heldout_accuracy", "gain", "gain_ci", "p_value", "chosen_points"):
         assert m[key] == expected[key], key
@@ -113,7 +114,7 @@ def test_offline_from_checkpoints_makes_the_callbacks_choice(data, run, given):
 @needs_fashion_mnist
 def test_without_checkpoints_auto_weighs_refinements_of_the_final_weights(data, run):
     _, verified, _ = data
-    *_, output_dir = run
+    _, _, _, output_dir, _ = run
     model = fresh_final_model(output_dir)
     result = Repairer(model, AUTO).repair(verified)
     m = result.metrics
@@ -121,11 +122,34 @@ def test_without_checkpoints_auto_weighs_refinements_of_the_final_weights(data, 
     assert set(m["heldout_accuracy"]) == {"final", "best", "average", "soup", "final+head_refit", "final+projection"}
     assert m["chosen"] == "final+head_refit" and result.adopted  # the memorised head is worth refitting
     assert "train_dataset" in m["skipped"]["erase"]  # no training data: no erase refinement
+    assert "train_dataset" in m["skipped"]["retrain"]
+
+
+@needs_fashion_mnist
+def test_retrain_starts_again_from_the_initial_weights_without_the_flagged_samples(data, run):
+    """The callback kept the weights training started from; retraining from them without the samples the
+    memorising model flags ends far above that model on held-out verified folds and on test."""
+    train, verified, test = data
+    model, callback, _, output_dir, initial = run
+    heldout = callback.result.metrics["heldout_accuracy"]
+    base = next(name.split("+")[0] for name in heldout if name.endswith("+retrain"))
+    assert heldout[f"{base}+retrain"] > heldout["final"] + 0.1
+
+    offline = fresh_final_model(output_dir)
+    config = dataclasses.replace(AUTO, auto_candidates=["retrain"], retention_learning_rate=3e-3,
+                                 retention_batch_size=64, min_improvement=0.05)
+    result = Repairer(offline, config).repair(verified, train, initial_weights=initial)
+    m = result.metrics
+    assert set(m["heldout_accuracy"]) == {"final", "final+retrain"} and m["chosen"] == "final+retrain"
+    assert evaluate_accuracy(offline, test) > evaluate_accuracy(fresh_final_model(output_dir), test) + 0.1
+
+    missing = Repairer(fresh_final_model(output_dir), config).repair(verified, train)
+    assert not missing.adopted and "initial_weights" in missing.metrics["skipped"]["retrain"]
 
 
 @needs_fashion_mnist
 def test_undo_restores_the_final_weights(run):
-    model, callback, _, output_dir = run
+    model, callback, _, output_dir, initial = run
     callback.result.undo()
     assert_same_state(model.state_dict(), read_checkpoint(list_checkpoints(output_dir)[-1]))
 
@@ -202,6 +226,10 @@ def test_the_trajectory_options_are_checked():
         RepairConfig(method="auto", auto_candidates=["ensemble"])
     with pytest.raises(ValueError, match="method='auto' only"):
         Repairer(MLP(), RepairConfig()).repair(None, checkpoints=[])
+    with pytest.raises(ValueError, match="initial_weights are used by method='auto' only"):
+        Repairer(MLP(), RepairConfig()).repair(None, initial_weights={})
+    with pytest.raises(ValueError, match="retrain_epochs"):
+        RepairConfig(method="auto", retrain_epochs=0)
 
 
 def test_a_frozen_weight_is_held_once_unless_it_changed_between_points():
