@@ -94,17 +94,21 @@ def read_checkpoint(folder: str | os.PathLike, model: nn.Module | None = None) -
 
 def load_weights(model: nn.Module, state: StateDict) -> None:
     """Copy `state` into `model` in place; keys it lacks must be tied to keys it has."""
+    check_state_keys(model, state, "A trajectory state")
     with torch.no_grad():
-        result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"A trajectory state has keys the model does not: {result.unexpected_keys[:5]}; the "
-                         f"checkpoints are of another model.")
+        model.load_state_dict(state, strict=False)
+
+
+def check_state_keys(model: nn.Module, state: StateDict, what: str) -> None:
+    """Raise if `state` has keys the model lacks, or lacks weights of the model that are not tied to keys it has."""
     current = model.state_dict()
+    unexpected = [key for key in state if key not in current]
+    if unexpected:
+        raise ValueError(f"{what} has keys the model does not: {unexpected[:5]}; it is of another model.")
     loaded = {_storage(value) for key, value in current.items() if key in state}
-    untied = [key for key in result.missing_keys if _storage(current[key]) not in loaded]
+    untied = [key for key in current if key not in state and _storage(current[key]) not in loaded]
     if untied:
-        raise ValueError(f"A trajectory state lacks the model's weights {untied[:5]}; the checkpoints are of "
-                         f"another model.")
+        raise ValueError(f"{what} lacks the model's weights {untied[:5]}; it is of another model.")
 
 
 def same_weights(model: nn.Module, state: StateDict) -> bool:

@@ -17,7 +17,15 @@ from ..modeling.weights import ModelSnapshot
 from ..projection.pipeline import ProjectionResult, check_materialized
 from ..results import RepairResult
 from .candidates import CandidateBuilder, Points
-from .checkpoints import Checkpoints, StateDict, checkpoint_position, list_checkpoints, load_weights, read_checkpoint
+from .checkpoints import (
+    Checkpoints,
+    StateDict,
+    check_state_keys,
+    checkpoint_position,
+    list_checkpoints,
+    load_weights,
+    read_checkpoint,
+)
 from .points import Trajectory
 from .recorder import TrajectoryRecorder
 from .selection import TrajectoryChoice, choose
@@ -52,6 +60,8 @@ def repair_from_trajectory(
     if sharding != "plain":
         raise ValueError(f"method='auto' loads whole state dicts, which a {sharding}-sharded model does not support "
                          f"yet; repair the unsharded model (one process or DDP).")
+    if isinstance(initial_weights, dict):  # before any work: a wrong state would fail only at the retrain
+        check_state_keys(model, initial_weights, "initial_weights")
     split = split_verified(model, verified, config, forward_fn, collate_fn)
     snapshot = ModelSnapshot(model)  # the final weights: every candidate is loaded over them, undo restores them
     try:

@@ -230,6 +230,13 @@ def test_the_trajectory_options_are_checked():
         Repairer(MLP(), RepairConfig()).repair(None, initial_weights={})
     with pytest.raises(ValueError, match="retrain_epochs"):
         RepairConfig(method="auto", retrain_epochs=0)
+    model = MLP()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"initial_weights has keys the model does not: \['encoder.weight'\]"):
+        Repairer(model, AUTO).repair(None, initial_weights={"encoder.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"initial_weights lacks the model's weights \['body.1.weight'"):
+        Repairer(model, AUTO).repair(None, initial_weights={"head.weight": torch.zeros(10, 64)})
+    assert_same_state(model.state_dict(), before)
 
 
 def test_a_frozen_weight_is_held_once_unless_it_changed_between_points():
