@@ -1,0 +1,93 @@
+"""The retrain refinement run alone, on the whole verified split, for several budgets (`retrain_epochs`).
+
+`auto` judges retrain on nested verified folds and adopts it only on a significant held-out gain; this
+script shows what the procedure itself reaches on test, without the judging: on one cached trajectory of
+`finetune_regime.py` (vision task; `--lora` for its LoRA runs), it identifies the harmful training samples
+with the final (or early-stopped) model as erase does, loads the seeded initial weights the run started
+from, and runs the erase fine-tune from them for each budget.
+
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
+
+from hf_repair import RepairConfig
+from hf_repair.data import column_array
+from hf_repair.identification import identify_harmful
+from hf_repair.retention import repair_with_finetuning
+from hf_repair.trajectory.checkpoints import load_weights
+from testbed.finetuning import finetune, load_checkpoint, predictions
+
+import finetune_regime as regime_benchmark
+from common import markdown_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regime", default="short", choices=["short", "long"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=float, nargs="+", default=[3.0], help="retrain_epochs budgets to run.")
+    parser.add_argument("--base", default="final", choices=["final", "early_stop"], help="The model that identifies.")
+    parser.add_argument("--lora", action="store_true", help="The LoRA runs of finetune_regime.py --lora.")
+    parser.add_argument("--noise", type=float, default=0.4)
+    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
+                                                            "finetune_regime"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    args.quick = False
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+    task = regime_benchmark.vision_task(args.seed, regime_benchmark.FULL["vision"], args)
+    recipes = regime_benchmark.FULL["vision"].regimes
+    if args.lora:
+        task, recipes = regime_benchmark.with_lora(task, args.seed), regime_benchmark.LORA["vision"]
+    recipe = recipes[args.regime]
+    run_dir = Path(args.cache_dir) / regime_benchmark.run_name(task, args.regime, recipe)
+    run = finetune(task.new_model(args.seed), task.noisy, task.verified, run_dir / f"noisy_s{args.seed}",
+                   recipe.epochs, recipe.lr, recipe.batch_size, args.seed)
+    labels = column_array(task.test, "labels")
+    accuracy = lambda model: float(np.mean(predictions(model, task.test) == labels))  # noqa: E731
+    base = load_checkpoint(task.model_class, run.final.path if args.base == "final" else run.best)
+    # as auto's retrain: the erase fine-tune with the Trainer's learning rate and batch size, no gate of its own
+    config = RepairConfig(method="erase", **task.repair_kwargs, repair_seed=args.seed, repair_disable_tqdm=True,
+                          retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,
+                          significance_test="none", min_improvement=-1.0)
+    identification = identify_harmful(base, task.noisy, task.verified, config)
+    initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
+    rows = [["none (the base)", f"{100 * accuracy(base):.2f}", "", "", ""]]
+    for epochs in args.epochs:
+        model = copy.deepcopy(base)
+        load_weights(model, initial)
+        start = time.perf_counter()
+        result = repair_with_finetuning(model, dataclasses.replace(config, retention_epochs=epochs), task.verified,
+                                        task.noisy, identification)
+        m = result.metrics
+        rows.append([f"{epochs:g}", f"{100 * accuracy(model):.2f}", f"{m['steps']} of {m['max_steps']}",
+                     m["stop_reason"], f"{time.perf_counter() - start:.0f}"])
+    s = identification.summary
+    print(f"{task.name} {args.regime} seed {args.seed}, identified by the {args.base} model: {s['num_flagged']} "
+          f"flagged, precision {s['precision']:.3f}, recall {s['recall']:.3f}; load {os.getloadavg()[0]:.1f}")
+    print(markdown_table(["retrain_epochs", "test %", "steps", "stop", "seconds"], rows))
+
+
+if __name__ == "__main__":
+    main()
