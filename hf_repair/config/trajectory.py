@@ -56,6 +56,17 @@ class TrajectoryArguments:
         },
     )
 
+    auto_significance_level: Optional[float] = field(
+        default=0.2,
+        metadata={
+            "help": "Level of the one-sided significance_test that auto's choice must pass against the final weights "
+            "on the pooled held-out predictions of every verified sample (None: significance_level, which the "
+            "other methods' gates use). Measured in BENCHMARKS.md (benchmarks/gate_level.py): on 15 fine-tuning "
+            "runs every candidate auto chose was better than the final weights on test, and a gate at 0.05 refused "
+            "5 of them (gains of 0.5 to 7.5 points), one at 0.2 two."
+        },
+    )
+
     def validate(self) -> None:
         self.auto_candidates = list(self.auto_candidates)
         if self.trajectory_eval_strategy not in TRAJECTORY_EVAL_STRATEGIES:
@@ -67,6 +78,8 @@ class TrajectoryArguments:
             raise ValueError(f"trajectory_keep must be at least 1, got {self.trajectory_keep}.")
         if not self.retrain_epochs > 0:
             raise ValueError(f"retrain_epochs must be positive, got {self.retrain_epochs}.")
+        if self.auto_significance_level is not None and not 0.0 < self.auto_significance_level < 1.0:
+            raise ValueError(f"auto_significance_level must be in (0, 1) or None, got {self.auto_significance_level}.")
         unknown = [c for c in self.auto_candidates if c not in AUTO_CANDIDATES]
         if unknown:
             raise ValueError(f"Unknown auto_candidates {unknown}; choose from {list(AUTO_CANDIDATES)}.")

@@ -129,14 +129,14 @@ def compare_predictions(candidate_correct: Correctness, baseline_correct: Correc
 
 
 def significance_gate(candidate_correct: Correctness, baseline_correct: Correctness,
-                      config: RepairConfig) -> PairedComparison:
-    """`compare_predictions` with the config's `significance_test`, `significance_level` and seed.
+                      config: RepairConfig, level: float | None = None) -> PairedComparison:
+    """`compare_predictions` with the config's `significance_test`, seed and `level` (default: `significance_level`).
 
     Every adoption decision calls this with the held-out predictions of the candidate and of the model
     it would replace; the candidate is adopted only if `.significant` (and its margin beats `min_improvement`).
     """
     return compare_predictions(candidate_correct, baseline_correct, test=config.significance_test,
-                               level=config.significance_level, seed=config.repair_seed)
+                               level=config.significance_level if level is None else level, seed=config.repair_seed)
 
 
 def _as_bool(values: Correctness) -> np.ndarray:

@@ -14,7 +14,7 @@ weights:
    is the candidate.
 3. The candidate replaces the final weights only if its gain over them is significant (the config's
    `significance_test` on the same samples' pooled held-out predictions against the final weights'
-   predictions, which nothing was selected on) and larger than `min_improvement`.
+   predictions, which nothing was selected on) at `auto_significance_level` and larger than `min_improvement`.
 4. The adopted procedure is then run once more on every verified sample, and its weights stay.
 
 Step 2 still picks the best of a handful of procedures on the pooled held-out predictions that step 3
@@ -93,7 +93,7 @@ def choose(builder: CandidateBuilder, config: RepairConfig) -> TrajectoryChoice:
     progress.close()
 
     candidate = max(order, key=lambda name: (accuracy(name), -order.index(name)))
-    comparison = significance_gate(correct[candidate], correct["final"], config)
+    comparison = significance_gate(correct[candidate], correct["final"], config, level=config.auto_significance_level)
     adopted = (candidate != "final" and comparison.significant
                and accuracy(candidate) - accuracy("final") > config.min_improvement)
     heldout = {name: accuracy(name) for name in correct}

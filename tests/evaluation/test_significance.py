@@ -94,6 +94,11 @@ def test_the_gate_reads_the_config():
     candidate, baseline = paired(500, wins=6, losses=5, both_right=400)
     assert not significance_gate(candidate, baseline, RepairConfig()).significant
     assert significance_gate(candidate, baseline, RepairConfig(significance_test="none")).significant
+    # 20 wins / 11 losses: p = 0.075, refused at the default 0.05, accepted at a level the caller passes (auto's)
+    candidate, baseline = paired(500, wins=20, losses=11, both_right=400)
+    assert not significance_gate(candidate, baseline, RepairConfig()).significant
+    loose = significance_gate(candidate, baseline, RepairConfig(), level=0.2)
+    assert loose.significant and loose.level == 0.2 and loose.p_value == pytest.approx(mcnemar_p_value(20, 11))
 
 
 class Linear(nn.Module):

@@ -71,6 +71,7 @@ def test_auto_ends_above_the_final_model_and_the_best_trajectory_point(data, run
     assert heldout[m["chosen"]] > heldout["final"] + 0.1  # memorisation cost the final weights that much
     assert heldout[m["chosen"]] >= heldout["best"]  # early stopping, judged the same nested way
     assert m["significant"] and m["gain_ci"][0] > 0 and m["accuracy_after"] == heldout[m["chosen"]]
+    assert m["significance_level"] == 0.2  # auto's own level (auto_significance_level), not significance_level's 0.05
 
     trajectory = m["trajectory"]
     assert [p["step"] for p in trajectory] == [32 * e for e in range(1, EPOCHS + 1)]
@@ -123,6 +124,12 @@ def test_without_checkpoints_auto_weighs_refinements_of_the_final_weights(data, 
     assert m["chosen"] == "final+head_refit" and result.adopted  # the memorised head is worth refitting
     assert "train_dataset" in m["skipped"]["erase"]  # no training data: no erase refinement
     assert "train_dataset" in m["skipped"]["retrain"]
+
+    # auto_significance_level=None: auto's gate runs at significance_level, like every other method's
+    strict = dataclasses.replace(AUTO, auto_significance_level=None, significance_level=1e-300)
+    refused = Repairer(fresh_final_model(output_dir), strict).repair(verified)
+    assert refused.metrics["significance_level"] == 1e-300 and refused.metrics["candidate"] == "final+head_refit"
+    assert not refused.adopted and refused.metrics["p_value"] > 1e-300
 
 
 @needs_fashion_mnist
@@ -230,6 +237,8 @@ def test_the_trajectory_options_are_checked():
         Repairer(MLP(), RepairConfig()).repair(None, initial_weights={})
     with pytest.raises(ValueError, match="retrain_epochs"):
         RepairConfig(method="auto", retrain_epochs=0)
+    with pytest.raises(ValueError, match=r"auto_significance_level must be in \(0, 1\) or None"):
+        RepairConfig(method="auto", auto_significance_level=1.0)
     model = MLP()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"initial_weights has keys the model does not: \['encoder.weight'\]"):
