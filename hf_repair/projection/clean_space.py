@@ -10,12 +10,18 @@ R^T = Q T (QR, Q d x n orthonormal) gives G = Q (T T^T) Q^T, so the n x n eigenp
 yields the basis Q V and the energies, in O(n^2 d) instead of O(d^3). The other d - n directions
 hold no energy: their importance is 0 for every alpha, so such a "thin" space (basis d x n) gives
 the same projection M = U diag(lambda) U^T as the full one.
+
+On CPU the eigendecompositions run through SciPy's LAPACK (`syevd`, the divide-and-conquer driver
+torch uses too): in the wheels measured here it took 0.6-0.7x torch's time at d = 3072
+(BENCHMARKS.md, issue 13). Eigenvectors may differ in sign, which M does not see.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg
 import torch
 
 
@@ -35,7 +41,7 @@ class CleanSpace:
     def from_gram(cls, gram: torch.Tensor, num_rows: int, solver_dtype: torch.dtype | None = None) -> CleanSpace:
         """The eigendecomposition of `gram`, in `solver_dtype` if given (the basis keeps it; energies keep gram's dtype)."""
         gram = 0.5 * (gram + gram.t())  # exact symmetry for eigh after float sums
-        energies, basis = torch.linalg.eigh(gram if solver_dtype is None else gram.to(solver_dtype))
+        energies, basis = symmetric_eigh(gram if solver_dtype is None else gram.to(solver_dtype))
         energies = energies.flip(0).clamp_min(0.0).to(gram.dtype)  # round-off can leave tiny negatives
         return cls(basis=basis.flip(1), energies=energies, num_rows=num_rows)
 
@@ -50,7 +56,7 @@ class CleanSpace:
             return cls.from_gram(rows.t() @ rows, n)
         q, t = torch.linalg.qr(rows.t(), mode="complete" if complete else "reduced")
         t = t[:n]
-        energies, vectors = torch.linalg.eigh(t @ t.t())
+        energies, vectors = symmetric_eigh(t @ t.t())
         energies, vectors = energies.flip(0).clamp_min(0.0), vectors.flip(1)
         basis = q[:, :n] @ vectors
         if complete:
@@ -78,3 +84,14 @@ class CleanSpace:
         if self.energies.numel() == 0 or self.energies[0] <= 0:
             return 0
         return int((self.energies > tol * self.energies[0]).sum())
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix, as `torch.linalg.eigh`.
+
+    A CPU float32/float64 matrix goes to SciPy's `syevd` (see the module docstring); anything else to torch.
+    """
+    if matrix.device.type != "cpu" or matrix.dtype not in (torch.float32, torch.float64):
+        return torch.linalg.eigh(matrix)
+    values, vectors = scipy.linalg.eigh(np.asarray(matrix.detach()), driver="evd", check_finite=False)
+    return torch.from_numpy(values), torch.from_numpy(np.ascontiguousarray(vectors))

@@ -6,7 +6,7 @@ from torch import nn
 
 from hf_repair.modeling.layers import adapter_for
 from hf_repair.projection.capture import GramCollector, add_to_upper_gram, mirror_upper
-from hf_repair.projection.clean_space import CleanSpace
+from hf_repair.projection.clean_space import CleanSpace, symmetric_eigh
 
 
 def _gram_of(layer: nn.Module, batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -177,3 +177,17 @@ def test_a_float32_solver_keeps_float64_energies_close_to_the_float64_ones():
     for alpha in (1.0, 1e3, 1e5):  # float32 precision, scaled by alpha on the weakest directions
         atol = 1e-6 + 1e-7 * alpha
         torch.testing.assert_close(single.projection(alpha).double(), exact.projection(alpha), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_cpu_eigensolver_agrees_with_torch(dtype):
+    """SciPy's syevd on CPU: torch's eigenvalues, in ascending order, and a basis that rebuilds the matrix."""
+    rows = torch.randn(300, 80, dtype=torch.float64) * torch.logspace(0, -2, 80, dtype=torch.float64)
+    gram = (rows.t() @ rows).to(dtype)
+    values, vectors = symmetric_eigh(gram)
+    expected, _ = torch.linalg.eigh(gram)
+    assert values.dtype == vectors.dtype == dtype and vectors.is_contiguous()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(values, expected, rtol=0, atol=tol * float(expected[-1]))
+    torch.testing.assert_close((vectors * values) @ vectors.t(), gram, rtol=0, atol=tol * float(expected[-1]))
+    torch.testing.assert_close(vectors.t() @ vectors, torch.eye(80, dtype=dtype), rtol=0, atol=tol * 10)
