@@ -390,6 +390,49 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
+def cached_runs_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the scripts that score more methods on this benchmark's cached trajectories."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["vision"], choices=["vision", "text"])
+    parser.add_argument("--regimes", nargs="+", default=["short", "long"], choices=["short", "long"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lora", action="store_true", help="LoRA fine-tunes, as finetune_regime.py --lora.")
+    parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
+    parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded).")
+    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
+                                                            "finetune_regime"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON", help="Print the tables of saved rows.")
+    return parser
+
+
+def run_cached_settings(args: argparse.Namespace, run: Callable[..., dict[str, Any]],
+                        summarize_rows: Callable[[list[dict[str, Any]]], str]) -> None:
+    """`run(task, regime, recipes, seed, args)` for every task, seed and regime of `args` (or --summarize saved rows)."""
+    if args.summarize:
+        print(summarize_rows([row for path in args.summarize for row in json.loads(Path(path).read_text())]))
+        return
+    args.quick = False
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    rows = []
+    for name in args.tasks:
+        sizes = FULL[name]
+        for seed in args.seeds:
+            task = (vision_task if name == "vision" else text_task)(seed, sizes, args)
+            recipes = LORA[name] if args.lora else sizes.regimes
+            if args.lora:
+                task = with_lora(task, seed)
+            for regime in args.regimes:
+                rows.append(run(task, regime, recipes, seed, args))
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(summarize_rows(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["vision", "text"], choices=["vision", "text"])

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
-import logging
 import os
 import sys
 import time
@@ -32,8 +30,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
@@ -167,41 +163,10 @@ def summarize(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["vision"], choices=["vision", "text"])
-    parser.add_argument("--regimes", nargs="+", default=["short", "long"], choices=["short", "long"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--lora", action="store_true", help="LoRA fine-tunes, as finetune_regime.py --lora.")
-    parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
-    parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded).")
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
-                                                            "finetune_regime"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
-    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON", help="Print the tables of saved rows.")
-    args = parser.parse_args()
-    if args.summarize:
-        print(summarize([row for path in args.summarize for row in json.loads(Path(path).read_text())]))
-        return
-    args.quick = False
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    rows = []
-    for name in args.tasks:
-        sizes = regime_benchmark.FULL[name]
-        for seed in args.seeds:
-            task = (regime_benchmark.vision_task if name == "vision" else regime_benchmark.text_task)(seed, sizes, args)
-            recipes = regime_benchmark.LORA[name] if args.lora else sizes.regimes
-            if args.lora:
-                task = regime_benchmark.with_lora(task, seed)
-            for regime in args.regimes:
-                rows.append(run_setting(task, regime, recipes[regime], recipes["short"], seed, args))
-                if args.json:
-                    Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(summarize(rows))
-
+    args = regime_benchmark.cached_runs_parser(__doc__).parse_args()
+    regime_benchmark.run_cached_settings(
+        args, lambda task, regime, recipes, seed, a: run_setting(task, regime, recipes[regime], recipes["short"], seed, a),
+        summarize)
 
 if __name__ == "__main__":
     main()
