@@ -50,7 +50,7 @@ class Trajectory:
         self.reader = reader  # reads a checkpoint folder's weights
         self.points: list[TrajectoryPoint] = []
         self.shared: StateDict = {}  # frozen weights every in-memory point has, held once (`cpu_state`)
-        self.initial: StateDict | str | os.PathLike | None = None  # the weights training started from, if kept
+        self.initial: StateDict | None = None  # the weights training started from, if kept
         self._read: dict[int, StateDict] = {}  # checkpoint folders read so far, while usable
 
     @property
@@ -108,13 +108,11 @@ class Trajectory:
         return self._read[index]
 
     def initial_weights(self) -> StateDict:
-        """The weights training started from, on CPU (a checkpoint folder is read each time)."""
+        """The weights training started from, on CPU, with the frozen ones `shared` holds."""
         if self.initial is None:
             raise RuntimeError("The trajectory has no initial weights: RepairCallback keeps them when 'retrain' is "
                                "among auto_candidates; offline, pass initial_weights=.")
-        if isinstance(self.initial, dict):
-            return {**self.shared, **self.initial} if self.shared else self.initial
-        return self.reader(self.initial)
+        return {**self.shared, **self.initial} if self.shared else self.initial
 
     def cpu_state(self, state: StateDict, frozen: set[str]) -> StateDict:
         """A CPU copy of `state` for a new point, without the `frozen` keys `shared` already holds with equal values.

@@ -51,8 +51,8 @@ def repair_from_trajectory(
             folders or state dicts in training order, or the `Trajectory` `RepairCallback` recorded. None: the
             final weights alone (the candidates are then the refinements on top of them).
         train_dataset: the training data, for the "erase" and "retrain" refinements (left out without it).
-        initial_weights: the weights training started from (a checkpoint folder or a state dict), for the
-            "retrain" refinement; `RepairCallback` keeps them in its trajectory.
+        initial_weights: the weights training started from (a checkpoint folder, read once into CPU memory, or a
+            state dict), for the "retrain" refinement; `RepairCallback` keeps them in its trajectory.
     """
     start = time.perf_counter()
     check_materialized(model)
@@ -60,7 +60,9 @@ def repair_from_trajectory(
     if sharding != "plain":
         raise ValueError(f"method='auto' loads whole state dicts, which a {sharding}-sharded model does not support "
                          f"yet; repair the unsharded model (one process or DDP).")
-    if isinstance(initial_weights, dict):  # before any work: a wrong state would fail only at the retrain
+    if initial_weights is not None:  # read and checked before any work: a wrong state would fail only at the retrain
+        if not isinstance(initial_weights, dict):
+            initial_weights = read_checkpoint(initial_weights, model)
         check_state_keys(model, initial_weights, "initial_weights")
     split = split_verified(model, verified, config, forward_fn, collate_fn)
     snapshot = ModelSnapshot(model)  # the final weights: every candidate is loaded over them, undo restores them

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
 from transformers import Trainer, TrainingArguments
@@ -226,7 +227,7 @@ def test_the_best_point_of_a_fold_is_chosen_without_that_fold():
     assert torch.equal(builder.heldout_predictions("best", fold=0), torch.tensor([0, 0, 1, 1]))
 
 
-def test_the_trajectory_options_are_checked():
+def test_the_trajectory_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="trajectory_eval_steps"):
         RepairConfig(method="auto", trajectory_eval_strategy="steps")
     with pytest.raises(ValueError, match="auto_candidates"):
@@ -245,6 +246,10 @@ def test_the_trajectory_options_are_checked():
         Repairer(model, AUTO).repair(None, initial_weights={"encoder.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"initial_weights lacks the model's weights \['body.1.weight'"):
         Repairer(model, AUTO).repair(None, initial_weights={"head.weight": torch.zeros(10, 64)})
+    # a checkpoint folder is read and checked up front too, not at the retrain
+    safetensors.torch.save_file({"encoder.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"initial_weights has keys the model does not: \['encoder.weight'\]"):
+        Repairer(model, AUTO).repair(None, initial_weights=tmp_path)
     assert_same_state(model.state_dict(), before)
 
 
