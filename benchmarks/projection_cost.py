@@ -44,7 +44,7 @@ NUM_VERIFIED = 1000
 EPOCH_EXAMPLES = 10_000
 PUBLISHED_MAX_ROWS = 50_000
 PHASE_COLUMNS = ["model", "alpha search", "capture s", "decomposition s", "selection s", "repair s", "peak MiB",
-                 "x epoch", "x verified forward", "alphas scored", "alpha"]
+                 "x epoch", "x verified forward", "alphas scored", "alphas stopped early", "alpha"]
 COMPARE_COLUMNS = ["model", "M params", "epoch s", "epoch examples", "verified forward s", "padded / real tokens",
                    "clean spaces s (ours)", "clean spaces s (published)", "published / ours", "repair s (ours)",
                    "published spaces + our selection s"]
@@ -171,7 +171,7 @@ def main() -> None:
             m = result.metrics
             phase_rows.append([kind, search, m["capture_time_s"], m["decomposition_time_s"], m["selection_time_s"],
                                cost.seconds, cost.peak_mib, cost.seconds / epoch_s, cost.seconds / forward_s,
-                               len(result.selection), m["alpha"]])
+                               len(result.selection), len(m["alphas_stopped_early"]), m["alpha"]])
             print(markdown_table(PHASE_COLUMNS, phase_rows[-1:]), flush=True)
         published_s = np.nan if args.skip_published else published_spaces_seconds(model, verified, collator,
                                                                                     target_modules)

@@ -30,7 +30,7 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     # Long enough to memorise the wrong labels, as an unregularised model does.
     model = train_classifier(SmallCNN(width=16), train, epochs=40, lr=3e-3, batch_size=64, seed=0, progress=False)
     noisy_accuracy = evaluate_accuracy(model, test)
-    unrepaired, double = copy.deepcopy(model), copy.deepcopy(model).double()
+    unrepaired, double, unpruned_model = copy.deepcopy(model), copy.deepcopy(model).double(), copy.deepcopy(model)
 
     result = Repairer(model, RepairConfig(target_modules="all", seed=0, disable_tqdm=True)).repair(verified)
     repaired_accuracy = evaluate_accuracy(model, test)
@@ -51,3 +51,18 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
                      forward_fn=lambda m, inputs: m(**{k: v.double() for k, v in inputs.items()}).logits).repair(verified)
     assert [(alpha, s["accuracy"]) for alpha, s in exact.selection] == [
         (alpha, s["accuracy"]) for alpha, s in result.selection]
+
+    # Scoring stopped early (an alpha that could no longer reach the best) changes nothing: a compute_metrics
+    # turns the stopping off, and the full scoring chooses the same alpha with the same weights, every stopped
+    # alpha below the best and within the bound it was stopped at.
+    stopped = result.metrics["alphas_stopped_early"]
+    assert stopped, result.selection  # this trained CNN's smallest alphas collapse
+    config = RepairConfig(target_modules="all", seed=0, disable_tqdm=True, alpha_search="grid")
+    unpruned = Repairer(unpruned_model, config, compute_metrics=lambda prediction: {}).repair(verified)
+    assert unpruned.metrics["alphas_stopped_early"] == [] and unpruned.metrics["alpha"] == result.metrics["alpha"]
+    curve = {alpha: scores["accuracy"] for alpha, scores in unpruned.selection}
+    best = max(curve.values())
+    for row in stopped:
+        assert curve[row["alpha"]] < best and curve[row["alpha"]] <= row["accuracy_at_most"], (row, curve)
+    for ours, theirs in zip(model.state_dict().values(), unpruned_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -59,7 +59,9 @@ class ProjectionArguments:
         metadata={
             "help": "How many alphas to score (one pass over the verified split each): 'grid' scores them all; "
             "'coarse_to_fine' every third and the last, then up to two steps towards the better neighbour of the "
-            "best (6 to 9 of the default 14 passes; the grid's choice when the held-out curve has one peak).",
+            "best (6 to 9 of the default 14 passes; the grid's choice when the held-out curve has one peak). Either way "
+            "an alpha's scoring stops once it cannot reach the best accuracy scored (metric_for_selection='accuracy' "
+            "without compute_metrics).",
             "choices": ["coarse_to_fine", "grid"],
         },
     )

@@ -107,6 +107,9 @@ def _result(search: AlphaSearchResult, config: RepairConfig, targets: dict[str, 
         "num_verified": search.num_samples,
         "num_layers": sum(len(m) for m in search.groups.values()),
         "num_clean_spaces": len(search.groups),
+        # alphas whose held-out scoring stopped once it could not reach the best; not in the selection curve
+        "alphas_stopped_early": [{"alpha": alpha, "accuracy_at_most": bound}
+                                 for alpha, bound in sorted(search.pruned.items())],
         "repair_time_s": seconds,
         **{f"{phase.removesuffix('_s')}_time_s": value for phase, value in search.timings.items()},
     }

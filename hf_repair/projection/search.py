@@ -13,6 +13,7 @@ alpha against the unrepaired model's on the same samples (`hf_repair.evaluation.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -53,7 +54,8 @@ class AlphaSearchResult:
     baseline_scores: dict[str, float]  # the unrepaired model on every verified sample
     chosen_scores: dict[str, float]  # the adopted choice, each sample scored by a space built without it
     comparison: PairedComparison  # the best choice's held-out predictions against the unrepaired model's
-    alpha_scores: list[tuple[float, dict[str, float]]]  # the global alpha curve
+    alpha_scores: list[tuple[float, dict[str, float]]]  # the global alpha curve, alphas scored in full
+    pruned: dict[float, float]  # alphas whose scoring stopped early -> the most accuracy they could have had
     spaces: dict[str, CleanSpace]
     groups: dict[str, list[str]]
     num_samples: int
@@ -121,21 +123,41 @@ class AlphaSearch:
         scored: dict[Any, dict[str, float]] = {}  # and its scores: no choice is scored twice
         untouched = _choice_key({leader: None for leader in groups})  # no projection: the capture pass scored it
         correct[untouched], scored[untouched] = baseline_correct, baseline
+        num_samples = int(labels.numel())
 
-        def cross_validate(alpha: float | Mapping[str, float | None]) -> dict[str, float]:
+        # Only our own accuracy is bounded by its count so far (a compute_metrics may redefine "accuracy").
+        prunable = (config.metric_for_selection == "accuracy" and config.repair_greater_is_better
+                    and self.compute_metrics is None)
+        best_correct = -1  # the most held-out samples right of any choice scored in full (not the unrepaired model)
+        pruned: dict[Any, float] = {}
+
+        def cross_validate(alpha: float | Mapping[str, float | None]) -> dict[str, float] | None:
+            """The choice's pooled held-out scores, or None once it cannot reach `best_correct` (see module doc)."""
+            nonlocal best_correct
             key = _choice_key(alpha)
+            if key in pruned:
+                return None
             if key in scored:
                 return scored[key]
             fold_logits, fold_labels = [], []
+            num_correct, num_seen = 0, 0
             for fold, projector in enumerate(projectors):
                 projector.apply(alpha)
                 logits_f, labels_f = predict(self.model, split.batches(fold), self.forward_fn,
                                              before_forward=lambda b: progress.update(len(b.labels)))
                 fold_logits.append(logits_f)
                 fold_labels.append(labels_f)
+                # Gathered predictions: every process takes the same decision.
+                num_correct += int((logits_f.argmax(-1) == labels_f).sum())
+                num_seen += labels_f.numel()
+                at_most = num_correct + num_samples - num_seen
+                if prunable and fold < k - 1 and at_most < best_correct:
+                    pruned[key] = at_most / num_samples
+                    return None
             heldout_logits, heldout_labels = torch.cat(fold_logits), torch.cat(fold_labels)
             correct[key] = heldout_logits.argmax(-1) == heldout_labels
             scored[key] = compute_scores(heldout_logits, heldout_labels, self.compute_metrics)
+            best_correct = max(best_correct, int(correct[key].sum()))
             return scored[key]
 
         sign = 1.0 if config.repair_greater_is_better else -1.0
@@ -177,9 +199,10 @@ class AlphaSearch:
             chosen_scores=best_scores if adopted else baseline,
             comparison=comparison,
             alpha_scores=alpha_scores,
+            pruned={key: bound for key, bound in pruned.items() if not isinstance(key, tuple)},
             spaces=final_spaces,
             groups=groups,
-            num_samples=int(labels.numel()),
+            num_samples=num_samples,
             timings=timings,
         )
 
@@ -188,7 +211,7 @@ class AlphaSearch:
         groups: dict[str, list[str]],
         start_alpha: float,
         start_scores: dict[str, float],
-        cross_validate: Callable[[Mapping[str, float | None]], dict[str, float]],
+        cross_validate: Callable[[Mapping[str, float | None]], dict[str, float] | None],
         value: Callable[[dict[str, float]], float],
     ) -> tuple[dict[str, float | None], dict[str, float]]:
         """Coordinate ascent: each clean space in turn tries every alpha and no projection at all.
@@ -205,42 +228,45 @@ class AlphaSearch:
                     continue
                 trial = {**choice, leader: candidate}
                 scores = cross_validate(trial)
-                if value(scores) > value(best_scores):
+                if scores is not None and value(scores) > value(best_scores):  # None: stopped, below the best
                     choice, best_scores = trial, scores
         return choice, best_scores
 
 
 def search_alphas(
     alphas: list[float],
-    cross_validate: Callable[[float], dict[str, float]],
+    cross_validate: Callable[[float], dict[str, float] | None],
     value: Callable[[dict[str, float]], float],
     strategy: str = "coarse_to_fine",
 ) -> list[tuple[float, dict[str, float]]]:
-    """The (alpha, held-out scores) pairs that were evaluated, in alpha order.
+    """The (alpha, held-out scores) pairs scored in full, in alpha order.
 
     "grid" scores every alpha (one pass over the verified split each). "coarse_to_fine" scores
     every third alpha of the sorted grid and the last one, then walks from the best coarse alpha
     towards its better neighbour, at most two steps: 6 to 9 passes for the default 14-point grid,
     and the grid's choice whenever the held-out curve has one peak (ties going to the larger alpha,
-    closer to the trained model, as in the final choice).
+    closer to the trained model, as in the final choice). Larger alphas are scored first. An alpha
+    for which `cross_validate` returns None (stopped early: below an alpha already scored) ranks last.
     """
     if strategy == "grid" or len(alphas) <= 4:
-        return [(alpha, cross_validate(alpha)) for alpha in alphas]
-    scored: dict[int, dict[str, float]] = {}
+        results = [(alpha, cross_validate(alpha)) for alpha in reversed(alphas)]
+        return [(alpha, scores) for alpha, scores in reversed(results) if scores is not None]
+    scored: dict[int, dict[str, float] | None] = {}
 
     def rank(index: int) -> tuple[float, float]:
         if index not in scored:
             scored[index] = cross_validate(alphas[index])
-        return value(scored[index]), alphas[index]
+        scores = scored[index]
+        return (-math.inf if scores is None else value(scores)), alphas[index]
 
-    best = max(sorted({*range(0, len(alphas), 3), len(alphas) - 1}), key=rank)
+    best = max(sorted({*range(0, len(alphas), 3), len(alphas) - 1}, reverse=True), key=rank)
     # With one peak, it lies within two steps of `best`, on the side of the better neighbour (if either is).
     for step in (-1, 1):
         if 0 <= best + step < len(alphas) and rank(best + step) > rank(best):
             if 0 <= best + 2 * step < len(alphas):
                 rank(best + 2 * step)
             break
-    return [(alphas[i], scored[i]) for i in sorted(scored)]
+    return [(alphas[i], scores) for i, scores in sorted(scored.items()) if scores is not None]
 
 
 def _selection_dtype(snapshot: WeightSnapshot, targets: dict[str, tuple[nn.Module, LayerAdapter]]) -> torch.dtype:

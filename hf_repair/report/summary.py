@@ -75,6 +75,10 @@ def summary_text(numbers: dict[str, Any]) -> str:
         lines.append(f"alpha: {chosen:g}" if chosen is not None else "alpha: none adopted")
         lines.append(f"alphas tried: {len(selection['points'])}, scored by held-out {selection['metric']} on "
                      f"{numbers['config']['num_folds']} folds of {metrics.get('num_verified')} verified samples")
+        stopped = metrics.get("alphas_stopped_early") or []
+        if stopped:
+            lines.append(f"  and {len(stopped)} stopped early, below the best at most: " + ", ".join(
+                f"{row['alpha']:g} ({pct(row['accuracy_at_most'])})" for row in stopped))
     if metrics.get("num_flagged") is not None:  # a fine-tune ran
         lines.append(finetune_line(metrics))
         quality = [f"{k} {fmt(metrics[f'identification_{k}'])}" for k in ("precision", "recall", "auroc")

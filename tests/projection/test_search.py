@@ -52,3 +52,27 @@ def test_the_walk_goes_towards_the_better_neighbour_only():
 def test_the_grid_scores_every_alpha():
     curve = [float(i % 5) for i in range(len(ALPHAS))]  # several peaks: only the grid is sure to find the best
     assert _search(curve, "grid") == (_grid_choice(curve), len(ALPHAS))
+
+
+@pytest.mark.parametrize("strategy", ["coarse_to_fine", "grid"])
+@pytest.mark.parametrize("peak", [0, 4, 9, 13])
+def test_alphas_stopped_below_the_best_change_no_choice(strategy, peak):
+    # cross_validate gives up (None) on any alpha worse than the best scored before it, as a pruned scoring does.
+    curve = [-abs(i - peak) for i in range(len(ALPHAS))]
+    order: list[float] = []
+    best = [-float("inf")]
+
+    def cross_validate(alpha: float) -> dict[str, float] | None:
+        order.append(alpha)
+        value = curve[ALPHAS.index(alpha)]
+        if value < best[0]:
+            return None
+        best[0] = value
+        return {"accuracy": value}
+
+    scored = search_alphas(ALPHAS, cross_validate, lambda scores: scores["accuracy"], strategy)
+    assert max(scored, key=lambda item: (item[1]["accuracy"], item[0]))[0] == _grid_choice(curve)
+    assert order[0] == ALPHAS[-1]  # the near-identity alpha first: a trained model's best is usually there
+    assert [alpha for alpha, _ in scored] == sorted(alpha for alpha, _ in scored)
+    if peak > 0:  # something below the peak came after it: stopped, and not in the curve
+        assert len(scored) < len(order)

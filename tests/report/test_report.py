@@ -220,6 +220,7 @@ def test_page_shows_the_numbers_figures_and_samples(image_task, image_report):
     summary = (image_report["directory"] / "summary.txt").read_text()
     assert "adopted" in summary and "test" in summary and "T-shirt/top" in summary
     assert f"{100 * numbers['test']['accuracy_after']:.2f}%" in summary
+    assert ("stopped early" in summary) == bool(numbers["metrics"]["alphas_stopped_early"])
 
 
 def test_existing_directory_is_refused_unless_overwrite(image_task, tmp_path):
