@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, nargs="+", default=[3.0], help="retrain_epochs budgets to run.")
     parser.add_argument("--base", default="final", choices=["final", "early_stop"], help="The model that identifies.")
     parser.add_argument("--lora", action="store_true", help="The LoRA runs of finetune_regime.py --lora.")
+    parser.add_argument("--flagged", default="identified",
+                        help="What retrain drops: 'identified' (the library's flags), 'corrupted' (the known "
+                             "corruption), or a number K (the K samples with the lowest identification score).")
     parser.add_argument("--noise", type=float, default=0.4)
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
                                                             "finetune_regime"))
@@ -72,6 +75,11 @@ def main() -> None:
                           retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,
                           significance_test="none", min_improvement=-1.0)
     identification = identify_harmful(base, task.noisy, task.verified, config)
+    corrupted = column_array(task.noisy, "is_corrupted").astype(bool)
+    if args.flagged != "identified":
+        flagged = (np.flatnonzero(corrupted) if args.flagged == "corrupted"
+                   else np.sort(np.argsort(column_array(identification.table, "score"))[:int(args.flagged)]))
+        identification = dataclasses.replace(identification, flagged_indices=flagged)
     initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
     rows = [["none (the base)", f"{100 * accuracy(base):.2f}", "", "", ""]]
     for epochs in args.epochs:
@@ -83,9 +91,10 @@ def main() -> None:
         m = result.metrics
         rows.append([f"{epochs:g}", f"{100 * accuracy(model):.2f}", f"{m['steps']} of {m['max_steps']}",
                      m["stop_reason"], f"{time.perf_counter() - start:.0f}"])
-    s = identification.summary
-    print(f"{task.name} {args.regime} seed {args.seed}, identified by the {args.base} model: {s['num_flagged']} "
-          f"flagged, precision {s['precision']:.3f}, recall {s['recall']:.3f}; load {os.getloadavg()[0]:.1f}")
+    flagged = identification.flagged_indices
+    print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by the {args.base} model): "
+          f"{len(flagged)}, precision {corrupted[flagged].mean():.3f}, recall {corrupted[flagged].sum() / corrupted.sum():.3f}; "
+          f"load {os.getloadavg()[0]:.1f}")
     print(markdown_table(["retrain_epochs", "test %", "steps", "stop", "seconds"], rows))
 
 
