@@ -38,6 +38,13 @@ import finetune_regime as regime_benchmark
 from common import markdown_table
 
 
+def flagged_option(value: str) -> str:
+    """'identified', 'corrupted' or a positive count, checked before anything loads."""
+    if value in ("identified", "corrupted") or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"expected 'identified', 'corrupted' or a positive number of samples, got {value!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regime", default="short", choices=["short", "long"])
@@ -45,7 +52,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, nargs="+", default=[3.0], help="retrain_epochs budgets to run.")
     parser.add_argument("--base", default="final", choices=["final", "early_stop"], help="The model that identifies.")
     parser.add_argument("--lora", action="store_true", help="The LoRA runs of finetune_regime.py --lora.")
-    parser.add_argument("--flagged", default="identified",
+    parser.add_argument("--flagged", default="identified", type=flagged_option,
                         help="What retrain drops: 'identified' (the library's flags), 'corrupted' (the known "
                              "corruption), or a number K (the K samples with the lowest identification score).")
     parser.add_argument("--noise", type=float, default=0.4)

@@ -30,7 +30,7 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     # Long enough to memorise the wrong labels, as an unregularised model does.
     model = train_classifier(SmallCNN(width=16), train, epochs=40, lr=3e-3, batch_size=64, seed=0, progress=False)
     noisy_accuracy = evaluate_accuracy(model, test)
-    unrepaired, double, unpruned_model = copy.deepcopy(model), copy.deepcopy(model).double(), copy.deepcopy(model)
+    unrepaired, double, full_scoring_model = copy.deepcopy(model), copy.deepcopy(model).double(), copy.deepcopy(model)
 
     result = Repairer(model, RepairConfig(target_modules="all", seed=0, disable_tqdm=True)).repair(verified)
     repaired_accuracy = evaluate_accuracy(model, test)
@@ -58,11 +58,11 @@ def test_projection_repair_gains_five_points_on_real_noisy_digits():
     stopped = result.metrics["alphas_stopped_early"]
     assert stopped, result.selection  # this trained CNN's smallest alphas collapse
     config = RepairConfig(target_modules="all", seed=0, disable_tqdm=True, alpha_search="grid")
-    unpruned = Repairer(unpruned_model, config, compute_metrics=lambda prediction: {}).repair(verified)
-    assert unpruned.metrics["alphas_stopped_early"] == [] and unpruned.metrics["alpha"] == result.metrics["alpha"]
-    curve = {alpha: scores["accuracy"] for alpha, scores in unpruned.selection}
+    full_scoring = Repairer(full_scoring_model, config, compute_metrics=lambda prediction: {}).repair(verified)
+    assert full_scoring.metrics["alphas_stopped_early"] == [] and full_scoring.metrics["alpha"] == result.metrics["alpha"]
+    curve = {alpha: scores["accuracy"] for alpha, scores in full_scoring.selection}
     best = max(curve.values())
     for row in stopped:
         assert curve[row["alpha"]] < best and curve[row["alpha"]] <= row["accuracy_at_most"], (row, curve)
-    for ours, theirs in zip(model.state_dict().values(), unpruned_model.state_dict().values(), strict=True):
+    for ours, theirs in zip(model.state_dict().values(), full_scoring_model.state_dict().values(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

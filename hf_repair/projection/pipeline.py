@@ -109,7 +109,7 @@ def _result(search: AlphaSearchResult, config: RepairConfig, targets: dict[str, 
         "num_clean_spaces": len(search.groups),
         # alphas whose held-out scoring stopped once it could not reach the best; not in the selection curve
         "alphas_stopped_early": [{"alpha": alpha, "accuracy_at_most": bound}
-                                 for alpha, bound in sorted(search.pruned.items())],
+                                 for alpha, bound in sorted(search.stopped_early.items())],
         "repair_time_s": seconds,
         **{f"{phase.removesuffix('_s')}_time_s": value for phase, value in search.timings.items()},
     }

@@ -55,7 +55,7 @@ class AlphaSearchResult:
     chosen_scores: dict[str, float]  # the adopted choice, each sample scored by a space built without it
     comparison: PairedComparison  # the best choice's held-out predictions against the unrepaired model's
     alpha_scores: list[tuple[float, dict[str, float]]]  # the global alpha curve, alphas scored in full
-    pruned: dict[float, float]  # alphas whose scoring stopped early -> the most accuracy they could have had
+    stopped_early: dict[float, float]  # alphas whose scoring stopped early -> the most accuracy they could have had
     spaces: dict[str, CleanSpace]
     groups: dict[str, list[str]]
     num_samples: int
@@ -126,16 +126,16 @@ class AlphaSearch:
         num_samples = int(labels.numel())
 
         # Only our own accuracy is bounded by its count so far (a compute_metrics may redefine "accuracy").
-        prunable = (config.metric_for_selection == "accuracy" and config.repair_greater_is_better
+        can_stop = (config.metric_for_selection == "accuracy" and config.repair_greater_is_better
                     and self.compute_metrics is None)
         best_correct = -1  # the most held-out samples right of any choice scored in full (not the unrepaired model)
-        pruned: dict[Any, float] = {}
+        stopped: dict[Any, float] = {}  # choice -> the most accuracy it could have had when its scoring stopped
 
         def cross_validate(alpha: float | Mapping[str, float | None]) -> dict[str, float] | None:
             """The choice's pooled held-out scores, or None once it cannot reach `best_correct` (see module doc)."""
             nonlocal best_correct
             key = _choice_key(alpha)
-            if key in pruned:
+            if key in stopped:
                 return None
             if key in scored:
                 return scored[key]
@@ -151,8 +151,8 @@ class AlphaSearch:
                 num_correct += int((logits_f.argmax(-1) == labels_f).sum())
                 num_seen += labels_f.numel()
                 at_most = num_correct + num_samples - num_seen
-                if prunable and fold < k - 1 and at_most < best_correct:
-                    pruned[key] = at_most / num_samples
+                if can_stop and fold < k - 1 and at_most < best_correct:
+                    stopped[key] = at_most / num_samples
                     return None
             heldout_logits, heldout_labels = torch.cat(fold_logits), torch.cat(fold_labels)
             correct[key] = heldout_logits.argmax(-1) == heldout_labels
@@ -199,7 +199,7 @@ class AlphaSearch:
             chosen_scores=best_scores if adopted else baseline,
             comparison=comparison,
             alpha_scores=alpha_scores,
-            pruned={key: bound for key, bound in pruned.items() if not isinstance(key, tuple)},
+            stopped_early={key: bound for key, bound in stopped.items() if not isinstance(key, tuple)},
             spaces=final_spaces,
             groups=groups,
             num_samples=num_samples,

@@ -57,7 +57,7 @@ def test_the_grid_scores_every_alpha():
 @pytest.mark.parametrize("strategy", ["coarse_to_fine", "grid"])
 @pytest.mark.parametrize("peak", [0, 4, 9, 13])
 def test_alphas_stopped_below_the_best_change_no_choice(strategy, peak):
-    # cross_validate gives up (None) on any alpha worse than the best scored before it, as a pruned scoring does.
+    # cross_validate gives up (None) on any alpha worse than the best scored before it, as a scoring stopped early does.
     curve = [-abs(i - peak) for i in range(len(ALPHAS))]
     order: list[float] = []
     best = [-float("inf")]
