@@ -64,7 +64,8 @@ def run_setting(task: regime_benchmark.Task, regime: str, recipes: dict[str, reg
     m = result.metrics
     row.update(candidate=m["candidate"], candidate_test=accuracy(model) if m["adopted"] else row["noisy"],
                adopted_without_gate=m["adopted"], p_value=m["p_value"], wins=m["wins"], losses=m["losses"],
-               heldout=m["heldout_accuracy"], auto_s=time.perf_counter() - start)
+               heldout=m["heldout_accuracy"], auto_s=time.perf_counter() - start,
+               epoch_s=regime_benchmark.epoch_seconds(final, task.noisy, recipe))  # timed at the same load
     print(f"  {task.name} {regime} seed {seed}: candidate {row['candidate']} test {row['candidate_test']:.4f} "
           f"(final {row['noisy']:.4f}, early stop {row['early_stop']:.4f}), p = {row['p_value']:.3g}", flush=True)
     return row
@@ -105,7 +106,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
                                               for lv in LEVELS])
     gap.append(["average", "", len(rows)] + [f"{np.mean(v):.0f}" for v in averages.values()])
     seeds = [[r["task"], r["regime"], r["seed"], r["candidate"], f"{r['p_value']:.3g}", f"{r['wins']}-{r['losses']}",
-              f"{100 * r['noisy']:.2f}", f"{100 * r['early_stop']:.2f}", f"{100 * r['candidate_test']:.2f}"]
+              f"{100 * r['noisy']:.2f}", f"{100 * r['early_stop']:.2f}", f"{100 * r['candidate_test']:.2f}",
+              f"{r['auto_s'] / r['epoch_s']:.1f}" if "epoch_s" in r else "n/a"]
              for r in rows]
     return "\n\n".join([
         "Gap closed on test in %, mean ± std over seeds, by the gate's level:",
@@ -114,9 +116,10 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         markdown_table(["task", "regime"] + names, versus_es),
         "Against the final weights on test, seeds better-equal-worse:",
         markdown_table(["task", "regime"] + names, versus_final),
-        "Per seed: the candidate, its held-out McNemar p-value and wins-losses over the final weights, test %:",
+        "Per seed: the candidate, its held-out McNemar p-value and wins-losses over the final weights, test %, and "
+        "auto's wall time in training epochs of the noisy run (one timed right after it):",
         markdown_table(["task", "regime", "seed", "candidate", "p", "wins-losses", "final", "early stop",
-                        "candidate"], seeds),
+                        "candidate", "auto, epochs"], seeds),
     ])
 
 

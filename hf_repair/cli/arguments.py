@@ -88,17 +88,19 @@ class CLIArguments:
         metadata={
             "metavar": "DIR",
             "help": "With --method auto: the Trainer output_dir whose checkpoint-* folders hold the training "
-            "trajectory of MODEL_DIR (the final weights); the best point, weight averages and soups of them, and "
-            "head refit / projection / erase / retrain on top, are chosen by held-out verified folds.",
+            "trajectory of MODEL_DIR (the final weights); the best point, weight averages and soups of them (and a "
+            "fresh fine-tune with --initial_weights), and head refit / projection / erase / retrain on top, are "
+            "chosen by held-out verified folds.",
         },
     )
     initial_weights: Optional[str] = field(
         default=None,
         metadata={
             "metavar": "DIR",
-            "help": "With --method auto and --train: a checkpoint folder with the weights training started from "
-            "(e.g. the pretrained model with its new head, saved before training), for the retrain refinement: "
-            "fine-tune them again without the training samples flagged as harmful.",
+            "help": "With --method auto: a checkpoint folder with the weights training started from (e.g. the "
+            "pretrained model with its new head, saved before training), for the fresh procedure (fine-tune them "
+            "on the verified samples alone) and, with --train, the retrain refinement (fine-tune them again "
+            "without the training samples flagged as harmful).",
         },
     )
     test: Optional[str] = field(

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
-AUTO_CANDIDATES = ("best", "average", "soup", "head_refit", "projection", "erase", "retrain")
+AUTO_CANDIDATES = ("best", "average", "soup", "fresh", "head_refit", "projection", "erase", "retrain")
 
 
 @dataclass
@@ -40,8 +40,9 @@ class TrajectoryArguments:
         default_factory=lambda: list(AUTO_CANDIDATES),
         metadata={
             "help": "What method='auto' weighs against the final weights: 'best' (the best trajectory point), "
-            "'average' (uniform average of the best trajectory_keep points), 'soup' (greedy soup); then, on top of "
-            "the best of those, 'head_refit', 'projection' and 'erase' (identify the harmful training samples with "
+            "'average' (uniform average of the best trajectory_keep points), 'soup' (greedy soup), 'fresh' (the "
+            "weights training started from, fine-tuned on the verified samples alone, fresh_epochs of budget; needs "
+            "the initial weights, which RepairCallback keeps); then, on top of the best of those, 'head_refit', 'projection' and 'erase' (identify the harmful training samples with "
             "that model and fine-tune without them, retention_epochs of budget; only when the training data is "
             "given), 'retrain' (identify them the same way, then fine-tune the weights training *started* from "
             "on the rest, retrain_epochs of budget; needs the training data and the initial weights, which "
@@ -53,6 +54,14 @@ class TrajectoryArguments:
         metadata={
             "help": "The 'retrain' refinement's budget in epochs of the training set; its fine-tune stops early at "
             "its lowest held-out verified loss, with the learning rate and batch size of erase and retention."
+        },
+    )
+    fresh_epochs: float = field(
+        default=20.0,
+        metadata={
+            "help": "The 'fresh' procedure's budget in passes over the verified samples it trains on; its fine-tune "
+            "stops early at its lowest held-out verified loss, with the learning rate and batch size of erase and "
+            "retention."
         },
     )
 
@@ -78,6 +87,8 @@ class TrajectoryArguments:
             raise ValueError(f"trajectory_keep must be at least 1, got {self.trajectory_keep}.")
         if not self.retrain_epochs > 0:
             raise ValueError(f"retrain_epochs must be positive, got {self.retrain_epochs}.")
+        if not self.fresh_epochs > 0:
+            raise ValueError(f"fresh_epochs must be positive, got {self.fresh_epochs}.")
         if self.auto_significance_level is not None and not 0.0 < self.auto_significance_level < 1.0:
             raise ValueError(f"auto_significance_level must be in (0, 1) or None, got {self.auto_significance_level}.")
         unknown = [c for c in self.auto_candidates if c not in AUTO_CANDIDATES]

@@ -26,9 +26,10 @@ Method "auto". The callback also records the training trajectory: at the end of 
 `trajectory_eval_steps` steps) it scores the model on the verified samples (one forward pass, eval mode,
 sharded over processes and gathered, so every process holds the same numbers) and keeps the weights of
 the points a selection procedure can still use on CPU (`hf_repair.trajectory.points` bounds them), and,
-for the retrain refinement, the weights training starts from. At train end
+for the fresh procedure and the retrain refinement, the weights training starts from. At train end
 `Repairer.repair(verified, checkpoints=trajectory)` chooses among the final weights, the best point, weight
-averages, soups and head refit / projection / erase / retrain on top, by nested held-out verified folds.
+averages, soups, a fresh fine-tune on the verified samples alone, and head refit / projection / erase /
+retrain on top, by nested held-out verified folds.
 
 Outputs. The main process writes `repair_results.json` (the layout `hf-repair` writes too) and the
 HTML report of `RepairResult.report` into `output_dir/repair_report/`, both replacing those of an
@@ -168,7 +169,7 @@ class RepairCallback(TrainerCallback):
             self.trajectory = None
             self._recorder = TrajectoryRecorder(model, repairer.verified_split(self.verified_dataset),
                                                 repairer.forward_fn, self.config.trajectory_keep)
-            if "retrain" in self.config.auto_candidates and self._uses_training_data():
+            if self._restarts():
                 self._recorder.record_initial()  # one more CPU copy of the trainable weights
         if self._uses_training_data():
             self._training_data()
@@ -245,6 +246,12 @@ class RepairCallback(TrainerCallback):
         recorder.record_final(state.global_step, state.epoch)
         self.trajectory = recorder.trajectory
         return self.trajectory
+
+    def _restarts(self) -> bool:
+        """Whether "auto" weighs a procedure that starts again from the initial weights: "fresh", or "retrain"
+        (which needs the training data too)."""
+        candidates = self.config.auto_candidates
+        return "fresh" in candidates or ("retrain" in candidates and self._uses_training_data())
 
     def _uses_training_data(self) -> bool:
         """The fine-tuning methods need the training data; "auto" weighs its erase and retrain refinements when it has some."""

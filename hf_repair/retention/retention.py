@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..config import RepairConfig
-from ..data import CollateFn, VerifiedSplit, check_label_range, column_array, stratified_folds
+from ..data import CollateFn, VerifiedSplit, check_label_range, column_array, model_columns, stratified_folds
 from ..evaluation import ForwardFn, eval_mode, input_names_for
 from ..identification import IdentificationResult
 from ..utils.distributed import process_info
@@ -116,9 +116,7 @@ class RetentionRepair:
                 f"rows: it was computed on another dataset. Identify on the training set you pass to repair()."
             )
         unflagged = np.setdiff1d(np.arange(len(train_dataset)), flagged)
-        folds = stratified_folds(np.asarray(split.labels_all), split.num_folds, config.repair_seed)
-        verified_rows = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != HELDOUT_FOLD]))
-        verified_labels = np.asarray(split.labels_all)[verified_rows]
+        verified_rows, verified_labels = self._verified_training_rows(split)
         num_classes = self._num_classes(split)
         check_label_range(labels, num_classes)
         check_label_range(verified_labels, num_classes)
@@ -175,6 +173,23 @@ class RetentionRepair:
                 break  # the stage restored its starting weights; later stages would start from the same place
         return outcome
 
+    def run_on_verified(self, verified: datasets.Dataset, split: VerifiedSplit, epochs: float) -> FinetuneResult:
+        """Fine-tune in place on the verified training folds alone, `epochs` passes over them, judged and stopped
+        early on the held-out fold like the stages above (method "auto"'s "fresh": no noisy label is seen)."""
+        config = self.config
+        columns = [c for c in model_columns(verified, config.label_column, self.input_names) if c != config.label_column]
+        rows, labels = self._verified_training_rows(split)
+        num_classes = self._num_classes(split)
+        check_label_range(labels, num_classes)
+        table = FinetuneSet([verified.select_columns(columns + [config.label_column])], np.zeros(len(rows)), rows,
+                            labels, label_column=config.label_column)
+        _, world = process_info()
+        batch_size = config.retention_batch_size or config.batch_size
+        steps = max(1, math.ceil(epochs * len(rows) / (batch_size * world)))
+        args = self._finetune_arguments(steps, batch_size, seed=config.repair_seed, gradient_surgery=False)
+        return GuardedFinetuner(self.model, args, self.forward_fn, self.collate_fn, self.compute_metrics).run(
+            table, split, HELDOUT_FOLD, num_classes, desc="fresh fine-tune")
+
     def _finetune_arguments(self, steps: int, batch_size: int, seed: int, gradient_surgery: bool) -> FinetuneArguments:
         config = self.config
         return FinetuneArguments(
@@ -195,6 +210,12 @@ class RetentionRepair:
             disable_tqdm=config.repair_disable_tqdm,
             gradient_surgery=gradient_surgery,
         )
+
+    def _verified_training_rows(self, split: VerifiedSplit) -> tuple[np.ndarray, np.ndarray]:
+        """The verified rows a fine-tune trains on (every fold but `HELDOUT_FOLD`), and their labels."""
+        folds = stratified_folds(np.asarray(split.labels_all), split.num_folds, self.config.repair_seed)
+        rows = np.sort(np.concatenate([f for i, f in enumerate(folds) if i != HELDOUT_FOLD]))
+        return rows, np.asarray(split.labels_all)[rows]
 
     def _num_classes(self, split: VerifiedSplit) -> int:
         batch = next(iter(split.batches(HELDOUT_FOLD)))

@@ -1,5 +1,6 @@
-"""Method "auto": the training trajectory (best point, weight averages, soups) and head refit / projection / erase /
-retrain on top, chosen by nested held-out verified folds and adopted only if significantly better than the final weights."""
+"""Method "auto": the training trajectory (best point, weight averages, soups), a fresh fine-tune of the initial weights on
+the verified samples, and head refit / projection / erase / retrain on top, chosen by nested held-out verified folds and
+adopted only if significantly better than the final weights."""
 
 from .candidates import BASE_PROCEDURES, REFINEMENTS, CandidateBuilder
 from .checkpoints import list_checkpoints, read_checkpoint

@@ -8,6 +8,11 @@ when it is finally run -- and builds weights from the trajectory with them alone
 - `average`: the uniform average of the `keep` best points on those samples (weight averaging);
 - `soup`: a greedy soup (Wortsman et al., 2022): the `keep` best points, best first, each added to the
   average while the average's accuracy on those samples does not drop;
+- `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes,
+  kept at the lowest loss on an inner fold of them). It sees no noisy label: where the noise did more harm
+  than the training set's size did good (a text model that memorised its noise, BENCHMARKS.md), this
+  beats every point of the trajectory, and the harmful samples its refinements identify are judged by a
+  model that never learnt them;
 - `<base>+head_refit`: the base procedure, then its head refitted on those samples (its strength chosen
   by inner folds of them);
 - `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples;
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -37,22 +43,34 @@ from torch import nn
 
 from ..config import RepairConfig
 from ..data import CollateFn, VerifiedSplit, stratified_folds
-from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold
+from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_verified
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
 from ..projection.pipeline import ProjectionResult, project
-from ..retention import repair_with_finetuning
+from ..retention import RetentionRepair, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
 from .points import Trajectory
 
 logger = logging.getLogger(__name__)
 
-BASE_PROCEDURES = ("final", "best", "average", "soup")
+BASE_PROCEDURES = ("final", "best", "average", "soup", "fresh")
 REFINEMENTS = ("head_refit", "projection", "erase", "retrain")
-DATASET_REFINEMENTS = ("projection", "erase", "retrain")  # run on each fold's complement as a datasets.Dataset
+# run on each fold's complement as a datasets.Dataset
+DATASET_PROCEDURES = ("fresh", "projection", "erase", "retrain")
+NEEDS_INITIAL_WEIGHTS = ("fresh", "retrain")
 
 Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """The weights of base procedure "fresh" selected without verified fold `fold` (None: on every sample)."""
+
+    fold: int | None
+
+
+Base = Points | Fresh  # the weights a base procedure builds
 
 
 class CandidateBuilder:
@@ -73,17 +91,22 @@ class CandidateBuilder:
         self.config = config
         self.forward_fn = forward_fn
         self.collate_fn = collate_fn
-        self._predictions: dict[Points, torch.Tensor] = {}
-        self._head_inputs: dict[Points, tuple[HeadInputs, torch.Tensor]] = {}
+        self._predictions: dict[Base, torch.Tensor] = {}
+        self._head_inputs: dict[Base, tuple[HeadInputs, torch.Tensor]] = {}
         self._head: TrackedLayer | None = None
-        # identifications by (base points, held-out fold): erase and retrain on the same base share one
-        self._identifications: dict[tuple[Points, int | None], IdentificationResult] = {}
+        # identifications by (base, held-out fold): erase and retrain on the same base share one
+        self._identifications: dict[tuple[Base, int | None], IdentificationResult] = {}
+        self._fresh: dict[int | None, StateDict] = {}  # "fresh" weights by held-out fold (trainable ones, on CPU)
 
     # ------------------------------------------------------------------------------------------
-    # weights and predictions of a set of points
+    # weights and predictions of a base
 
-    def averaged(self, points: Points) -> StateDict:
-        """The uniform average of the points' weights (floating tensors; others from the latest point)."""
+    def weights(self, base: Base) -> StateDict:
+        """A base's weights: "fresh" ones, or the uniform average of trajectory points (floating tensors; others
+        from the latest point)."""
+        if isinstance(base, Fresh):
+            return self._fresh_weights(base.fold)
+        points = base
         states = [self.trajectory.weights(i) for i in points]
         if len(states) == 1:
             return states[0]
@@ -97,38 +120,53 @@ class CandidateBuilder:
                 averaged[key] = value
         return averaged
 
-    def load(self, points: Points) -> None:
-        load_weights(self.model, self.averaged(points))
+    def load(self, base: Base) -> None:
+        load_weights(self.model, self.weights(base))
 
-    def predictions(self, points: Points) -> torch.Tensor:
-        """Every verified sample's predicted class under the points' average (no forward pass for one point)."""
-        if len(points) == 1:
-            return self.trajectory.points[points[0]].predictions
-        if points not in self._predictions:
-            self.load(points)
+    def predictions(self, base: Base) -> torch.Tensor:
+        """Every verified sample's predicted class under a base's weights (no forward pass for one point)."""
+        if not isinstance(base, Fresh) and len(base) == 1:
+            return self.trajectory.points[base[0]].predictions
+        if base not in self._predictions:
+            self.load(base)
             with eval_mode(self.model):
                 logits, _, _ = predict_by_fold(self.model, self.split, self.forward_fn)
-            self._predictions[points] = logits.argmax(-1).cpu()
-        return self._predictions[points]
+            self._predictions[base] = logits.argmax(-1).cpu()
+        return self._predictions[base]
 
-    def head_inputs(self, points: Points) -> tuple[HeadInputs, torch.Tensor]:
-        """The head's inputs on every verified sample under the points' average, and that head's weight."""
-        if points not in self._head_inputs:
-            self.load(points)
+    def head_inputs(self, base: Base) -> tuple[HeadInputs, torch.Tensor]:
+        """The head's inputs on every verified sample under a base's weights, and that head's weight."""
+        if base not in self._head_inputs:
+            self.load(base)
             if self._head is None:
                 self._head = find_head(self.model, self.split, self.config, self.forward_fn)
             inputs = read_head_inputs(self.model, self._head, self.split, self.forward_fn)
             if not torch.equal(inputs.labels, self.trajectory.labels):
                 raise RuntimeError("The head inputs were read in another sample order than the trajectory's.")
-            self._head_inputs[points] = (inputs, self._head.head_weight().cpu())
-        return self._head_inputs[points]
+            self._head_inputs[base] = (inputs, self._head.head_weight().cpu())
+        return self._head_inputs[base]
+
+    def _fresh_weights(self, fold: int | None) -> StateDict:
+        """The initial weights fine-tuned on the verified samples outside `fold`; one CPU copy per fold."""
+        if fold not in self._fresh:
+            verified = self._outside(fold)
+            load_weights(self.model, self.trajectory.initial_weights())
+            config = self._finetune_config()
+            split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
+            RetentionRepair(self.model, config, forward_fn=self.forward_fn, collate_fn=self.collate_fn,
+                            compute_metrics=None).run_on_verified(verified, split, self.config.fresh_epochs)
+            self._fresh[fold] = self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
+        kept = self._fresh[fold]
+        return {**self.trajectory.shared, **kept} if self.trajectory.shared else kept
 
     # ------------------------------------------------------------------------------------------
     # procedures
 
-    def base_points(self, procedure: str, fold: int | None) -> Points:
-        """The points a base procedure averages, selected on the samples outside `fold` (all for None)."""
+    def base(self, procedure: str, fold: int | None) -> Base:
+        """The weights a base procedure builds, selected on the samples outside `fold` (all for None)."""
         trajectory = self.trajectory
+        if procedure == "fresh":
+            return Fresh(fold)
         if procedure == "final":
             return (trajectory.final_index,)
         if procedure == "best":
@@ -156,48 +194,51 @@ class CandidateBuilder:
 
     def heldout_predictions(self, procedure: str, fold: int) -> torch.Tensor:
         """The predictions on fold `fold` of the procedure run on the other folds (fold order of `predict_by_fold`)."""
-        base, _, refinement = procedure.partition("+")
-        points = self.base_points(base, fold)
+        name, _, refinement = procedure.partition("+")
+        base = self.base(name, fold)
         held = self.trajectory.folds == fold
         if not refinement:
-            return self.predictions(points)[held]
+            return self.predictions(base)[held]
         if refinement == "head_refit":
-            inputs, anchor = self.head_inputs(points)
+            inputs, anchor = self.head_inputs(base)
             logits = refit_and_predict(inputs.features, inputs.labels, ~held, anchor, self.config.num_folds,
                                        self.config.repair_seed)
             return logits.argmax(-1)
-        if refinement in DATASET_REFINEMENTS:
-            self.load(points)
-            outside = np.sort(np.concatenate([
-                indices for f, indices in enumerate(self._dataset_folds()) if f != fold]))
-            self._refine(refinement, self.verified.select(outside), (points, fold))
+        if refinement in DATASET_PROCEDURES:
+            self.load(base)
+            self._refine(refinement, self._outside(fold), (base, fold))
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
             return logits.argmax(-1).cpu()
         raise ValueError(f"Unknown refinement {refinement!r}; choose one of {list(REFINEMENTS)}.")
 
     def apply(self, procedure: str) -> tuple[Points, ProjectionResult | None]:
-        """Run the procedure on every verified sample and leave the model with its weights in place."""
-        base, _, refinement = procedure.partition("+")
-        points = self.base_points(base, None)
-        self.load(points)
+        """Run the procedure on every verified sample and leave the model with its weights in place; returns the
+        trajectory points its base averages (none for "fresh")."""
+        name, _, refinement = procedure.partition("+")
+        base = self.base(name, None)
+        self.load(base)
         projection = None
         if refinement == "head_refit":
-            inputs, anchor = self.head_inputs(points)
+            inputs, anchor = self.head_inputs(base)
             refit = fit_head(inputs.features, inputs.labels, anchor, self.config.num_folds, self.config.repair_seed)
             write_head(self._head, refit.weight)
         elif refinement:
-            projection = self._refine(refinement, self.verified, (points, None))
-        return points, projection
+            projection = self._refine(refinement, self.verified, (base, None))
+        return () if isinstance(base, Fresh) else base, projection
+
+    def _finetune_config(self) -> RepairConfig:
+        """The config of the fine-tunes inside a procedure: no gate of their own, the outer folds judge them; each
+        keeps its lowest-loss checkpoint on an inner fold."""
+        return dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0)
 
     def _refine(self, refinement: str, verified: datasets.Dataset,
-                key: tuple[Points, int | None]) -> ProjectionResult | None:
+                key: tuple[Base, int | None]) -> ProjectionResult | None:
         """Run a projection, erase or retrain refinement on the loaded weights (base `key`) with `verified` alone."""
         if refinement == "projection":
             return project(self.model, dataclasses.replace(self.config, method="projection"), verified,
                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
-        # No gate inside: the fine-tune keeps its lowest-loss checkpoint, and the outer folds judge the procedure.
-        erase = dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0)
+        erase = self._finetune_config()
         if key not in self._identifications:
             self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified, erase,
                                                           forward_fn=self.forward_fn, collate_fn=self.collate_fn)
@@ -208,23 +249,25 @@ class CandidateBuilder:
                                forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         return None
 
-    def check_refinement(self, refinement: str) -> str | None:
-        """Why a refinement cannot run on this model or verified split (None: it can)."""
-        if refinement in DATASET_REFINEMENTS and not isinstance(self.verified, datasets.Dataset):
-            return f"the {refinement} of each fold's complement needs the verified split as a datasets.Dataset"
-        if refinement in ("erase", "retrain") and self.train_dataset is None:
-            return (f"{refinement} fine-tunes on the training data, and none was given "
-                    f"(Repairer.repair(train_dataset=...))")
-        if refinement == "retrain" and self.trajectory.initial is None:
-            return ("retrain starts again from the weights training started from, which were not given "
+    def check_procedure(self, name: str) -> str | None:
+        """Why a base procedure or refinement cannot run on this model or verified split (None: it can)."""
+        if name in DATASET_PROCEDURES and not isinstance(self.verified, datasets.Dataset):
+            return f"the {name} of each fold's complement needs the verified split as a datasets.Dataset"
+        if name in ("erase", "retrain") and self.train_dataset is None:
+            return f"{name} fine-tunes on the training data, and none was given (Repairer.repair(train_dataset=...))"
+        if name in NEEDS_INITIAL_WEIGHTS and self.trajectory.initial is None:
+            return (f"{name} starts again from the weights training started from, which were not given "
                     "(RepairCallback keeps them; offline, Repairer.repair(initial_weights=...))")
-        if refinement == "head_refit" and self._head is None:
+        if name == "head_refit" and self._head is None:
             try:
                 self._head = find_head(self.model, self.split, self.config, self.forward_fn)
             except ValueError as err:
                 return str(err)
         return None
 
-    def _dataset_folds(self) -> list[np.ndarray]:
-        """Dataset row indices of each verified fold (the folds the split was built with)."""
-        return stratified_folds(np.asarray(self.split.labels_all), self.split.num_folds, self.config.repair_seed)
+    def _outside(self, fold: int | None) -> datasets.Dataset:
+        """The verified samples outside fold `fold` (all of them for None), as a dataset (the split's folds)."""
+        if fold is None:
+            return self.verified
+        folds = stratified_folds(np.asarray(self.split.labels_all), self.split.num_folds, self.config.repair_seed)
+        return self.verified.select(np.sort(np.concatenate([rows for f, rows in enumerate(folds) if f != fold])))

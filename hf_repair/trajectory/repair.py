@@ -52,7 +52,8 @@ def repair_from_trajectory(
             final weights alone (the candidates are then the refinements on top of them).
         train_dataset: the training data, for the "erase" and "retrain" refinements (left out without it).
         initial_weights: the weights training started from (a checkpoint folder, read once into CPU memory, or a
-            state dict), for the "retrain" refinement; `RepairCallback` keeps them in its trajectory.
+            state dict), for the "fresh" procedure and the "retrain" refinement; `RepairCallback` keeps them in its
+            trajectory.
     """
     start = time.perf_counter()
     check_materialized(model)

@@ -8,10 +8,11 @@ weights:
    points, builds its average or soup, refits the head or builds the projection on them -- and the
    result predicts fold f. Pooling the folds gives each procedure one held-out prediction per verified
    sample, made by weights whose selection never saw that sample.
-2. The base procedures (final, best, average, soup) are compared by pooled held-out accuracy; on ties
-   the simpler one (in that order) wins. Then the refinements (head refit, projection, erase, retrain) are
-   run on top of the winning base the same way, fold by fold, and the best of the base and its refinements
-   is the candidate.
+2. The base procedures (final, best, average, soup, fresh) are compared by pooled held-out accuracy; on
+   ties the simpler one (in that order) wins. Then the refinements (head refit, projection, erase, retrain) are
+   run on top of the best base from the trajectory the same way, fold by fold, and on top of `fresh` too where
+   it beats that base (a trajectory base's refinement may still beat it: erase from the final weights did on
+   a text run, BENCHMARKS.md); the best of those bases and their refinements is the candidate.
 3. The candidate replaces the final weights only if its gain over them is significant (the config's
    `significance_test` on the same samples' pooled held-out predictions against the final weights'
    predictions, which nothing was selected on) at `auto_significance_level` and larger than `min_improvement`.
@@ -49,24 +50,29 @@ class TrajectoryChoice:
     adopted: bool
     comparison: PairedComparison  # the candidate's held-out predictions against the final weights'
     heldout_accuracy: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # refinement -> why it could not run
+    skipped: dict[str, str] = field(default_factory=dict)  # procedure -> why it could not run
 
 
 def choose(builder: CandidateBuilder, config: RepairConfig) -> TrajectoryChoice:
     """Steps 1-3 of the module docstring; the model is left with whatever weights were loaded last."""
     trajectory = builder.trajectory
     folds = range(trajectory.num_folds)
-    bases = [name for name in BASE_PROCEDURES if name == "final" or name in config.auto_candidates]
     skipped = {}
-    refinements = []
-    for name in REFINEMENTS:
-        if name in config.auto_candidates:
-            problem = builder.check_refinement(name)
-            if problem is None:
-                refinements.append(name)
-            else:
-                skipped[name] = problem
-                logger.info("method='auto' leaves out %s: %s.", name, problem)
+
+    def runnable(names: tuple[str, ...]) -> list[str]:
+        kept = []
+        for name in names:
+            if name in config.auto_candidates:
+                problem = builder.check_procedure(name)
+                if problem is None:
+                    kept.append(name)
+                else:
+                    skipped[name] = problem
+                    logger.info("method='auto' leaves out %s: %s.", name, problem)
+        return kept
+
+    bases = ["final", *runnable(BASE_PROCEDURES[1:])]
+    refinements = runnable(REFINEMENTS)
     progress = tqdm(total=(len(bases) + len(refinements)) * len(folds), desc="hf_repair: auto", unit="fold",
                     disable=config.repair_disable_tqdm or not is_main_process())
 
@@ -85,11 +91,17 @@ def choose(builder: CandidateBuilder, config: RepairConfig) -> TrajectoryChoice:
 
     for name in bases:
         judge(name)
-    base = max(bases, key=lambda name: (accuracy(name), -bases.index(name)))
-    order = [base]
-    for refinement in refinements:
-        judge(f"{base}+{refinement}")
-        order.append(f"{base}+{refinement}")
+    from_trajectory = [name for name in bases if name != "fresh"]
+    refined = [max(from_trajectory, key=lambda name: (accuracy(name), -bases.index(name)))]
+    if "fresh" in bases and accuracy("fresh") > accuracy(refined[0]):
+        refined.append("fresh")  # refined too: the trajectory's refinements may still beat it (erase from final)
+        progress.total += len(refinements) * len(folds)
+    order = []
+    for base in refined:
+        order.append(base)
+        for refinement in refinements:
+            judge(f"{base}+{refinement}")
+            order.append(f"{base}+{refinement}")
     progress.close()
 
     candidate = max(order, key=lambda name: (accuracy(name), -order.index(name)))

@@ -156,6 +156,30 @@ def test_retrain_starts_again_from_the_initial_weights_without_the_flagged_sampl
 
 
 @needs_fashion_mnist
+def test_fresh_fine_tunes_the_initial_weights_on_the_verified_samples_alone(data, run):
+    """"fresh" needs no training data and ignores the final weights: from two different final models it builds the
+    same weights, and it is judged like every procedure, on held-out folds it was not fine-tuned on."""
+    _, verified, test = data
+    _, callback, _, output_dir, initial = run
+    assert "fresh" in callback.result.metrics["heldout_accuracy"]  # the callback kept the initial weights for it
+    config = dataclasses.replace(AUTO, auto_candidates=["fresh"], retention_learning_rate=3e-3,
+                                 retention_batch_size=64)
+    final, perturbed = fresh_final_model(output_dir), fresh_final_model(output_dir)
+    with torch.no_grad():
+        for parameter in perturbed.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    results = [Repairer(model, config).repair(verified, initial_weights=initial) for model in (final, perturbed)]
+    m = results[0].metrics
+    assert set(m["heldout_accuracy"]) == {"final", "fresh"} and m["chosen"] == "fresh" and m["chosen_points"] == []
+    assert m["heldout_accuracy"]["fresh"] == results[1].metrics["heldout_accuracy"]["fresh"]
+    assert_same_state(final.state_dict(), perturbed.state_dict())
+    assert evaluate_accuracy(final, test) > evaluate_accuracy(fresh_final_model(output_dir), test)
+
+    missing = Repairer(fresh_final_model(output_dir), config).repair(verified)
+    assert not missing.adopted and "initial_weights" in missing.metrics["skipped"]["fresh"]
+
+
+@needs_fashion_mnist
 def test_undo_restores_the_final_weights(run):
     model, callback, _, output_dir, initial = run
     callback.result.undo()
@@ -222,8 +246,8 @@ def test_the_best_point_of_a_fold_is_chosen_without_that_fold():
     trajectory.add(point(wrong([1, 1, 0, 0] * 3)))  # 6/12 right; 4/8 outside fold 0
     trajectory.add(point(wrong([1, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0])))  # 7/12 right; 3/8 outside fold 0
     builder = CandidateBuilder(None, trajectory, None, None, AUTO, None)
-    assert builder.base_points("best", fold=None) == (1,)
-    assert builder.base_points("best", fold=0) == (0,)
+    assert builder.base("best", fold=None) == (1,)
+    assert builder.base("best", fold=0) == (0,)
     assert torch.equal(builder.heldout_predictions("best", fold=0), torch.tensor([0, 0, 1, 1]))
 
 
