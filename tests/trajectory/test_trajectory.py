@@ -178,6 +178,12 @@ def test_fresh_fine_tunes_the_initial_weights_on_the_verified_samples_alone(data
     missing = Repairer(fresh_final_model(output_dir), config).repair(verified)
     assert not missing.adopted and "initial_weights" in missing.metrics["skipped"]["fresh"]
 
+    # where fresh beats the trajectory's best base, the refinements are judged on top of both
+    both = dataclasses.replace(config, auto_candidates=["fresh", "head_refit"])
+    judged = Repairer(fresh_final_model(output_dir), both).repair(verified, initial_weights=initial).metrics
+    assert judged["heldout_accuracy"]["fresh"] > judged["heldout_accuracy"]["final"]
+    assert set(judged["heldout_accuracy"]) == {"final", "fresh", "final+head_refit", "fresh+head_refit"}
+
 
 @needs_fashion_mnist
 def test_undo_restores_the_final_weights(run):
