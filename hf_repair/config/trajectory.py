@@ -42,7 +42,7 @@ class TrajectoryArguments:
             "help": "What method='auto' weighs against the final weights: 'best' (the best trajectory point), "
             "'average' (uniform average of the best trajectory_keep points), 'soup' (greedy soup), 'fresh' (the "
             "weights training started from, fine-tuned on the verified samples alone, fresh_epochs of budget; needs "
-            "the initial weights, which RepairCallback keeps); then, on top of the best of those, 'head_refit', 'projection' and 'erase' (identify the harmful training samples with "
+            "the initial weights, which RepairCallback keeps); then, on top of the best trajectory one (and of 'fresh' where it beats that), 'head_refit', 'projection' and 'erase' (identify the harmful training samples with "
             "that model and fine-tune without them, retention_epochs of budget; only when the training data is "
             "given), 'retrain' (identify them the same way, then fine-tune the weights training *started* from "
             "on the rest, retrain_epochs of budget; needs the training data and the initial weights, which "

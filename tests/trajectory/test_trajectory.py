@@ -268,6 +268,8 @@ def test_the_trajectory_options_are_checked(tmp_path):
         Repairer(MLP(), RepairConfig()).repair(None, initial_weights={})
     with pytest.raises(ValueError, match="retrain_epochs"):
         RepairConfig(method="auto", retrain_epochs=0)
+    with pytest.raises(ValueError, match="fresh_epochs must be positive"):
+        RepairConfig(method="auto", fresh_epochs=0)
     with pytest.raises(ValueError, match=r"auto_significance_level must be in \(0, 1\) or None"):
         RepairConfig(method="auto", auto_significance_level=1.0)
     model = MLP()
