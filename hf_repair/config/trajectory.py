@@ -64,6 +64,15 @@ class TrajectoryArguments:
             "retention."
         },
     )
+    fresh_learning_rate_scales: list[float] = field(
+        default_factory=lambda: [1.0, 0.5],
+        metadata={
+            "help": "Multiples of the erase learning rate the 'fresh' fine-tune runs at on each fold's complement; the "
+            "run with the lowest loss on its inner held-out fold is kept (the first on ties). A learning rate that "
+            "suits training on the whole training set can be too high for a few hundred samples (BENCHMARKS.md); "
+            "each scale costs num_folds fine-tunes."
+        },
+    )
 
     auto_significance_level: Optional[float] = field(
         default=0.2,
@@ -89,6 +98,10 @@ class TrajectoryArguments:
             raise ValueError(f"retrain_epochs must be positive, got {self.retrain_epochs}.")
         if not self.fresh_epochs > 0:
             raise ValueError(f"fresh_epochs must be positive, got {self.fresh_epochs}.")
+        self.fresh_learning_rate_scales = [float(scale) for scale in self.fresh_learning_rate_scales]
+        if not self.fresh_learning_rate_scales or not all(scale > 0 for scale in self.fresh_learning_rate_scales):
+            raise ValueError(f"fresh_learning_rate_scales must be a non-empty list of positive multiples of the "
+                             f"learning rate, got {self.fresh_learning_rate_scales}.")
         if self.auto_significance_level is not None and not 0.0 < self.auto_significance_level < 1.0:
             raise ValueError(f"auto_significance_level must be in (0, 1) or None, got {self.auto_significance_level}.")
         unknown = [c for c in self.auto_candidates if c not in AUTO_CANDIDATES]

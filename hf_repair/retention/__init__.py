@@ -2,7 +2,7 @@
 
 from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
 from .pipeline import heldout_scores, repair_with_finetuning
-from .retention import RetentionRepair, RetentionResult
+from .retention import RetentionRepair, RetentionResult, finetune_learning_rate
 
 __all__ = [
     "FinetuneArguments",
@@ -10,6 +10,7 @@ __all__ = [
     "GuardedFinetuner",
     "RetentionRepair",
     "RetentionResult",
+    "finetune_learning_rate",
     "heldout_scores",
     "repair_with_finetuning",
 ]

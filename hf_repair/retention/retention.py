@@ -193,7 +193,7 @@ class RetentionRepair:
     def _finetune_arguments(self, steps: int, batch_size: int, seed: int, gradient_surgery: bool) -> FinetuneArguments:
         config = self.config
         return FinetuneArguments(
-            learning_rate=config.retention_learning_rate or DEFAULT_LEARNING_RATE,
+            learning_rate=finetune_learning_rate(config),
             max_steps=steps,
             batch_size=batch_size,
             belief_power=config.belief_power,
@@ -227,6 +227,11 @@ class RetentionRepair:
         probabilities = predict_distributions(self.model, flagged, self.forward_fn, self.collate_fn,
                                               batch_size, num_classes)
         return {first + i: p for i, p in enumerate(probabilities)}
+
+
+def finetune_learning_rate(config: RepairConfig) -> float:
+    """The fine-tunes' learning rate: `retention_learning_rate` (RepairCallback fills in the Trainer's), else the default."""
+    return config.retention_learning_rate or DEFAULT_LEARNING_RATE
 
 
 def retention_warmup(config: RepairConfig, projected: bool = False) -> float:

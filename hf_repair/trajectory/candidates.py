@@ -8,11 +8,13 @@ when it is finally run -- and builds weights from the trajectory with them alone
 - `average`: the uniform average of the `keep` best points on those samples (weight averaging);
 - `soup`: a greedy soup (Wortsman et al., 2022): the `keep` best points, best first, each added to the
   average while the average's accuracy on those samples does not drop;
-- `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes,
-  kept at the lowest loss on an inner fold of them). It sees no noisy label: where the noise did more harm
+- `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes at
+  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them). It sees no noisy label: where the noise did more harm
   than the training set's size did good (a text model that memorised its noise, BENCHMARKS.md), this
   beats every point of the trajectory, and the harmful samples its refinements identify are judged by a
-  model that never learnt them;
+  model that never learnt them. Its weights on every sample are the uniform average of the fold runs that
+  were judged (a soup of fine-tunes from one start), not one more fine-tune: on a few hundred samples one
+  fine-tune can land far from what its folds promised (measured, BENCHMARKS.md), their average does not;
 - `<base>+head_refit`: the base procedure, then its head refitted on those samples (its strength chosen
   by inner folds of them);
 - `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples;
@@ -48,7 +50,7 @@ from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refi
 from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
 from ..projection.pipeline import ProjectionResult, project
-from ..retention import RetentionRepair, repair_with_finetuning
+from ..retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
 from .points import Trajectory
 
@@ -106,19 +108,8 @@ class CandidateBuilder:
         from the latest point)."""
         if isinstance(base, Fresh):
             return self._fresh_weights(base.fold)
-        points = base
-        states = [self.trajectory.weights(i) for i in points]
-        if len(states) == 1:
-            return states[0]
-        latest = states[int(np.argmax(points))]
-        averaged = {}
-        for key, value in latest.items():
-            if value.is_floating_point():
-                total = sum(state[key].double() for state in states)
-                averaged[key] = (total / len(states)).to(value.dtype)
-            else:
-                averaged[key] = value
-        return averaged
+        states = [self.trajectory.weights(i) for i in base]
+        return states[0] if len(states) == 1 else average_weights(states, latest=int(np.argmax(base)))
 
     def load(self, base: Base) -> None:
         load_weights(self.model, self.weights(base))
@@ -147,17 +138,37 @@ class CandidateBuilder:
         return self._head_inputs[base]
 
     def _fresh_weights(self, fold: int | None) -> StateDict:
-        """The initial weights fine-tuned on the verified samples outside `fold`; one CPU copy per fold."""
-        if fold not in self._fresh:
-            verified = self._outside(fold)
-            load_weights(self.model, self.trajectory.initial_weights())
-            config = self._finetune_config()
-            split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
-            RetentionRepair(self.model, config, forward_fn=self.forward_fn, collate_fn=self.collate_fn,
-                            compute_metrics=None).run_on_verified(verified, split, self.config.fresh_epochs)
-            self._fresh[fold] = self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
+        """The initial weights fine-tuned on the verified samples outside `fold` (one CPU copy per fold); for None,
+        the average of every fold's."""
+        if fold is None and None not in self._fresh:
+            folds = [self._fresh_weights(f) for f in range(self.trajectory.num_folds)]
+            shared = self.trajectory.shared
+            self._fresh[None] = {key: value for key, value in average_weights(folds, latest=0).items()
+                                 if value is not shared.get(key)}
+        elif fold not in self._fresh:
+            self._fresh[fold] = self._fresh_finetune(self._outside(fold))
         kept = self._fresh[fold]
         return {**self.trajectory.shared, **kept} if self.trajectory.shared else kept
+
+    def _fresh_finetune(self, verified: datasets.Dataset) -> StateDict:
+        """The initial weights fine-tuned on `verified` alone at each of `fresh_learning_rate_scales`; the run with
+        the lowest loss on its inner held-out fold, as a CPU state (trainable weights)."""
+        config = self._finetune_config()
+        learning_rate = finetune_learning_rate(config)
+        load_weights(self.model, self.trajectory.initial_weights())
+        split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
+        best_loss, best_state = float("inf"), None
+        for scale in self.config.fresh_learning_rate_scales:
+            load_weights(self.model, self.trajectory.initial_weights())
+            scaled = dataclasses.replace(config, retention_learning_rate=learning_rate * scale)
+            result = RetentionRepair(self.model, scaled, forward_fn=self.forward_fn, collate_fn=self.collate_fn,
+                                     compute_metrics=None).run_on_verified(verified, split, self.config.fresh_epochs)
+            loss = result.scores_after["loss"]
+            logger.info("method='auto': fresh at learning rate %.3g, inner held-out loss %.4f.",
+                        scaled.retention_learning_rate, loss)
+            if best_state is None or loss < best_loss:
+                best_loss, best_state = loss, self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
+        return best_state
 
     # ------------------------------------------------------------------------------------------
     # procedures
@@ -271,3 +282,17 @@ class CandidateBuilder:
             return self.verified
         folds = stratified_folds(np.asarray(self.split.labels_all), self.split.num_folds, self.config.repair_seed)
         return self.verified.select(np.sort(np.concatenate([rows for f, rows in enumerate(folds) if f != fold])))
+
+
+def average_weights(states: list[StateDict], latest: int) -> StateDict:
+    """The uniform average of state dicts' floating tensors (accumulated in float64); other tensors (step counters,
+    integer buffers) from `states[latest]`, and tensors all the states share as they are."""
+    averaged = {}
+    for key, value in states[latest].items():
+        if all(state[key] is value for state in states):
+            averaged[key] = value  # one tensor shared by every state (frozen weights held once): nothing to average
+        elif value.is_floating_point():
+            averaged[key] = (sum(state[key].double() for state in states) / len(states)).to(value.dtype)
+        else:
+            averaged[key] = value
+    return averaged

@@ -12,6 +12,7 @@ from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
 from transformers import Trainer, TrainingArguments
 
 from hf_repair import RepairCallback, RepairConfig, Repairer
+from hf_repair.retention import RetentionRepair
 from hf_repair.trajectory import CandidateBuilder, Trajectory, TrajectoryPoint, list_checkpoints, read_checkpoint
 from testbed.experiments import evaluate_accuracy, small_vit
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
@@ -186,6 +187,34 @@ def test_fresh_fine_tunes_the_initial_weights_on_the_verified_samples_alone(data
 
 
 @needs_fashion_mnist
+def test_fresh_keeps_each_folds_lowest_loss_learning_rate_and_ends_with_their_average(data, run, monkeypatch):
+    """Each fold's fresh fine-tune runs at every learning rate scale and keeps the one with the lowest inner held-out
+    loss; the weights on every sample are the average of those judged fold runs, not one more fine-tune."""
+    _, verified, _ = data
+    _, _, _, output_dir, initial = run
+    runs = []  # (learning rate, inner held-out loss, weights) of every fresh fine-tune, in order
+    run_on_verified = RetentionRepair.run_on_verified
+
+    def spy(self, *args, **kwargs):
+        result = run_on_verified(self, *args, **kwargs)
+        state = {key: value.clone() for key, value in self.model.state_dict().items()}
+        runs.append((self.config.retention_learning_rate, result.scores_after["loss"], state))
+        return result
+
+    monkeypatch.setattr(RetentionRepair, "run_on_verified", spy)
+    config = dataclasses.replace(AUTO, auto_candidates=["fresh"], retention_learning_rate=3e-3,
+                                 retention_batch_size=64, fresh_learning_rate_scales=[1.0, 0.1])
+    model = fresh_final_model(output_dir)
+    assert Repairer(model, config).repair(verified, initial_weights=initial).metrics["chosen"] == "fresh"
+    assert [learning_rate for learning_rate, _, _ in runs] == pytest.approx([3e-3, 3e-4] * config.num_folds)
+    kept = [min(runs[2 * fold: 2 * fold + 2], key=lambda r: r[1])[2] for fold in range(config.num_folds)]
+    for key, value in model.state_dict().items():
+        expected = sum(state[key].double() for state in kept) / len(kept)
+        torch.testing.assert_close(value, expected.to(value.dtype))
+    assert not any(torch.equal(model.state_dict()["head.weight"], state["head.weight"]) for _, _, state in runs)
+
+
+@needs_fashion_mnist
 def test_undo_restores_the_final_weights(run):
     model, callback, _, output_dir, initial = run
     callback.result.undo()
@@ -270,6 +299,9 @@ def test_the_trajectory_options_are_checked(tmp_path):
         RepairConfig(method="auto", retrain_epochs=0)
     with pytest.raises(ValueError, match="fresh_epochs must be positive"):
         RepairConfig(method="auto", fresh_epochs=0)
+    for scales in ([], [1.0, 0.0]):
+        with pytest.raises(ValueError, match="fresh_learning_rate_scales must be a non-empty list of positive"):
+            RepairConfig(method="auto", fresh_learning_rate_scales=scales)
     with pytest.raises(ValueError, match=r"auto_significance_level must be in \(0, 1\) or None"):
         RepairConfig(method="auto", auto_significance_level=1.0)
     model = MLP()
