@@ -9,8 +9,8 @@ when it is finally run -- and builds weights from the trajectory with them alone
 - `soup`: a greedy soup (Wortsman et al., 2022): the `keep` best points, best first, each added to the
   average while the average's accuracy on those samples does not drop;
 - `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes at
-  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them). It sees no noisy label: where the noise did more harm
-  than the training set's size did good (a text model that memorised its noise, BENCHMARKS.md), this
+  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them). It sees no noisy
+  label: where the noise did more harm than the training set's size did good (a text model that memorised its noise, BENCHMARKS.md), this
   beats every point of the trajectory, and the harmful samples its refinements identify are judged by a
   model that never learnt them. Its weights on every sample are the uniform average of the fold runs that
   were judged (a soup of fine-tunes from one start), not one more fine-tune: on a few hundred samples one
@@ -155,7 +155,6 @@ class CandidateBuilder:
         the lowest loss on its inner held-out fold, as a CPU state (trainable weights)."""
         config = self._finetune_config()
         learning_rate = finetune_learning_rate(config)
-        load_weights(self.model, self.trajectory.initial_weights())
         split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
         best_loss, best_state = float("inf"), None
         for scale in self.config.fresh_learning_rate_scales:
