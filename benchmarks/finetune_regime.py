@@ -390,6 +390,25 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks", "finetune_regime")
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--noise, --cache-dir and --threads: which cached trajectories a script reads, and with how many threads."""
+    parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
+    parser.add_argument("--cache-dir", default=CACHE_DIR, help="Where the trajectories are cached.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
+
+
+def quiet_scoring(args: argparse.Namespace, level: int = logging.WARNING) -> None:
+    """Full sizes, fixed torch threads and quiet libraries: how every script over the cached trajectories runs."""
+    args.quick = False
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=level)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
 def cached_runs_parser(description: str) -> argparse.ArgumentParser:
     """The options of the scripts that score more methods on this benchmark's cached trajectories."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,11 +416,8 @@ def cached_runs_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--regimes", nargs="+", default=["short", "long"], choices=["short", "long"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lora", action="store_true", help="LoRA fine-tunes, as finetune_regime.py --lora.")
-    parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
     parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded).")
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
-                                                            "finetune_regime"))
-    parser.add_argument("--threads", type=int, default=1)
+    add_cache_arguments(parser)
     parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON", help="Print the tables of saved rows.")
     return parser
@@ -413,11 +429,7 @@ def run_cached_settings(args: argparse.Namespace, run: Callable[..., dict[str, A
     if args.summarize:
         print(summarize_rows([row for path in args.summarize for row in json.loads(Path(path).read_text())]))
         return
-    args.quick = False
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    quiet_scoring(args)
     rows = []
     for name in args.tasks:
         sizes = FULL[name]
@@ -448,8 +460,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded).")
     parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
     parser.add_argument("--lora", action="store_true", help="Fine-tune with peft LoRA (rank 8) instead of fully.")
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
-                                                            "finetune_regime"))
+    parser.add_argument("--cache-dir", default=CACHE_DIR)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
     parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
     parser.add_argument("--resume", action="store_true",

@@ -20,10 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-import datasets
 import numpy as np
-import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
@@ -47,17 +44,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
                         help="Learning rate scales (of the run's learning rate) to measure, one at a time.")
-    parser.add_argument("--noise", type=float, default=0.4)
     parser.add_argument("--max-length", type=int, default=48)
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
-                                                            "finetune_regime"))
-    parser.add_argument("--threads", type=int, default=1)
+    regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
-    args.quick = False
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    regime_benchmark.quiet_scoring(args, logging.ERROR)
 
     make_task = regime_benchmark.vision_task if args.task == "vision" else regime_benchmark.text_task
     task = make_task(args.seed, regime_benchmark.FULL[args.task], args)

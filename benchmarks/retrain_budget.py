@@ -20,10 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
-import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
@@ -55,16 +52,9 @@ def main() -> None:
     parser.add_argument("--flagged", default="identified", type=flagged_option,
                         help="What retrain drops: 'identified' (the library's flags), 'corrupted' (the known "
                              "corruption), or a number K (the K samples with the lowest identification score).")
-    parser.add_argument("--noise", type=float, default=0.4)
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_repair_benchmarks",
-                                                            "finetune_regime"))
-    parser.add_argument("--threads", type=int, default=1)
+    regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
-    args.quick = False
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    regime_benchmark.quiet_scoring(args, logging.ERROR)
 
     task = regime_benchmark.vision_task(args.seed, regime_benchmark.FULL["vision"], args)
     recipes = regime_benchmark.FULL["vision"].regimes
