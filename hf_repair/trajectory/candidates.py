@@ -27,6 +27,11 @@ when it is finally run -- and builds weights from the trajectory with them alone
   noise did while it learnt, which no edit of the final weights undoes; learning again without the flagged
   samples does (measured in BENCHMARKS.md, fine-tuning regime).
 
+Like fresh's, the weights erase and retrain end with are the uniform average of their fold runs, the ones the
+folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
+start lands above a single one (measured, BENCHMARKS.md). Only the best fine-tuning refinement judged so far
+keeps its fold runs (a float64 running sum of their trainable weights on CPU), so at most two such sums exist.
+
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` runs it on every verified sample and leaves the model so.
 """
@@ -61,6 +66,7 @@ REFINEMENTS = ("head_refit", "projection", "erase", "retrain")
 # run on each fold's complement as a datasets.Dataset
 DATASET_PROCEDURES = ("fresh", "projection", "erase", "retrain")
 NEEDS_INITIAL_WEIGHTS = ("fresh", "retrain")
+FINETUNING_REFINEMENTS = ("erase", "retrain")  # they end with the average of their judged fold runs
 
 Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
 
@@ -99,6 +105,8 @@ class CandidateBuilder:
         # identifications by (base, held-out fold): erase and retrain on the same base share one
         self._identifications: dict[tuple[Base, int | None], IdentificationResult] = {}
         self._fresh: dict[int | None, StateDict] = {}  # "fresh" weights by held-out fold (trainable ones, on CPU)
+        self._fold_runs: dict[str, FoldRunSum] = {}  # fine-tuning refinements' fold runs (`judged` keeps the best)
+        self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -217,16 +225,39 @@ class CandidateBuilder:
         if refinement in DATASET_PROCEDURES:
             self.load(base)
             self._refine(refinement, self._outside(fold), (base, fold))
+            if refinement in FINETUNING_REFINEMENTS:
+                self._fold_runs.setdefault(procedure, FoldRunSum()).add(
+                    self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
             return logits.argmax(-1).cpu()
         raise ValueError(f"Unknown refinement {refinement!r}; choose one of {list(REFINEMENTS)}.")
 
+    def judged(self, procedure: str, accuracy: float) -> None:
+        """A procedure's pooled held-out accuracy is known: keep the fold runs of the best fine-tuning refinement
+        judged so far (the first on ties, as the candidate is chosen), drop the others'."""
+        if procedure not in self._fold_runs:
+            return
+        if self._kept is not None and accuracy <= self._kept[1]:
+            del self._fold_runs[procedure]
+            return
+        if self._kept is not None:
+            del self._fold_runs[self._kept[0]]
+        self._kept = (procedure, accuracy)
+
     def apply(self, procedure: str) -> tuple[Points, ProjectionResult | None]:
-        """Run the procedure on every verified sample and leave the model with its weights in place; returns the
-        trajectory points its base averages (none for "fresh")."""
+        """Leave the model with the procedure's weights on every verified sample (for erase and retrain, the average
+        of their judged fold runs); returns the trajectory points its base averages on them (none for "fresh")."""
         name, _, refinement = procedure.partition("+")
         base = self.base(name, None)
+        points = () if isinstance(base, Fresh) else base
+        if refinement in FINETUNING_REFINEMENTS:
+            runs = self._fold_runs.get(procedure)
+            if runs is None or runs.count != self.trajectory.num_folds:
+                raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "
+                                   "judge it on every fold first (the best fine-tuning refinement judged is kept).")
+            load_weights(self.model, runs.average(self.trajectory.shared))
+            return points, None
         self.load(base)
         projection = None
         if refinement == "head_refit":
@@ -235,7 +266,7 @@ class CandidateBuilder:
             write_head(self._head, refit.weight)
         elif refinement:
             projection = self._refine(refinement, self.verified, (base, None))
-        return () if isinstance(base, Fresh) else base, projection
+        return points, projection
 
     def _finetune_config(self) -> RepairConfig:
         """The config of the fine-tunes inside a procedure: no gate of their own, the outer folds judge them; each
@@ -281,6 +312,42 @@ class CandidateBuilder:
             return self.verified
         folds = stratified_folds(np.asarray(self.split.labels_all), self.split.num_folds, self.config.repair_seed)
         return self.verified.select(np.sort(np.concatenate([rows for f, rows in enumerate(folds) if f != fold])))
+
+
+class FoldRunSum:
+    """The running float64 sum of a procedure's fold runs (CPU states without the keys `Trajectory.shared` holds
+    with equal values); `average` equals `average_weights` of the runs, one copy of the weights instead of k."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.totals: StateDict = {}
+        self.counts: dict[str, int] = {}  # runs each key was in (a run omits a key it holds as `shared` has it)
+        self.dtypes: dict[str, torch.dtype] = {}
+
+    def add(self, state: StateDict) -> None:
+        self.count += 1
+        for key, value in state.items():
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if not value.is_floating_point():
+                self.totals[key] = value  # step counters, integer buffers: the latest run's
+                continue
+            self.dtypes[key] = value.dtype
+            if key in self.totals:
+                self.totals[key].add_(value)  # float32 -> float64 is exact: the sum average_weights takes
+            else:
+                self.totals[key] = value.double()
+
+    def average(self, shared: StateDict) -> StateDict:
+        averaged = dict(shared)
+        for key, total in self.totals.items():
+            if key not in self.dtypes:
+                averaged[key] = total
+                continue
+            missing = self.count - self.counts[key]
+            if missing:
+                total = total + missing * shared[key].double()
+            averaged[key] = (total / self.count).to(self.dtypes[key])
+        return averaged
 
 
 def average_weights(states: list[StateDict], latest: int) -> StateDict:

@@ -13,7 +13,14 @@ from transformers import Trainer, TrainingArguments
 
 from hf_repair import RepairCallback, RepairConfig, Repairer
 from hf_repair.retention import RetentionRepair
-from hf_repair.trajectory import CandidateBuilder, Trajectory, TrajectoryPoint, list_checkpoints, read_checkpoint
+from hf_repair.trajectory import (
+    CandidateBuilder,
+    Trajectory,
+    TrajectoryPoint,
+    candidates,
+    list_checkpoints,
+    read_checkpoint,
+)
 from testbed.experiments import evaluate_accuracy, small_vit
 from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
 
@@ -212,6 +219,60 @@ def test_fresh_keeps_each_folds_lowest_loss_learning_rate_and_ends_with_their_av
         expected = sum(state[key].double() for state in kept) / len(kept)
         torch.testing.assert_close(value, expected.to(value.dtype))
     assert not any(torch.equal(model.state_dict()["head.weight"], state["head.weight"]) for _, _, state in runs)
+
+
+@needs_fashion_mnist
+def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, run, monkeypatch):
+    """No fine-tune on every verified sample after the choice: the weights are the mean of the chosen refinement's
+    fold runs, the ones the held-out folds judged."""
+    train, verified, _ = data
+    _, _, _, output_dir, initial = run
+    runs = []  # the weights after every fine-tune, in order: erase's folds, then retrain's
+    finetune = candidates.repair_with_finetuning
+
+    def spy(model, *args, **kwargs):
+        result = finetune(model, *args, **kwargs)
+        runs.append({key: value.clone() for key, value in model.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
+    config = dataclasses.replace(AUTO, auto_candidates=["erase", "retrain"], retention_learning_rate=3e-3,
+                                 retention_batch_size=64)
+    model = fresh_final_model(output_dir)
+    m = Repairer(model, config).repair(verified, train, initial_weights=initial).metrics
+    k = config.num_folds
+    assert len(runs) == 2 * k and m["chosen"] in ("final+erase", "final+retrain")
+    chosen = runs[:k] if m["chosen"] == "final+erase" else runs[k:]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, (sum(state[key].double() for state in chosen) / k).to(value.dtype),
+                                   rtol=0, atol=0)
+    assert not any(torch.equal(model.state_dict()["head.weight"], state["head.weight"]) for state in runs)
+
+
+def test_a_fold_run_sum_averages_as_average_weights_with_the_shared_keys_a_run_omits():
+    shared = {"base": torch.tensor([1.0, 2.0])}
+    runs = [{"a": torch.tensor([1.0, 3.0]), "step": torch.tensor(1)},
+            {"a": torch.tensor([2.0, 5.0]), "base": torch.tensor([4.0, 2.0]), "step": torch.tensor(2)}]
+    total = candidates.FoldRunSum()
+    for state in runs:
+        total.add(state)
+    average = total.average(shared)
+    expected = candidates.average_weights([{**shared, **state} for state in runs], latest=1)
+    assert average.keys() == expected.keys() and all(torch.equal(average[k], expected[k]) for k in expected)
+    assert torch.equal(average["base"], torch.tensor([2.5, 2.0])) and int(average["step"]) == 2
+
+
+def test_only_the_best_fine_tuning_refinement_judged_keeps_its_fold_runs():
+    trajectory = Trajectory(torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1]), keep=1)
+    trajectory.add(dataclasses.replace(point([0, 0, 0, 0]), final=True))
+    builder = CandidateBuilder(None, trajectory, None, None, AUTO, None)
+    for procedure, accuracy in [("final+erase", 0.5), ("final+retrain", 0.5), ("fresh+erase", 0.75)]:
+        builder._fold_runs[procedure] = candidates.FoldRunSum()
+        builder.judged(procedure, accuracy)
+        builder.judged("final+head_refit", 1.0)  # not a fine-tune: nothing kept, nothing dropped
+    assert list(builder._fold_runs) == ["fresh+erase"]  # a tie keeps the first, a better one replaces it
+    with pytest.raises(RuntimeError, match="were not kept"):
+        builder.apply("final+retrain")
 
 
 @needs_fashion_mnist
