@@ -127,6 +127,14 @@ def peft_layers(model: nn.Module) -> PeftLayers | None:
     return layers if found else None
 
 
+def has_lora_factors(model: nn.Module | None) -> bool:
+    """Whether `model` holds peft LoRA layers, whose trained weights are factors A and B: the mean of several runs'
+    factors is not the mean of their products B A."""
+    peft = _peft()
+    return peft is not None and model is not None and any(
+        isinstance(module, peft.tuners.lora.LoraLayer) for module in model.modules())
+
+
 def _check_configs(model: nn.Module) -> None:
     """Adapters without tuner layers (prompt tuning, prefix tuning) show only in the PeftModel's configs."""
     configs = getattr(model, "peft_config", None)

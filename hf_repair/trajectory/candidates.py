@@ -31,6 +31,9 @@ Like fresh's, the weights erase and retrain end with are the uniform average of 
 folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
 start lands above a single one (measured, BENCHMARKS.md). Only the best fine-tuning refinement judged so far
 keeps its fold runs (a float64 running sum of their trainable weights on CPU), so at most two such sums exist.
+A LoRA adapter's runs are not averaged: the mean of their factors A and B is not the mean of their products B A, and
+measured it ended lower on 4 of 5 LoRA runs (BENCHMARKS.md); there fresh, erase and retrain end with one more
+fine-tune on every verified sample, as before.
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` runs it on every verified sample and leaves the model so.
@@ -54,6 +57,7 @@ from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_v
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
+from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
@@ -107,6 +111,7 @@ class CandidateBuilder:
         self._fresh: dict[int | None, StateDict] = {}  # "fresh" weights by held-out fold (trainable ones, on CPU)
         self._fold_runs: dict[str, FoldRunSum] = {}  # fine-tuning refinements' fold runs (`judged` keeps the best)
         self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
+        self.averages_fold_runs = not has_lora_factors(model)
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -147,8 +152,10 @@ class CandidateBuilder:
 
     def _fresh_weights(self, fold: int | None) -> StateDict:
         """The initial weights fine-tuned on the verified samples outside `fold` (one CPU copy per fold); for None,
-        the average of every fold's."""
-        if fold is None and None not in self._fresh:
+        the average of every fold's (for a LoRA adapter, one more fine-tune on every sample)."""
+        if fold is None and None not in self._fresh and not self.averages_fold_runs:
+            self._fresh[None] = self._fresh_finetune(self.verified)
+        elif fold is None and None not in self._fresh:
             folds = [self._fresh_weights(f) for f in range(self.trajectory.num_folds)]
             shared = self.trajectory.shared
             self._fresh[None] = {key: value for key, value in average_weights(folds, latest=0).items()
@@ -225,7 +232,7 @@ class CandidateBuilder:
         if refinement in DATASET_PROCEDURES:
             self.load(base)
             self._refine(refinement, self._outside(fold), (base, fold))
-            if refinement in FINETUNING_REFINEMENTS:
+            if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
                 self._fold_runs.setdefault(procedure, FoldRunSum()).add(
                     self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
             with eval_mode(self.model):
@@ -251,7 +258,7 @@ class CandidateBuilder:
         name, _, refinement = procedure.partition("+")
         base = self.base(name, None)
         points = () if isinstance(base, Fresh) else base
-        if refinement in FINETUNING_REFINEMENTS:
+        if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
             runs = self._fold_runs.get(procedure)
             if runs is None or runs.count != self.trajectory.num_folds:
                 raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "

@@ -89,3 +89,13 @@ def test_the_recorded_trajectory_holds_the_frozen_base_once():
 
 def assert_same(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fold_runs_of_a_lora_adapter_are_not_averaged(run):
+    """The mean of runs' factors A and B is not the mean of their products: auto refits a LoRA adapter instead."""
+    from hf_repair.modeling.lora import has_lora_factors
+    from hf_repair.trajectory import CandidateBuilder
+
+    _, model = run
+    assert has_lora_factors(model) and not has_lora_factors(base_model("vit")) and not has_lora_factors(None)
+    assert not CandidateBuilder(model, None, None, None, RepairConfig(method="auto"), None).averages_fold_runs
