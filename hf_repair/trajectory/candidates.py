@@ -36,7 +36,7 @@ measured it ended lower on 4 of 5 LoRA runs (BENCHMARKS.md); there fresh, erase 
 fine-tune on every verified sample, as before.
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
-predicts that fold; `apply(procedure)` runs it on every verified sample and leaves the model so.
+predicts that fold; `apply(procedure)` leaves the model with its weights on every verified sample.
 """
 
 from __future__ import annotations
