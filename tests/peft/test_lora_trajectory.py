@@ -7,6 +7,8 @@ from transformers import Trainer, TrainingArguments
 peft = pytest.importorskip("peft")
 
 from hf_repair import RepairConfig, Repairer  # noqa: E402
+from hf_repair.modeling.lora import has_lora_factors  # noqa: E402
+from hf_repair.trajectory import CandidateBuilder  # noqa: E402
 from hf_repair.trajectory.checkpoints import list_checkpoints, read_checkpoint  # noqa: E402
 
 from lora_setup import base_model, base_state, data, lora_config  # noqa: E402
@@ -93,9 +95,6 @@ def assert_same(a, b):
 
 def test_fold_runs_of_a_lora_adapter_are_not_averaged(run):
     """The mean of runs' factors A and B is not the mean of their products: auto refits a LoRA adapter instead."""
-    from hf_repair.modeling.lora import has_lora_factors
-    from hf_repair.trajectory import CandidateBuilder
-
     _, model = run
     assert has_lora_factors(model) and not has_lora_factors(base_model("vit")) and not has_lora_factors(None)
     assert not CandidateBuilder(model, None, None, None, RepairConfig(method="auto"), None).averages_fold_runs
