@@ -31,9 +31,12 @@ Like fresh's, the weights erase and retrain end with are the uniform average of 
 folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
 start lands above a single one (measured, BENCHMARKS.md). Only the best fine-tuning refinement judged so far
 keeps its fold runs (a float64 running sum of their trainable weights on CPU), so at most two such sums exist.
-A LoRA adapter's runs are not averaged: the mean of their factors A and B is not the mean of their products B A, and
-measured it ended lower on 4 of 5 LoRA runs (BENCHMARKS.md); there fresh, erase and retrain end with one more
-fine-tune on every verified sample, as before.
+An average must reach, on every verified sample, the pooled held-out accuracy its runs showed: each sample was
+learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
+measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample replaces it.
+For a LoRA adapter the mean of the runs' factors A and B is not the mean of their updates B A: each LoRA layer
+ends with the factors of the adapter's rank closest to the mean update (`mean_update_factors`), so a sum keeps each
+run's factors (k copies of the adapter, one of everything else).
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` leaves the model with its weights on every verified sample.
@@ -57,7 +60,7 @@ from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_v
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
-from ..modeling.lora import has_lora_factors
+from ..modeling.lora import LoraFactors, lora_factors, mean_update_factors
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
@@ -111,7 +114,9 @@ class CandidateBuilder:
         self._fresh: dict[int | None, StateDict] = {}  # "fresh" weights by held-out fold (trainable ones, on CPU)
         self._fold_runs: dict[str, FoldRunSum] = {}  # fine-tuning refinements' fold runs (`judged` keeps the best)
         self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
-        self.averages_fold_runs = not has_lora_factors(model)
+        self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
+        self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
+        self._lora_factors = lora_factors(model)
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -152,14 +157,18 @@ class CandidateBuilder:
 
     def _fresh_weights(self, fold: int | None) -> StateDict:
         """The initial weights fine-tuned on the verified samples outside `fold` (one CPU copy per fold); for None,
-        the average of every fold's (for a LoRA adapter, one more fine-tune on every sample)."""
-        if fold is None and None not in self._fresh and not self.averages_fold_runs:
-            self._fresh[None] = self._fresh_finetune(self.verified)
-        elif fold is None and None not in self._fresh:
-            folds = [self._fresh_weights(f) for f in range(self.trajectory.num_folds)]
+        the average of every fold's."""
+        if fold is None and None not in self._fresh:
+            runs = FoldRunSum(self._lora_factors)
+            for other in range(self.trajectory.num_folds):
+                self._fresh_weights(other)
+                runs.add(self._fresh[other])
             shared = self.trajectory.shared
-            self._fresh[None] = {key: value for key, value in average_weights(folds, latest=0).items()
+            self._fresh[None] = {key: value for key, value in runs.average(shared).items()
                                  if value is not shared.get(key)}
+            load_weights(self.model, {**shared, **self._fresh[None]})
+            if not self._average_holds("fresh"):
+                self._fresh[None] = self._fresh_finetune(self.verified)
         elif fold not in self._fresh:
             self._fresh[fold] = self._fresh_finetune(self._outside(fold))
         kept = self._fresh[fold]
@@ -232,8 +241,8 @@ class CandidateBuilder:
         if refinement in DATASET_PROCEDURES:
             self.load(base)
             self._refine(refinement, self._outside(fold), (base, fold))
-            if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
-                self._fold_runs.setdefault(procedure, FoldRunSum()).add(
+            if refinement in FINETUNING_REFINEMENTS:
+                self._fold_runs.setdefault(procedure, FoldRunSum(self._lora_factors)).add(
                     self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
@@ -243,6 +252,7 @@ class CandidateBuilder:
     def judged(self, procedure: str, accuracy: float) -> None:
         """A procedure's pooled held-out accuracy is known: keep the fold runs of the best fine-tuning refinement
         judged so far (the first on ties, as the candidate is chosen), drop the others'."""
+        self._heldout[procedure] = accuracy
         if procedure not in self._fold_runs:
             return
         if self._kept is not None and accuracy <= self._kept[1]:
@@ -258,13 +268,14 @@ class CandidateBuilder:
         name, _, refinement = procedure.partition("+")
         base = self.base(name, None)
         points = () if isinstance(base, Fresh) else base
-        if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
+        if refinement in FINETUNING_REFINEMENTS:
             runs = self._fold_runs.get(procedure)
             if runs is None or runs.count != self.trajectory.num_folds:
                 raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "
                                    "judge it on every fold first (the best fine-tuning refinement judged is kept).")
             load_weights(self.model, runs.average(self.trajectory.shared))
-            return points, None
+            if self._average_holds(procedure):
+                return points, None
         self.load(base)
         projection = None
         if refinement == "head_refit":
@@ -274,6 +285,23 @@ class CandidateBuilder:
         elif refinement:
             projection = self._refine(refinement, self.verified, (base, None))
         return points, projection
+
+    def _average_holds(self, procedure: str) -> bool:
+        """Whether the loaded average of a procedure's fold runs is at least as accurate on every verified sample as
+        the runs were held out (recorded in `average_checks`)."""
+        heldout = self._heldout.get(procedure)
+        if heldout is None:  # not judged (applied directly): nothing to check against
+            return True
+        with eval_mode(self.model):
+            logits, _, _ = predict_by_fold(self.model, self.split, self.forward_fn)
+        accuracy = float(self.trajectory.correct(logits.argmax(-1).cpu()).double().mean())
+        holds = accuracy >= heldout
+        self.average_checks[procedure] = {"verified_accuracy": accuracy, "heldout_accuracy": heldout, "kept": holds}
+        if not holds:
+            logger.info("method='auto': the average of %s's fold runs is %.4f accurate on the verified samples they "
+                        "learnt, below their %.4f held out: fine-tuning once more on every verified sample instead.",
+                        procedure, accuracy, heldout)
+        return holds
 
     def _finetune_config(self) -> RepairConfig:
         """The config of the fine-tunes inside a procedure: no gate of their own, the outer folds judge them; each
@@ -323,19 +351,27 @@ class CandidateBuilder:
 
 class FoldRunSum:
     """The running float64 sum of a procedure's fold runs (CPU states without the keys `Trajectory.shared` holds
-    with equal values); `average` equals `average_weights` of the runs, one copy of the weights instead of k."""
+    with equal values); `average` equals `average_weights` of the runs, one copy of the weights instead of k.
 
-    def __init__(self) -> None:
+    LoRA factors are kept run by run instead, and averaged as updates: B A of the average is the closest to the
+    mean of the runs' B_i A_i that the adapter's rank allows (`mean_update_factors`).
+    """
+
+    def __init__(self, lora: list[LoraFactors] | tuple[()] = ()) -> None:
         self.count = 0
         self.totals: StateDict = {}
         self.counts: dict[str, int] = {}  # runs each key was in (a run omits a key it holds as `shared` has it)
         self.dtypes: dict[str, torch.dtype] = {}
+        self.lora = list(lora)
+        self.factor_runs: dict[str, list[torch.Tensor]] = {key: [] for f in self.lora for key in (f.a_key, f.b_key)}
 
     def add(self, state: StateDict) -> None:
         self.count += 1
         for key, value in state.items():
             self.counts[key] = self.counts.get(key, 0) + 1
-            if not value.is_floating_point():
+            if key in self.factor_runs:
+                self.factor_runs[key].append(value)
+            elif not value.is_floating_point():
                 self.totals[key] = value  # step counters, integer buffers: the latest run's
                 continue
             self.dtypes[key] = value.dtype
@@ -354,7 +390,17 @@ class FoldRunSum:
             if missing:
                 total = total + missing * shared[key].double()
             averaged[key] = (total / self.count).to(self.dtypes[key])
+        for factors in self.lora:
+            a_runs, b_runs = (self._runs_of(key, shared) for key in (factors.a_key, factors.b_key))
+            same = all(torch.equal(a, a_runs[0]) for a in a_runs) and all(torch.equal(b, b_runs[0]) for b in b_runs)
+            averaged[factors.a_key], averaged[factors.b_key] = (a_runs[0], b_runs[0]) if same else (
+                mean_update_factors(a_runs, b_runs, factors.rank))
         return averaged
+
+    def _runs_of(self, key: str, shared: StateDict) -> list[torch.Tensor]:
+        runs = self.factor_runs[key]
+        missing = self.count - len(runs)  # runs that omit a factor they hold as `shared` has it
+        return runs + [shared[key]] * missing if missing else runs
 
 
 def average_weights(states: list[StateDict], latest: int) -> StateDict:

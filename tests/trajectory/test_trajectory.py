@@ -247,6 +247,38 @@ def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, 
         torch.testing.assert_close(value, (sum(state[key].double() for state in chosen) / k).to(value.dtype),
                                    rtol=0, atol=0)
     assert not any(torch.equal(model.state_dict()["head.weight"], state["head.weight"]) for state in runs)
+    check = m["fold_run_averages"][m["chosen"]]
+    assert check["kept"] and check["verified_accuracy"] >= check["heldout_accuracy"] == m["heldout_accuracy"][m["chosen"]]
+
+
+@needs_fashion_mnist
+def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fine_tune(data, run, monkeypatch):
+    """Fold runs that do not average (a loss barrier between them): the average is checked on the verified samples
+    and, below the runs' held-out accuracy, replaced by a fine-tune on every verified sample."""
+    train, verified, _ = data
+    _, _, _, output_dir, initial = run
+    runs = []
+    finetune = candidates.repair_with_finetuning
+
+    def spy(model, *args, **kwargs):
+        result = finetune(model, *args, **kwargs)
+        runs.append({key: value.clone() for key, value in model.state_dict().items()})
+        return result
+
+    average = candidates.FoldRunSum.average
+
+    def broken(self, shared):  # an average that lost what the runs learnt: its head predicts one class
+        return {**average(self, shared), "head.weight": torch.zeros(10, 64), "head.bias": torch.arange(10.0)}
+
+    monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
+    monkeypatch.setattr(candidates.FoldRunSum, "average", broken)
+    config = dataclasses.replace(AUTO, auto_candidates=["erase"], retention_learning_rate=3e-3, retention_batch_size=64)
+    model = fresh_final_model(output_dir)
+    m = Repairer(model, config).repair(verified, train, initial_weights=initial).metrics
+    assert m["chosen"] == "final+erase" and len(runs) == config.num_folds + 1
+    check = m["fold_run_averages"]["final+erase"]
+    assert not check["kept"] and check["verified_accuracy"] < 0.2 < check["heldout_accuracy"]
+    assert_same_state(model.state_dict(), runs[-1])  # the fine-tune on every verified sample
 
 
 def test_a_fold_run_sum_averages_as_average_weights_with_the_shared_keys_a_run_omits():
