@@ -127,55 +127,12 @@ def peft_layers(model: nn.Module) -> PeftLayers | None:
     return layers if found else None
 
 
-@dataclass(frozen=True)
-class LoraFactors:
-    """Where one LoRA layer keeps its factors in the model's state dict: `A` (r x in, a convolution's flattened) and
-    `B` (out x r); its update is proportional to B A."""
-
-    a_key: str
-    b_key: str
-    rank: int
-
-
-def lora_factors(model: nn.Module | None) -> list[LoraFactors]:
-    """The factors of every active LoRA adapter in `model` (none for a model without peft LoRA layers)."""
+def has_lora_factors(model: nn.Module | None) -> bool:
+    """Whether `model` holds peft LoRA layers, whose trained weights are factors A and B: the mean of several runs'
+    factors is not the mean of their products B A."""
     peft = _peft()
-    if peft is None or model is None:
-        return []
-    factors = []
-    for name, module in model.named_modules():
-        if not isinstance(module, peft.tuners.lora.LoraLayer):
-            continue
-        for adapter in module.active_adapters:
-            for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
-                if adapter in getattr(module, a, {}):
-                    suffix = ".weight" if a == "lora_A" else ""
-                    factors.append(LoraFactors(f"{name}.{a}.{adapter}{suffix}", f"{name}.{b}.{adapter}{suffix}",
-                                               int(module.r[adapter])))
-    return factors
-
-
-def mean_update_factors(a_runs: list[torch.Tensor], b_runs: list[torch.Tensor],
-                        rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors `(A, B)` of the given rank whose product B A is the closest (Frobenius) to the mean of the runs' B_i A_i.
-
-    The mean of several runs' factors is not the mean of their updates; the mean update has rank up to k r, so it
-    is truncated to the adapter's rank, keeping the adapter's shape. Works on the stacked factors (thin QR of
-    [B_1 .. B_k] and [A_1; ..; A_k], an SVD of their k r x k r core), never forming an out x in matrix.
-    """
-    a_shape, b_shape = a_runs[0].shape, b_runs[0].shape
-    a_stack = torch.cat([a.reshape(a_shape[0], -1).double() for a in a_runs]) / len(a_runs)  # (k r, in)
-    b_stack = torch.cat([b.reshape(b_shape[0], -1).double() for b in b_runs], dim=1)  # (out, k r)
-    q_b, r_b = torch.linalg.qr(b_stack)
-    q_a, r_a = torch.linalg.qr(a_stack.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    root = s[:rank].sqrt()
-    b = (q_b @ u[:, :rank]) * root
-    a = root[:, None] * (vh[:rank] @ q_a.T)
-    if b.shape[1] < rank:  # fewer directions than the rank (a layer narrower than k r): pad with zeros
-        b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
-        a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-    return a.reshape(a_shape).to(a_runs[0].dtype), b.reshape(b_shape).to(b_runs[0].dtype)
+    return peft is not None and model is not None and any(
+        isinstance(module, peft.tuners.lora.LoraLayer) for module in model.modules())
 
 
 def _check_configs(model: nn.Module) -> None:

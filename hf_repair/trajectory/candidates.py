@@ -34,9 +34,9 @@ keeps its fold runs (a float64 running sum of their trainable weights on CPU), s
 An average must reach, on every verified sample, the pooled held-out accuracy its runs showed: each sample was
 learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
 measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample replaces it.
-For a LoRA adapter the mean of the runs' factors A and B is not the mean of their updates B A: each LoRA layer
-ends with the factors of the adapter's rank closest to the mean update (`mean_update_factors`), so a sum keeps each
-run's factors (k copies of the adapter, one of everything else).
+A LoRA adapter's runs are not averaged: measured, neither the mean of their factors A and B nor the rank-r factors
+of the mean of their updates B A ended above one more fine-tune on every verified sample (BENCHMARKS.md), which
+fresh, erase and retrain end with there, as before.
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` leaves the model with its weights on every verified sample.
@@ -60,7 +60,7 @@ from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_v
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
-from ..modeling.lora import LoraFactors, lora_factors, mean_update_factors
+from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
@@ -116,7 +116,7 @@ class CandidateBuilder:
         self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
         self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
         self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
-        self._lora_factors = lora_factors(model)
+        self.averages_fold_runs = not has_lora_factors(model)
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -157,14 +157,13 @@ class CandidateBuilder:
 
     def _fresh_weights(self, fold: int | None) -> StateDict:
         """The initial weights fine-tuned on the verified samples outside `fold` (one CPU copy per fold); for None,
-        the average of every fold's."""
-        if fold is None and None not in self._fresh:
-            runs = FoldRunSum(self._lora_factors)
-            for other in range(self.trajectory.num_folds):
-                self._fresh_weights(other)
-                runs.add(self._fresh[other])
+        the average of every fold's (for a LoRA adapter, or an average below its runs, one more fine-tune)."""
+        if fold is None and None not in self._fresh and not self.averages_fold_runs:
+            self._fresh[None] = self._fresh_finetune(self.verified)
+        elif fold is None and None not in self._fresh:
+            folds = [self._fresh_weights(f) for f in range(self.trajectory.num_folds)]
             shared = self.trajectory.shared
-            self._fresh[None] = {key: value for key, value in runs.average(shared).items()
+            self._fresh[None] = {key: value for key, value in average_weights(folds, latest=0).items()
                                  if value is not shared.get(key)}
             load_weights(self.model, {**shared, **self._fresh[None]})
             if not self._average_holds("fresh"):
@@ -241,8 +240,8 @@ class CandidateBuilder:
         if refinement in DATASET_PROCEDURES:
             self.load(base)
             self._refine(refinement, self._outside(fold), (base, fold))
-            if refinement in FINETUNING_REFINEMENTS:
-                self._fold_runs.setdefault(procedure, FoldRunSum(self._lora_factors)).add(
+            if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
+                self._fold_runs.setdefault(procedure, FoldRunSum()).add(
                     self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
@@ -268,7 +267,7 @@ class CandidateBuilder:
         name, _, refinement = procedure.partition("+")
         base = self.base(name, None)
         points = () if isinstance(base, Fresh) else base
-        if refinement in FINETUNING_REFINEMENTS:
+        if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
             runs = self._fold_runs.get(procedure)
             if runs is None or runs.count != self.trajectory.num_folds:
                 raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "
@@ -351,27 +350,19 @@ class CandidateBuilder:
 
 class FoldRunSum:
     """The running float64 sum of a procedure's fold runs (CPU states without the keys `Trajectory.shared` holds
-    with equal values); `average` equals `average_weights` of the runs, one copy of the weights instead of k.
+    with equal values); `average` equals `average_weights` of the runs, one copy of the weights instead of k."""
 
-    LoRA factors are kept run by run instead, and averaged as updates: B A of the average is the closest to the
-    mean of the runs' B_i A_i that the adapter's rank allows (`mean_update_factors`).
-    """
-
-    def __init__(self, lora: list[LoraFactors] | tuple[()] = ()) -> None:
+    def __init__(self) -> None:
         self.count = 0
         self.totals: StateDict = {}
         self.counts: dict[str, int] = {}  # runs each key was in (a run omits a key it holds as `shared` has it)
         self.dtypes: dict[str, torch.dtype] = {}
-        self.lora = list(lora)
-        self.factor_runs: dict[str, list[torch.Tensor]] = {key: [] for f in self.lora for key in (f.a_key, f.b_key)}
 
     def add(self, state: StateDict) -> None:
         self.count += 1
         for key, value in state.items():
             self.counts[key] = self.counts.get(key, 0) + 1
-            if key in self.factor_runs:
-                self.factor_runs[key].append(value)
-            elif not value.is_floating_point():
+            if not value.is_floating_point():
                 self.totals[key] = value  # step counters, integer buffers: the latest run's
                 continue
             self.dtypes[key] = value.dtype
@@ -390,17 +381,7 @@ class FoldRunSum:
             if missing:
                 total = total + missing * shared[key].double()
             averaged[key] = (total / self.count).to(self.dtypes[key])
-        for factors in self.lora:
-            a_runs, b_runs = (self._runs_of(key, shared) for key in (factors.a_key, factors.b_key))
-            same = all(torch.equal(a, a_runs[0]) for a in a_runs) and all(torch.equal(b, b_runs[0]) for b in b_runs)
-            averaged[factors.a_key], averaged[factors.b_key] = (a_runs[0], b_runs[0]) if same else (
-                mean_update_factors(a_runs, b_runs, factors.rank))
         return averaged
-
-    def _runs_of(self, key: str, shared: StateDict) -> list[torch.Tensor]:
-        runs = self.factor_runs[key]
-        missing = self.count - len(runs)  # runs that omit a factor they hold as `shared` has it
-        return runs + [shared[key]] * missing if missing else runs
 
 
 def average_weights(states: list[StateDict], latest: int) -> StateDict:

@@ -16,8 +16,7 @@ that stay frozen and unchanged (a LoRA's base model, a frozen backbone) are held
 read from checkpoint folders keep only the folder's path. The weights training started from (`initial`,
 for "fresh" and "retrain") are one more copy of the trainable weights (of a LoRA: its adapter and head); at
 train end "fresh" holds num_folds + 1 more while `auto` chooses, and erase and retrain at most two float64 sums of
-them (four copies' worth: the fold runs being judged and the best judged so far; a LoRA's factors are kept run by
-run, num_folds copies of the adapter each, to average their updates B A).
+them (four copies' worth: the fold runs being judged and the best judged so far).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from transformers import Trainer, TrainingArguments
 peft = pytest.importorskip("peft")
 
 from hf_repair import RepairConfig, Repairer  # noqa: E402
-from hf_repair.modeling.lora import lora_factors  # noqa: E402
-from hf_repair.trajectory.candidates import FoldRunSum  # noqa: E402
+from hf_repair.modeling.lora import has_lora_factors  # noqa: E402
+from hf_repair.trajectory import CandidateBuilder  # noqa: E402
 from hf_repair.trajectory.checkpoints import list_checkpoints, read_checkpoint  # noqa: E402
 
 from lora_setup import base_model, base_state, data, lora_config  # noqa: E402
@@ -93,33 +93,8 @@ def assert_same(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fold_runs_of_a_lora_adapter_average_their_updates(run):
-    """A LoRA adapter's fold runs end as the factors of their mean update B A, everything else as their mean."""
+def test_fold_runs_of_a_lora_adapter_are_not_averaged(run):
+    """The mean of runs' factors A and B is not the mean of their products: auto refits a LoRA adapter instead."""
     _, model = run
-    factors = lora_factors(model)  # q, v and fc1 of 2 layers, the patch embedding
-    state = model.state_dict()
-    assert lora_factors(base_model("vit")) == [] and lora_factors(None) == []
-    assert len(factors) == 2 * 3 + 1 and all(f.rank == 4 and f.a_key in state and f.b_key in state for f in factors)
-    assert any(state[f.a_key].dim() == 4 for f in factors)  # the patch-embedding convolution
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert {key for f in factors for key in (f.a_key, f.b_key)} < trainable
-    g = torch.Generator().manual_seed(0)
-    runs = [{key: state[key] + 0.1 * torch.randn(state[key].shape, generator=g) for key in trainable} for _ in range(3)]
-    total = FoldRunSum(factors)
-    for one in runs:
-        total.add(one)
-    average = total.average({})
-    for f in factors:
-        a, b = average[f.a_key], average[f.b_key]
-        assert a.shape == state[f.a_key].shape and b.shape == state[f.b_key].shape
-        flat = [(one[f.b_key].reshape(b.shape[0], -1).double(), one[f.a_key].reshape(a.shape[0], -1).double())
-                for one in runs]
-        u, s, vh = torch.linalg.svd(sum(bi @ ai for bi, ai in flat) / 3)
-        torch.testing.assert_close(b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double(),
-                                   (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-4, atol=1e-5)
-    head = next(key for key in trainable if "classifier" in key)
-    torch.testing.assert_close(average[head], sum(one[head] for one in runs) / 3)
-    same = FoldRunSum(factors)
-    for _ in range(3):
-        same.add(runs[0])
-    assert all(torch.equal(value, runs[0][key]) for key, value in same.average({}).items())  # equal runs: as they are
+    assert has_lora_factors(model) and not has_lora_factors(base_model("vit")) and not has_lora_factors(None)
+    assert not CandidateBuilder(model, None, None, None, RepairConfig(method="auto"), None).averages_fold_runs
