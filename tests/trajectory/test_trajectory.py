@@ -221,13 +221,9 @@ def test_fresh_keeps_each_folds_lowest_loss_learning_rate_and_ends_with_their_av
     assert not any(torch.equal(model.state_dict()["head.weight"], state["head.weight"]) for _, _, state in runs)
 
 
-@needs_fashion_mnist
-def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, run, monkeypatch):
-    """No fine-tune on every verified sample after the choice: the weights are the mean of the chosen refinement's
-    fold runs, the ones the held-out folds judged."""
-    train, verified, _ = data
-    _, _, _, output_dir, initial = run
-    runs = []  # the weights after every fine-tune, in order: erase's folds, then retrain's
+def record_finetunes(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """The weights after every erase or retrain fine-tune `auto` runs, in order (filled as they run)."""
+    runs = []
     finetune = candidates.repair_with_finetuning
 
     def spy(model, *args, **kwargs):
@@ -236,6 +232,16 @@ def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, 
         return result
 
     monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
+    return runs
+
+
+@needs_fashion_mnist
+def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, run, monkeypatch):
+    """No fine-tune on every verified sample after the choice: the weights are the mean of the chosen refinement's
+    fold runs, the ones the held-out folds judged."""
+    train, verified, _ = data
+    _, _, _, output_dir, initial = run
+    runs = record_finetunes(monkeypatch)  # erase's folds, then retrain's
     config = dataclasses.replace(AUTO, auto_candidates=["erase", "retrain"], retention_learning_rate=3e-3,
                                  retention_batch_size=64)
     model = fresh_final_model(output_dir)
@@ -257,20 +263,12 @@ def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fin
     and, below the runs' held-out accuracy, replaced by a fine-tune on every verified sample."""
     train, verified, _ = data
     _, _, _, output_dir, initial = run
-    runs = []
-    finetune = candidates.repair_with_finetuning
-
-    def spy(model, *args, **kwargs):
-        result = finetune(model, *args, **kwargs)
-        runs.append({key: value.clone() for key, value in model.state_dict().items()})
-        return result
-
+    runs = record_finetunes(monkeypatch)
     average = candidates.FoldRunSum.average
 
     def broken(self, shared):  # an average that lost what the runs learnt: its head predicts one class
         return {**average(self, shared), "head.weight": torch.zeros(10, 64), "head.bias": torch.arange(10.0)}
 
-    monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
     monkeypatch.setattr(candidates.FoldRunSum, "average", broken)
     config = dataclasses.replace(AUTO, auto_candidates=["erase"], retention_learning_rate=3e-3, retention_batch_size=64)
     model = fresh_final_model(output_dir)
