@@ -56,7 +56,7 @@ def run_setting(task: regime_benchmark.Task, regime: str, recipes: dict[str, reg
     }
     config = RepairConfig(method="auto", **task.repair_kwargs, repair_seed=seed, repair_disable_tqdm=True,
                           retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,
-                          significance_test="none")
+                          significance_test="none", num_folds=args.num_folds)
     model = copy.deepcopy(final)
     start = time.perf_counter()
     result = Repairer(model, config).repair(task.verified, task.noisy, checkpoints=noisy_run.output_dir,
@@ -65,7 +65,7 @@ def run_setting(task: regime_benchmark.Task, regime: str, recipes: dict[str, reg
     row.update(candidate=m["candidate"], candidate_test=accuracy(model) if m["adopted"] else row["noisy"],
                adopted_without_gate=m["adopted"], p_value=m["p_value"], wins=m["wins"], losses=m["losses"],
                heldout=m["heldout_accuracy"], fold_run_averages=m.get("fold_run_averages", {}),
-               auto_s=time.perf_counter() - start,
+               num_folds=config.num_folds, auto_s=time.perf_counter() - start,
                epoch_s=regime_benchmark.epoch_seconds(final, task.noisy, recipe))  # timed at the same load
     print(f"  {task.name} {regime} seed {seed}: candidate {row['candidate']} test {row['candidate_test']:.4f} "
           f"(final {row['noisy']:.4f}, early stop {row['early_stop']:.4f}), p = {row['p_value']:.3g}; fold-run averages "
@@ -126,7 +126,10 @@ def summarize(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    args = regime_benchmark.cached_runs_parser(__doc__).parse_args()
+    parser = regime_benchmark.cached_runs_parser(__doc__)
+    parser.add_argument("--num-folds", type=int, default=RepairConfig.num_folds,
+                        help="auto's verified folds (RepairConfig.num_folds).")
+    args = parser.parse_args()
     regime_benchmark.run_cached_settings(args, run_setting, summarize)
 
 if __name__ == "__main__":
