@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
@@ -35,7 +34,7 @@ from hf_repair.data import column_array
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
 from hf_repair.retention import repair_with_finetuning
 from hf_repair.trajectory.checkpoints import load_weights
-from testbed.finetuning import finetune, load_checkpoint, predictions
+from testbed.finetuning import average_states, finetune, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
 from common import markdown_table
@@ -104,7 +103,7 @@ def main() -> None:
                          f"{m['steps']} of {m['max_steps']}", m["stop_reason"], f"{time.perf_counter() - start:.0f}"])
             runs.append({name: p.detach().clone() for name, p in model.state_dict().items()})
         if len(runs) > 1:
-            load_weights(model, uniform_average(runs))
+            load_weights(model, average_states(runs))
             rows.append([f"{epochs:g}", "average of the above", f"{100 * accuracy(model):.2f}", "", "", ""])
     flagged = identification.flagged_indices
     print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by the {args.base} model): "
@@ -124,12 +123,6 @@ def trajectory_identification(run: Any, task: Any, config: RepairConfig) -> Iden
         f"{c.epoch}: {r.summary['auroc']:.3f} ({len(r.flagged_indices)} flagged)" for c, r in zip(run.checkpoints, results, strict=True)
     ) + f"; the mean score: {auroc(mean_score, corrupted):.3f}")
     return dataclasses.replace(results[-1], flagged_indices=np.sort(np.argsort(mean_score)[:count]))
-
-
-def uniform_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The mean of the runs' floating-point tensors (in float64, cast back); other tensors from the first run."""
-    return {name: (torch.stack([s[name].double() for s in states]).mean(0).to(t.dtype) if t.is_floating_point() else t)
-            for name, t in states[0].items()}
 
 
 if __name__ == "__main__":

@@ -203,12 +203,15 @@ def average_checkpoints(model_class: type[PreTrainedModel], paths: Sequence[str 
     """Uniform average of the checkpoints' floating-point weights (a "uniform soup"); other tensors from the first."""
     models = [load_checkpoint(model_class, p) for p in paths]
     averaged = models[0]
-    states = [m.state_dict() for m in models]
-    with torch.no_grad():
-        for name, tensor in averaged.state_dict().items():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.stack([s[name] for s in states]).mean(dim=0))
+    averaged.load_state_dict(average_states([m.state_dict() for m in models]))
     return averaged
+
+
+def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Uniform average of state dicts' floating-point tensors; other tensors from the first."""
+    with torch.no_grad():
+        return {name: torch.stack([s[name] for s in states]).mean(dim=0) if tensor.is_floating_point() else tensor
+                for name, tensor in states[0].items()}
 
 
 def _model_inputs(model: nn.Module, dataset: datasets.Dataset) -> dict[str, torch.Tensor]:
