@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -34,7 +33,7 @@ from hf_repair.data import column_array
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
 from hf_repair.retention import repair_with_finetuning
 from hf_repair.trajectory.checkpoints import load_weights
-from testbed.finetuning import average_states, finetune, load_checkpoint, predictions
+from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
 from common import markdown_table
@@ -106,13 +105,14 @@ def main() -> None:
             load_weights(model, average_states(runs))
             rows.append([f"{epochs:g}", "average of the above", f"{100 * accuracy(model):.2f}", "", "", ""])
     flagged = identification.flagged_indices
-    print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by the {args.base} model): "
+    identified_by = "every checkpoint" if args.base == "trajectory" else f"the {args.base} model"
+    print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by {identified_by}): "
           f"{len(flagged)}, precision {corrupted[flagged].mean():.3f}, recall {corrupted[flagged].sum() / corrupted.sum():.3f}; "
           f"load {os.getloadavg()[0]:.1f}")
     print(markdown_table(["retrain_epochs", "repair seed", "test %", "steps", "stop", "seconds"], rows))
 
 
-def trajectory_identification(run: Any, task: Any, config: RepairConfig) -> IdentificationResult:
+def trajectory_identification(run: Trajectory, task: regime_benchmark.Task, config: RepairConfig) -> IdentificationResult:
     """Samples ranked by the mean probe score over every checkpoint; as many flagged as the first checkpoint flags."""
     results = [identify_harmful(load_checkpoint(task.model_class, c.path), task.noisy, task.verified, config)
                for c in run.checkpoints]

@@ -209,9 +209,8 @@ def average_checkpoints(model_class: type[PreTrainedModel], paths: Sequence[str 
 
 def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Uniform average of state dicts' floating-point tensors; other tensors from the first."""
-    with torch.no_grad():
-        return {name: torch.stack([s[name] for s in states]).mean(dim=0) if tensor.is_floating_point() else tensor
-                for name, tensor in states[0].items()}
+    return {name: torch.stack([s[name] for s in states]).mean(dim=0) if tensor.is_floating_point() else tensor
+            for name, tensor in states[0].items()}
 
 
 def _model_inputs(model: nn.Module, dataset: datasets.Dataset) -> dict[str, torch.Tensor]:
