@@ -7,7 +7,9 @@ tokenized with the MiniLM tokenizer) -- with 1,000 verified samples, it measures
 - the repair's phases (capture, decomposition, selection; from `result.metrics`) and its peak memory,
   with the default coarse-to-fine alpha search and with the full grid;
 - one verified forward pass (the floor's unit) and one training epoch of 10,000 examples (for BERT
-  measured on `--bert_train_examples` and scaled, since a full CPU epoch takes most of an hour);
+  measured on `--bert_train_examples` and scaled, since a full CPU epoch takes most of an hour), and the
+  forward floor: the capture pass and one pass per alpha scored in full, in epochs (what the repair would
+  cost if its Grams, decompositions and weight products were free);
 - the published implementation's way of building the clean spaces: stack every activation row,
   subsample 50,000 rows per layer input, SVD (one SVD per distinct layer input, which is cheaper
   than one per layer). Rows are captured one block of layers at a time to keep memory bounded; the
@@ -44,7 +46,8 @@ NUM_VERIFIED = 1000
 EPOCH_EXAMPLES = 10_000
 PUBLISHED_MAX_ROWS = 50_000
 PHASE_COLUMNS = ["model", "alpha search", "capture s", "decomposition s", "selection s", "repair s", "peak MiB",
-                 "x epoch", "x verified forward", "alphas scored", "alphas stopped early", "alpha"]
+                 "x epoch", "x verified forward", "alphas scored", "alphas stopped early", "alpha",
+                 "forward floor x epoch"]
 COMPARE_COLUMNS = ["model", "M params", "epoch s", "epoch examples", "verified forward s", "padded / real tokens",
                    "clean spaces s (ours)", "clean spaces s (published)", "published / ours", "repair s (ours)",
                    "published spaces + our selection s"]
@@ -171,7 +174,8 @@ def main() -> None:
             m = result.metrics
             phase_rows.append([kind, search, m["capture_time_s"], m["decomposition_time_s"], m["selection_time_s"],
                                cost.seconds, cost.peak_mib, cost.seconds / epoch_s, cost.seconds / forward_s,
-                               len(result.selection), len(m["alphas_stopped_early"]), m["alpha"]])
+                               len(result.selection), len(m["alphas_stopped_early"]), m["alpha"],
+                               (1 + len(result.selection)) * forward_s / epoch_s])
             print(markdown_table(PHASE_COLUMNS, phase_rows[-1:]), flush=True)
         published_s = np.nan if args.skip_published else published_spaces_seconds(model, verified, collator,
                                                                                     target_modules)

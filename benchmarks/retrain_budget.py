@@ -6,11 +6,15 @@ script shows what the procedure itself reaches on test, without the judging: on 
 with the final (or early-stopped) model as erase does, loads the seeded initial weights the run started
 from, and runs the erase fine-tune from them for each budget. `--base trajectory` identifies with every
 checkpoint of the run instead: the mean of their probe scores ranks the samples, and the first checkpoint's
-flag count (the model that memorised least) says how many to drop. `--repair-seeds` runs each budget once per
-seed and adds the uniform average of those runs' weights.
+flag count (the model that memorised least) says how many to drop; `--base fresh` identifies with auto's `fresh`
+model (the initial weights fine-tuned on the verified split alone, cached beside the run). `--repair-seeds` runs
+each budget once per seed and adds the uniform average of those runs' weights. `--scores` prints how well each
+identification score tells the known corruption (the first one flags); `--rounds N` identifies again with each
+retrained model and retrains from the initial weights, N times in all.
 
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --base trajectory --repair-seeds 0 1 2
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --scores probe loss --rounds 3
 """
 
 from __future__ import annotations
@@ -28,10 +32,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
 
+import torch
+
 from hf_repair import RepairConfig
+from hf_repair.config.identification import IDENTIFICATION_SCORES
 from hf_repair.data import column_array
+from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
-from hf_repair.retention import repair_with_finetuning
+from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from hf_repair.trajectory.checkpoints import load_weights
 from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
 
@@ -48,11 +56,17 @@ def flagged_option(value: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="vision", choices=["vision", "text"])
+    parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded), as the cached text runs.")
     parser.add_argument("--regime", default="short", choices=["short", "long"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=float, nargs="+", default=[3.0], help="retrain_epochs budgets to run.")
-    parser.add_argument("--base", default="final", choices=["final", "early_stop", "trajectory"],
-                        help="The model that identifies (trajectory: every checkpoint, see above).")
+    parser.add_argument("--base", default="final", choices=["final", "early_stop", "trajectory", "fresh"],
+                        help="The model that identifies (trajectory: every checkpoint; fresh: auto's, see above).")
+    parser.add_argument("--scores", nargs="+", default=["auto"], choices=IDENTIFICATION_SCORES,
+                        help="Identification scores to compare on the known corruption; the first one flags.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Retrain this many times, each identifying with the previous retrain's model.")
     parser.add_argument("--repair-seeds", type=int, nargs="+", default=None,
                         help="Run each budget once per repair seed and add the average of their weights "
                              "(default: the run's seed, once).")
@@ -64,10 +78,11 @@ def main() -> None:
     args = parser.parse_args()
     regime_benchmark.quiet_scoring(args, logging.ERROR)
 
-    task = regime_benchmark.vision_task(args.seed, regime_benchmark.FULL["vision"], args)
-    recipes = regime_benchmark.FULL["vision"].regimes
+    sizes = regime_benchmark.FULL[args.task]
+    task = (regime_benchmark.vision_task if args.task == "vision" else regime_benchmark.text_task)(args.seed, sizes, args)
+    recipes = sizes.regimes
     if args.lora:
-        task, recipes = regime_benchmark.with_lora(task, args.seed), regime_benchmark.LORA["vision"]
+        task, recipes = regime_benchmark.with_lora(task, args.seed), regime_benchmark.LORA[args.task]
     recipe = recipes[args.regime]
     run_dir = Path(args.cache_dir) / regime_benchmark.run_name(task, args.regime, recipe)
     run = finetune(task.new_model(args.seed), task.noisy, task.verified, run_dir / f"noisy_s{args.seed}",
@@ -78,38 +93,73 @@ def main() -> None:
     # as auto's retrain: the erase fine-tune with the Trainer's learning rate and batch size, no gate of its own
     config = RepairConfig(method="erase", **task.repair_kwargs, repair_seed=args.seed, repair_disable_tqdm=True,
                           retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,
-                          significance_test="none", min_improvement=-1.0)
+                          significance_test="none", min_improvement=-1.0, score=args.scores[0])
+    initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
+    if args.base == "fresh":
+        load_weights(base, fresh_weights(base, initial, task, config, run_dir / f"fresh_s{args.seed}.pt"))
+    corrupted = column_array(task.noisy, "is_corrupted").astype(bool)
+    if args.base != "trajectory":
+        for score in args.scores[1:]:
+            scored = identify_harmful(base, task.noisy, task.verified, dataclasses.replace(config, score=score))
+            print(describe(f"score {score}", scored, corrupted))
     identification = (trajectory_identification(run, task, config) if args.base == "trajectory"
                       else identify_harmful(base, task.noisy, task.verified, config))
-    corrupted = column_array(task.noisy, "is_corrupted").astype(bool)
     if args.flagged != "identified":
         flagged = (np.flatnonzero(corrupted) if args.flagged == "corrupted"
                    else np.sort(np.argsort(column_array(identification.table, "score"))[:int(args.flagged)]))
         identification = dataclasses.replace(identification, flagged_indices=flagged)
-    initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
-    rows = [["none (the base)", "", f"{100 * accuracy(base):.2f}", "", "", ""]]
+    identified_by = "every checkpoint" if args.base == "trajectory" else f"the {args.base} model"
+    print(f"{task.name} {args.regime} seed {args.seed}, "
+          + describe(f"flagged: {args.flagged} (by {identified_by})", identification, corrupted)
+          + f"; load {os.getloadavg()[0]:.1f}")
+    rows = [["none (the base)", "", "", f"{100 * accuracy(base):.2f}", "", "", "", ""]]
     for epochs in args.epochs:
         runs = []
         for repair_seed in args.repair_seeds or [args.seed]:
-            model = copy.deepcopy(base)
-            load_weights(model, initial)
-            start = time.perf_counter()
-            result = repair_with_finetuning(
-                model, dataclasses.replace(config, retention_epochs=epochs, repair_seed=repair_seed),
-                task.verified, task.noisy, identification)
-            m = result.metrics
-            rows.append([f"{epochs:g}", str(repair_seed), f"{100 * accuracy(model):.2f}",
-                         f"{m['steps']} of {m['max_steps']}", m["stop_reason"], f"{time.perf_counter() - start:.0f}"])
+            model, flags = copy.deepcopy(base), identification
+            retrain = dataclasses.replace(config, retention_epochs=epochs, repair_seed=repair_seed)
+            for round_ in range(1, args.rounds + 1):
+                if round_ > 1:
+                    flags = identify_harmful(model, task.noisy, task.verified, retrain)
+                load_weights(model, initial)
+                start = time.perf_counter()
+                m = repair_with_finetuning(model, retrain, task.verified, task.noisy, flags).metrics
+                rows.append([f"{epochs:g}", str(repair_seed), str(round_), f"{100 * accuracy(model):.2f}",
+                             describe("", flags, corrupted).lstrip(": "), f"{m['steps']} of {m['max_steps']}",
+                             m["stop_reason"], f"{time.perf_counter() - start:.0f}"])
             runs.append({name: p.detach().clone() for name, p in model.state_dict().items()})
         if len(runs) > 1:
             load_weights(model, average_states(runs))
-            rows.append([f"{epochs:g}", "average of the above", f"{100 * accuracy(model):.2f}", "", "", ""])
+            rows.append([f"{epochs:g}", "average of the above", "", f"{100 * accuracy(model):.2f}", "", "", "", ""])
+    print(markdown_table(["retrain_epochs", "repair seed", "round", "test %", "flagged by that round's model",
+                          "steps", "stop", "seconds"], rows))
+
+
+def describe(what: str, identification: IdentificationResult, corrupted: np.ndarray) -> str:
+    """How many samples an identification flags and how well its flags and score match the known corruption."""
     flagged = identification.flagged_indices
-    identified_by = "every checkpoint" if args.base == "trajectory" else f"the {args.base} model"
-    print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by {identified_by}): "
-          f"{len(flagged)}, precision {corrupted[flagged].mean():.3f}, recall {corrupted[flagged].sum() / corrupted.sum():.3f}; "
-          f"load {os.getloadavg()[0]:.1f}")
-    print(markdown_table(["retrain_epochs", "repair seed", "test %", "steps", "stop", "seconds"], rows))
+    precision = corrupted[flagged].mean() if len(flagged) else float("nan")
+    score_auroc = auroc(column_array(identification.table, "score"), corrupted)
+    return (f"{what}: {len(flagged)}, precision {precision:.3f}, recall {corrupted[flagged].sum() / corrupted.sum():.3f}, "
+            f"AUROC of the score {score_auroc:.3f}")
+
+
+def fresh_weights(model: torch.nn.Module, initial: dict, task: regime_benchmark.Task, config: RepairConfig, cache: Path) -> dict:
+    """auto's `fresh` on the whole verified split: the initial weights fine-tuned on it at each learning-rate scale,
+    the run with the lowest inner held-out loss kept (`CandidateBuilder._fresh_finetune`); cached in `cache`."""
+    if cache.exists():
+        return torch.load(cache)
+    learning_rate, split = finetune_learning_rate(config), split_verified(model, task.verified, config)
+    best_loss, best_state = float("inf"), None
+    for scale in config.fresh_learning_rate_scales:
+        load_weights(model, initial)
+        scaled = dataclasses.replace(config, retention_learning_rate=learning_rate * scale)
+        result = RetentionRepair(model, scaled, forward_fn=default_forward, collate_fn=None,
+                                 compute_metrics=None).run_on_verified(task.verified, split, config.fresh_epochs)
+        if result.scores_after["loss"] < best_loss:
+            best_loss, best_state = result.scores_after["loss"], {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(best_state, cache)
+    return best_state
 
 
 def trajectory_identification(run: Trajectory, task: regime_benchmark.Task, config: RepairConfig) -> IdentificationResult:
