@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testbed/
-
-import torch
 
 from hf_repair import RepairConfig
 from hf_repair.config.identification import IDENTIFICATION_SCORES
@@ -54,6 +53,12 @@ def flagged_option(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected 'identified', 'corrupted' or a positive number of samples, got {value!r}")
 
 
+def positive_int(value: str) -> int:
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="vision", choices=["vision", "text"])
@@ -65,7 +70,7 @@ def main() -> None:
                         help="The model that identifies (trajectory: every checkpoint; fresh: auto's, see above).")
     parser.add_argument("--scores", nargs="+", default=["auto"], choices=IDENTIFICATION_SCORES,
                         help="Identification scores to compare on the known corruption; the first one flags.")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=positive_int, default=1,
                         help="Retrain this many times, each identifying with the previous retrain's model.")
     parser.add_argument("--repair-seeds", type=int, nargs="+", default=None,
                         help="Run each budget once per repair seed and add the average of their weights "
@@ -76,6 +81,8 @@ def main() -> None:
                              "corruption), or a number K (the K samples with the lowest identification score).")
     regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
+    if args.base == "trajectory" and len(args.scores) > 1:
+        parser.error("--base trajectory ranks by the mean probe score of every checkpoint; compare --scores on one model.")
     regime_benchmark.quiet_scoring(args, logging.ERROR)
 
     sizes = regime_benchmark.FULL[args.task]
@@ -101,7 +108,7 @@ def main() -> None:
     if args.base != "trajectory":
         for score in args.scores[1:]:
             scored = identify_harmful(base, task.noisy, task.verified, dataclasses.replace(config, score=score))
-            print(describe(f"score {score}", scored, corrupted))
+            print(f"score {score}: {describe(scored, corrupted)}")
     identification = (trajectory_identification(run, task, config) if args.base == "trajectory"
                       else identify_harmful(base, task.noisy, task.verified, config))
     if args.flagged != "identified":
@@ -109,9 +116,8 @@ def main() -> None:
                    else np.sort(np.argsort(column_array(identification.table, "score"))[:int(args.flagged)]))
         identification = dataclasses.replace(identification, flagged_indices=flagged)
     identified_by = "every checkpoint" if args.base == "trajectory" else f"the {args.base} model"
-    print(f"{task.name} {args.regime} seed {args.seed}, "
-          + describe(f"flagged: {args.flagged} (by {identified_by})", identification, corrupted)
-          + f"; load {os.getloadavg()[0]:.1f}")
+    print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by {identified_by}): "
+          f"{describe(identification, corrupted)}; load {os.getloadavg()[0]:.1f}")
     rows = [["none (the base)", "", "", f"{100 * accuracy(base):.2f}", "", "", "", ""]]
     for epochs in args.epochs:
         runs = []
@@ -125,7 +131,7 @@ def main() -> None:
                 start = time.perf_counter()
                 m = repair_with_finetuning(model, retrain, task.verified, task.noisy, flags).metrics
                 rows.append([f"{epochs:g}", str(repair_seed), str(round_), f"{100 * accuracy(model):.2f}",
-                             describe("", flags, corrupted).lstrip(": "), f"{m['steps']} of {m['max_steps']}",
+                             describe(flags, corrupted), f"{m['steps']} of {m['max_steps']}",
                              m["stop_reason"], f"{time.perf_counter() - start:.0f}"])
             runs.append({name: p.detach().clone() for name, p in model.state_dict().items()})
         if len(runs) > 1:
@@ -135,16 +141,17 @@ def main() -> None:
                           "steps", "stop", "seconds"], rows))
 
 
-def describe(what: str, identification: IdentificationResult, corrupted: np.ndarray) -> str:
+def describe(identification: IdentificationResult, corrupted: np.ndarray) -> str:
     """How many samples an identification flags and how well its flags and score match the known corruption."""
     flagged = identification.flagged_indices
     precision = corrupted[flagged].mean() if len(flagged) else float("nan")
     score_auroc = auroc(column_array(identification.table, "score"), corrupted)
-    return (f"{what}: {len(flagged)}, precision {precision:.3f}, recall {corrupted[flagged].sum() / corrupted.sum():.3f}, "
+    return (f"{len(flagged)}, precision {precision:.3f}, recall {corrupted[flagged].sum() / corrupted.sum():.3f}, "
             f"AUROC of the score {score_auroc:.3f}")
 
 
-def fresh_weights(model: torch.nn.Module, initial: dict, task: regime_benchmark.Task, config: RepairConfig, cache: Path) -> dict:
+def fresh_weights(model: torch.nn.Module, initial: dict[str, torch.Tensor], task: regime_benchmark.Task,
+                  config: RepairConfig, cache: Path) -> dict[str, torch.Tensor]:
     """auto's `fresh` on the whole verified split: the initial weights fine-tuned on it at each learning-rate scale,
     the run with the lowest inner held-out loss kept (`CandidateBuilder._fresh_finetune`); cached in `cache`."""
     if cache.exists():
