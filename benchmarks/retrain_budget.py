@@ -7,7 +7,7 @@ with the final (or early-stopped) model as erase does, loads the seeded initial 
 from, and runs the erase fine-tune from them for each budget. `--base trajectory` identifies with every
 checkpoint of the run instead: the mean of their probe scores ranks the samples, and the first checkpoint's
 flag count (the model that memorised least) says how many to drop; `--base fresh` identifies with auto's `fresh`
-model (the initial weights fine-tuned on the verified split alone, cached beside the run). `--repair-seeds` runs
+model (the initial weights fine-tuned on the verified split alone, cached beside the run under its settings). `--repair-seeds` runs
 each budget once per seed and adds the uniform average of those runs' weights. `--scores` prints how well each
 identification score tells the known corruption (the first one flags); `--rounds N` identifies again with each
 retrained model and retrains from the initial weights, N times in all.
@@ -103,7 +103,9 @@ def main() -> None:
                           significance_test="none", min_improvement=-1.0, score=args.scores[0])
     initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
     if args.base == "fresh":
-        load_weights(base, fresh_weights(base, initial, task, config, run_dir / f"fresh_s{args.seed}.pt"))
+        scales = "-".join(f"{scale:g}" for scale in config.fresh_learning_rate_scales)
+        cache = run_dir / f"fresh_s{args.seed}_lr{finetune_learning_rate(config):g}x{scales}_e{config.fresh_epochs:g}.pt"
+        load_weights(base, fresh_weights(base, initial, task, config, cache))
     corrupted = column_array(task.noisy, "is_corrupted").astype(bool)
     if args.base != "trajectory":
         for score in args.scores[1:]:
