@@ -83,6 +83,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.base == "trajectory" and len(args.scores) > 1:
         parser.error("--base trajectory ranks by the mean probe score of every checkpoint; compare --scores on one model.")
+    if args.rounds > 1 and args.flagged != "identified":
+        parser.error(f"--rounds identifies again with each retrained model, which --flagged {args.flagged} would override; "
+                     "use --flagged identified with --rounds.")
     regime_benchmark.quiet_scoring(args, logging.ERROR)
 
     sizes = regime_benchmark.FULL[args.task]
