@@ -64,12 +64,12 @@ def run_setting(task: regime_benchmark.Task, regime: str, recipes: dict[str, reg
     m = result.metrics
     row.update(candidate=m["candidate"], candidate_test=accuracy(model) if m["adopted"] else row["noisy"],
                adopted_without_gate=m["adopted"], p_value=m["p_value"], wins=m["wins"], losses=m["losses"],
-               heldout=m["heldout_accuracy"], run_averages=m.get("run_averages", {}),
+               heldout=m["heldout_accuracy"], fold_run_averages=m.get("fold_run_averages", {}),
                num_folds=config.num_folds, auto_s=time.perf_counter() - start,
                epoch_s=regime_benchmark.epoch_seconds(final, task.noisy, recipe))  # timed at the same load
     print(f"  {task.name} {regime} seed {seed}: candidate {row['candidate']} test {row['candidate_test']:.4f} "
-          f"(final {row['noisy']:.4f}, early stop {row['early_stop']:.4f}), p = {row['p_value']:.3g}; run averages "
-          f"checked: {row['run_averages']}", flush=True)
+          f"(final {row['noisy']:.4f}, early stop {row['early_stop']:.4f}), p = {row['p_value']:.3g}; fold-run averages "
+          f"checked: {row['fold_run_averages']}", flush=True)
     return row
 
 

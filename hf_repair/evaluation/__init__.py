@@ -10,13 +10,7 @@ from .prediction import (
     predict_by_fold,
     split_verified,
 )
-from .significance import (
-    SIGNIFICANCE_TESTS,
-    PairedComparison,
-    compare_predictions,
-    mcnemar_p_value,
-    significance_gate,
-)
+from .significance import SIGNIFICANCE_TESTS, PairedComparison, compare_predictions, significance_gate
 
 __all__ = [
     "SIGNIFICANCE_TESTS",
@@ -28,7 +22,6 @@ __all__ = [
     "default_forward",
     "eval_mode",
     "input_names_for",
-    "mcnemar_p_value",
     "predict",
     "predict_by_fold",
     "selection_value",

@@ -27,21 +27,16 @@ when it is finally run -- and builds weights from the trajectory with them alone
   noise did while it learnt, which no edit of the final weights undoes; learning again without the flagged
   samples does (measured in BENCHMARKS.md, fine-tuning regime).
 
-Run on every verified sample, erase and retrain identify the harmful training samples with their base built on
-all of them, then end with the uniform average of `num_folds` fine-tunes on every verified sample (repair seeds
-`repair_seed`, `repair_seed + 1`, ...; a float64 running sum of their trainable weights on CPU). Not the average
-of the fold runs the folds judged: those were identified by a base that saw (k-1)/k of the verified samples,
-which flags worse on a few hundred (measured on text, BENCHMARKS.md); and not one fine-tune: averaging
-fine-tunes from one start lands above a single one (measured, BENCHMARKS.md).
-An average must not lose what its runs learnt (runs in different basins average badly: measured on a text retrain,
-BENCHMARKS.md), so it is checked on every verified sample. Fresh's average must reach the pooled held-out
-accuracy its fold runs showed (each sample was learnt by all of them but one), else one more fine-tune on every
-verified sample replaces it. Erase's and retrain's runs each learnt every sample, so there a run is compared with
-their average directly: the first run replaces the average where it is significantly more accurate (McNemar,
-`AVERAGE_CHECK_LEVEL`); an average a sample or two below its runs on what they learnt is usual (averaging smooths).
+Like fresh's, the weights erase and retrain end with are the uniform average of their fold runs, the ones the
+folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
+start lands above a single one (measured, BENCHMARKS.md). Only the best fine-tuning refinement judged so far
+keeps its fold runs (a float64 running sum of their trainable weights on CPU), so at most two such sums exist.
+An average must reach, on every verified sample, the pooled held-out accuracy its runs showed: each sample was
+learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
+measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample replaces it.
 A LoRA adapter's runs are not averaged: measured, neither the mean of their factors A and B nor the rank-r factors
 of the mean of their updates B A ended above one more fine-tune on every verified sample (BENCHMARKS.md), which
-fresh, erase and retrain end with there.
+fresh, erase and retrain end with there, as before.
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` leaves the model with its weights on every verified sample.
@@ -61,7 +56,7 @@ from torch import nn
 
 from ..config import RepairConfig
 from ..data import CollateFn, VerifiedSplit, stratified_folds
-from ..evaluation import ForwardFn, eval_mode, mcnemar_p_value, predict, predict_by_fold, split_verified
+from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_verified
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
@@ -78,8 +73,7 @@ REFINEMENTS = ("head_refit", "projection", "erase", "retrain")
 # run on each fold's complement as a datasets.Dataset
 DATASET_PROCEDURES = ("fresh", "projection", "erase", "retrain")
 NEEDS_INITIAL_WEIGHTS = ("fresh", "retrain")
-FINETUNING_REFINEMENTS = ("erase", "retrain")  # they end with the average of runs on every verified sample
-AVERAGE_CHECK_LEVEL = 0.05  # a run replaces the average of runs only where it is better at this McNemar level
+FINETUNING_REFINEMENTS = ("erase", "retrain")  # they end with the average of their judged fold runs
 
 Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
 
@@ -118,9 +112,11 @@ class CandidateBuilder:
         # identifications by (base, held-out fold): erase and retrain on the same base share one
         self._identifications: dict[tuple[Base, int | None], IdentificationResult] = {}
         self._fresh: dict[int | None, StateDict] = {}  # "fresh" weights by held-out fold (trainable ones, on CPU)
+        self._fold_runs: dict[str, FoldRunSum] = {}  # fine-tuning refinements' fold runs (`judged` keeps the best)
+        self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
         self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
-        self.average_checks: dict[str, dict[str, Any]] = {}  # the averages of runs checked, and how
-        self.averages_runs = not has_lora_factors(model)
+        self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
+        self.averages_fold_runs = not has_lora_factors(model)
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -162,7 +158,7 @@ class CandidateBuilder:
     def _fresh_weights(self, fold: int | None) -> StateDict:
         """The initial weights fine-tuned on the verified samples outside `fold` (one CPU copy per fold); for None,
         the average of every fold's (for a LoRA adapter, or an average below its runs, one more fine-tune)."""
-        if fold is None and None not in self._fresh and not self.averages_runs:
+        if fold is None and None not in self._fresh and not self.averages_fold_runs:
             self._fresh[None] = self._fresh_finetune(self.verified)
         elif fold is None and None not in self._fresh:
             folds = [self._fresh_weights(f) for f in range(self.trajectory.num_folds)]
@@ -170,7 +166,7 @@ class CandidateBuilder:
             self._fresh[None] = {key: value for key, value in average_weights(folds, latest=0).items()
                                  if value is not shared.get(key)}
             load_weights(self.model, {**shared, **self._fresh[None]})
-            if not self._average_holds("fresh", self._heldout.get("fresh")):
+            if not self._average_holds("fresh"):
                 self._fresh[None] = self._fresh_finetune(self.verified)
         elif fold not in self._fresh:
             self._fresh[fold] = self._fresh_finetune(self._outside(fold))
@@ -244,26 +240,41 @@ class CandidateBuilder:
         if refinement in DATASET_PROCEDURES:
             self.load(base)
             self._refine(refinement, self._outside(fold), (base, fold))
+            if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
+                self._fold_runs.setdefault(procedure, FoldRunSum()).add(
+                    self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
             return logits.argmax(-1).cpu()
         raise ValueError(f"Unknown refinement {refinement!r}; choose one of {list(REFINEMENTS)}.")
 
     def judged(self, procedure: str, accuracy: float) -> None:
-        """A procedure's pooled held-out accuracy is known (fresh's average is checked against it)."""
+        """A procedure's pooled held-out accuracy is known: keep the fold runs of the best fine-tuning refinement
+        judged so far (the first on ties, as the candidate is chosen), drop the others'."""
         self._heldout[procedure] = accuracy
+        if procedure not in self._fold_runs:
+            return
+        if self._kept is not None and accuracy <= self._kept[1]:
+            del self._fold_runs[procedure]
+            return
+        if self._kept is not None:
+            del self._fold_runs[self._kept[0]]
+        self._kept = (procedure, accuracy)
 
     def apply(self, procedure: str) -> tuple[Points, ProjectionResult | None]:
         """Leave the model with the procedure's weights on every verified sample (for erase and retrain, the average
-        of `num_folds` runs); returns the trajectory points its base averages on them (none for "fresh")."""
+        of their judged fold runs); returns the trajectory points its base averages on them (none for "fresh")."""
         name, _, refinement = procedure.partition("+")
         base = self.base(name, None)
         points = () if isinstance(base, Fresh) else base
-        if refinement in FINETUNING_REFINEMENTS and self.averages_runs:
-            first_run, first_correct = self._average_runs(refinement, base)
-            if not self._average_keeps_up_with(procedure, first_correct):
-                load_weights(self.model, first_run)
-            return points, None
+        if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
+            runs = self._fold_runs.get(procedure)
+            if runs is None or runs.count != self.trajectory.num_folds:
+                raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "
+                                   "judge it on every fold first (the best fine-tuning refinement judged is kept).")
+            load_weights(self.model, runs.average(self.trajectory.shared))
+            if self._average_holds(procedure):
+                return points, None
         self.load(base)
         projection = None
         if refinement == "head_refit":
@@ -274,71 +285,35 @@ class CandidateBuilder:
             projection = self._refine(refinement, self.verified, (base, None))
         return points, projection
 
-    def _average_runs(self, refinement: str, base: Base) -> tuple[StateDict, torch.Tensor]:
-        """Load the average of `num_folds` runs of a fine-tuning refinement of `base` on every verified sample, one
-        identification for all, each run at the next repair seed; returns the first run's weights and which verified
-        samples it gets right."""
-        runs, first_run, first_correct = RunSum(), None, None
-        for offset in range(self.trajectory.num_folds):
-            self.load(base)
-            self._refine(refinement, self.verified, (base, None), seed_offset=offset)
-            state = self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
-            runs.add(state)  # sums copies: `state` stays as it was
-            if first_run is None:
-                first_run, first_correct = state, self._verified_correct()
-        load_weights(self.model, runs.average(self.trajectory.shared))
-        return {**self.trajectory.shared, **first_run}, first_correct
-
-    def _average_holds(self, procedure: str, required: float | None) -> bool:
-        """Whether the loaded average of a procedure's fold runs is at least `required` accurate on every verified
-        sample (None: not judged, nothing to check against; recorded in `average_checks`)."""
-        if required is None:
+    def _average_holds(self, procedure: str) -> bool:
+        """Whether the loaded average of a procedure's fold runs is at least as accurate on every verified sample as
+        the runs were held out (recorded in `average_checks`)."""
+        heldout = self._heldout.get(procedure)
+        if heldout is None:  # not judged (applied directly): nothing to check against
             return True
-        accuracy = float(self._verified_correct().double().mean())
-        holds = accuracy >= required
-        self.average_checks[procedure] = {"verified_accuracy": accuracy, "required_accuracy": required, "kept": holds}
-        if not holds:
-            logger.info("method='auto': the average of %s's fold runs is %.4f accurate on the verified samples, below "
-                        "the %.4f they reached held out: fine-tuning once more on every verified sample instead.",
-                        procedure, accuracy, required)
-        return holds
-
-    def _average_keeps_up_with(self, procedure: str, run_correct: torch.Tensor) -> bool:
-        """Whether the loaded average of a procedure's runs is not significantly less accurate on the verified
-        samples, which every run learnt, than one of its runs (one-sided exact McNemar at `AVERAGE_CHECK_LEVEL`;
-        recorded in `average_checks`). Averaging smooths: an average a sample or two below a run on the samples
-        it learnt is usual and no reason to drop it."""
-        correct = self._verified_correct()
-        p_value = mcnemar_p_value(int((run_correct & ~correct).sum()), int((correct & ~run_correct).sum()))
-        holds = p_value >= AVERAGE_CHECK_LEVEL
-        self.average_checks[procedure] = {"verified_accuracy": float(correct.double().mean()),
-                                          "run_accuracy": float(run_correct.double().mean()), "p_value": p_value,
-                                          "kept": holds}
-        if not holds:
-            logger.info("method='auto': the average of %s's runs is less accurate on the verified samples than one "
-                        "run (p = %.3g): keeping that run instead.", procedure, p_value)
-        return holds
-
-    def _verified_correct(self) -> torch.Tensor:
-        """Which verified samples the loaded weights get right (the trajectory's sample order)."""
         with eval_mode(self.model):
             logits, _, _ = predict_by_fold(self.model, self.split, self.forward_fn)
-        return self.trajectory.correct(logits.argmax(-1).cpu())
+        accuracy = float(self.trajectory.correct(logits.argmax(-1).cpu()).double().mean())
+        holds = accuracy >= heldout
+        self.average_checks[procedure] = {"verified_accuracy": accuracy, "heldout_accuracy": heldout, "kept": holds}
+        if not holds:
+            logger.info("method='auto': the average of %s's fold runs is %.4f accurate on the verified samples they "
+                        "learnt, below their %.4f held out: fine-tuning once more on every verified sample instead.",
+                        procedure, accuracy, heldout)
+        return holds
 
-    def _finetune_config(self, seed_offset: int = 0) -> RepairConfig:
+    def _finetune_config(self) -> RepairConfig:
         """The config of the fine-tunes inside a procedure: no gate of their own, the outer folds judge them; each
-        keeps its lowest-loss checkpoint on an inner fold (drawn, with the batch order, from its repair seed)."""
-        return dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0,
-                                   repair_seed=self.config.repair_seed + seed_offset)
+        keeps its lowest-loss checkpoint on an inner fold."""
+        return dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0)
 
-    def _refine(self, refinement: str, verified: datasets.Dataset, key: tuple[Base, int | None],
-                seed_offset: int = 0) -> ProjectionResult | None:
-        """Run a projection, erase or retrain refinement on the loaded weights (base `key`) with `verified` alone
-        (an erase or retrain at the repair seed plus `seed_offset`; identified once per key)."""
+    def _refine(self, refinement: str, verified: datasets.Dataset,
+                key: tuple[Base, int | None]) -> ProjectionResult | None:
+        """Run a projection, erase or retrain refinement on the loaded weights (base `key`) with `verified` alone."""
         if refinement == "projection":
             return project(self.model, dataclasses.replace(self.config, method="projection"), verified,
                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
-        erase = self._finetune_config(seed_offset)
+        erase = self._finetune_config()
         if key not in self._identifications:
             self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified, erase,
                                                           forward_fn=self.forward_fn, collate_fn=self.collate_fn)
@@ -373,8 +348,8 @@ class CandidateBuilder:
         return self.verified.select(np.sort(np.concatenate([rows for f, rows in enumerate(folds) if f != fold])))
 
 
-class RunSum:
-    """The running float64 sum of a procedure's runs (CPU states without the keys `Trajectory.shared` holds
+class FoldRunSum:
+    """The running float64 sum of a procedure's fold runs (CPU states without the keys `Trajectory.shared` holds
     with equal values); `average` equals `average_weights` of the runs, one copy of the weights instead of k."""
 
     def __init__(self) -> None:
@@ -394,7 +369,7 @@ class RunSum:
             if key in self.totals:
                 self.totals[key].add_(value)  # float32 -> float64 is exact: the sum average_weights takes
             else:
-                self.totals[key] = value.to(torch.float64, copy=True)  # a float64 run is not aliased
+                self.totals[key] = value.double()
 
     def average(self, shared: StateDict) -> StateDict:
         averaged = dict(shared)

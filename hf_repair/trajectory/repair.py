@@ -80,7 +80,7 @@ def repair_from_trajectory(
         raise
     metrics = _metrics(choice, trajectory, points, projection, model, time.perf_counter() - start)
     if builder.average_checks:
-        metrics["run_averages"] = builder.average_checks  # kept, or replaced by one run
+        metrics["fold_run_averages"] = builder.average_checks  # kept, or replaced by one more fine-tune
     return RepairResult.from_repair(config, metrics, snapshot, projection)
 
 

@@ -97,4 +97,4 @@ def test_fold_runs_of_a_lora_adapter_are_not_averaged(run):
     """The mean of runs' factors A and B is not the mean of their products: auto refits a LoRA adapter instead."""
     _, model = run
     assert has_lora_factors(model) and not has_lora_factors(base_model("vit")) and not has_lora_factors(None)
-    assert not CandidateBuilder(model, None, None, None, RepairConfig(method="auto"), None).averages_runs
+    assert not CandidateBuilder(model, None, None, None, RepairConfig(method="auto"), None).averages_fold_runs
