@@ -19,6 +19,7 @@ from .projection.pipeline import LayerRecord, ProjectionResult
 from .projection.projector import Projector
 from .projection.saving import (
     FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     RESULT_NAME,
     SPACES_NAME,
     check_original_weights,
@@ -182,10 +183,10 @@ class RepairResult:
                 f"No {RESULT_NAME} in {directory}; point to a directory written by RepairResult.save_pretrained."
             )
         report = read_json(directory / RESULT_NAME)
-        if report.get("format_version") != FORMAT_VERSION:
+        if report.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"{directory} holds a saved repair in format {report.get('format_version')!r}; this hf_repair "
-                f"reads format {FORMAT_VERSION}. Use the hf_repair version that wrote it."
+                f"reads formats {list(READABLE_FORMAT_VERSIONS)}. Use the hf_repair version that wrote it."
             )
         layers = {}
         for name, record in report["layers"].items():

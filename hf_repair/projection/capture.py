@@ -167,20 +167,24 @@ class GramCollector(LayerHooks):
         if leader not in self.grams:
             rows = self._stacked(leader, without)
             return rows.t() @ rows
+        return mirror_upper(self._upper_gram(leader, without))
+
+    def _upper_gram(self, leader: str, without: int | None) -> torch.Tensor:
+        """`gram`'s upper triangle (the lower one holds whatever the slots summed there)."""
         if leader not in self._totals:
             self._totals[leader] = self.grams[leader].sum(0)
         total = self._totals[leader]
-        return mirror_upper(total if without is None else total - self.grams[leader][without])
+        return total if without is None else total - self.grams[leader][without]
 
-    def space(self, leader: str, without: int | None = None, complete: bool = False,
-              solver_dtype: torch.dtype | None = None) -> CleanSpace:
-        """The clean space of every slot's rows but `without`'s: thin when built from fewer rows than d, unless `complete`.
+    def space(self, leader: str, without: int | None = None, solver_dtype: torch.dtype | None = None) -> CleanSpace:
+        """The clean space of every slot's rows but `without`'s: thin when built from fewer rows than d.
 
         `solver_dtype` is the dtype of a d x d eigendecomposition (the collector's by default).
         """
         if leader in self.grams:
-            return CleanSpace.from_gram(self.gram(leader, without), self.num_rows(leader, without), solver_dtype)
-        return CleanSpace.from_rows(self._stacked(leader, without), complete=complete)
+            return CleanSpace.from_gram(self._upper_gram(leader, without), self.num_rows(leader, without), solver_dtype,
+                                        upper=True)
+        return CleanSpace.from_rows(self._stacked(leader, without))
 
     def release(self, leader: str) -> None:
         """Free what was captured for `leader` once its spaces are built."""

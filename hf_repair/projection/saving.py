@@ -21,7 +21,8 @@ from .clean_space import CleanSpace
 
 RESULT_NAME = "repair_result.json"
 SPACES_NAME = "clean_spaces.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a clean space's basis may be thin, d x m with m < d (1: always d x d)
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 class RepairMismatchError(ValueError):
@@ -47,10 +48,10 @@ def load_clean_spaces(path: PathLike, num_rows: Mapping[str, int]) -> dict[str, 
     spaces = {}
     for group, rows in num_rows.items():
         basis, energies = tensors[f"{group}.basis"], tensors[f"{group}.energies"]
-        if basis.dim() != 2 or basis.shape[0] != basis.shape[1] or energies.shape != basis.shape[:1]:
+        if basis.dim() != 2 or basis.shape[1] > basis.shape[0] or energies.shape != basis.shape[1:]:
             raise ValueError(
                 f"{path}: the clean space of {group!r} has basis {tuple(basis.shape)} and energies "
-                f"{tuple(energies.shape)}; expected (d, d) and (d,). The file is corrupt."
+                f"{tuple(energies.shape)}; expected (d, m) with m <= d and (m,). The file is corrupt."
             )
         spaces[group] = CleanSpace(basis=basis, energies=energies, num_rows=int(rows))
     return spaces

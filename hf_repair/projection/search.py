@@ -114,7 +114,7 @@ class AlphaSearch:
             for fold in range(k):
                 space = collector.space(leader, without=fold, solver_dtype=selection_dtype)
                 fold_spaces[fold][leader] = replace(space, basis=space.basis.to(selection_dtype))
-            final_spaces[leader] = collector.space(leader, complete=True)  # complete: saved as d x d
+            final_spaces[leader] = collector.space(leader)
             collector.release(leader)
         projectors = [Projector(self.targets, snapshot, groups, spaces) for spaces in fold_spaces]
         timings["decomposition_s"] = time.perf_counter() - start

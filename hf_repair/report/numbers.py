@@ -60,6 +60,7 @@ def repair_numbers(result: RepairResult) -> dict[str, Any]:
 def _space_numbers(space: Any) -> dict[str, Any]:
     """How a clean space spreads the verified inputs' energy over its directions."""
     energies = space.energies.detach().double().cpu().numpy()
+    energies = np.pad(energies, (0, space.dim - len(energies)))  # a thin space's other directions hold none
     total = energies.sum()
     share = energies / total if total > 0 else np.zeros_like(energies)
     cumulative = np.cumsum(share)

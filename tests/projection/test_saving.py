@@ -8,6 +8,7 @@ import datasets
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -195,6 +196,7 @@ def test_round_trip_conv_model(tmp_path):
     original = {k: v.clone() for k, v in model.state_dict().items()}
     result = Repairer(model, RepairConfig(target_modules="all", **FORCE)).repair(image_split())
     assert {r.kind for r in result.layers.values()} == {"conv2d", "linear"}
+    assert result.spaces["fc"].basis.shape == (256, 60)  # 60 verified images for 256 inputs: a thin space
     result.save_pretrained(tmp_path / "repair")
 
     fresh = TinyCNN()
@@ -203,6 +205,30 @@ def test_round_trip_conv_model(tmp_path):
     assert same_weights(fresh, model)
     applied.undo()
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in original.items())
+
+
+def test_format_1_with_complete_spaces_still_loads_and_applies(tmp_path):
+    """Format 1 stored every basis d x d (a thin one completed by zero-energy directions): the same projection."""
+    model = TinyCNN().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    result = Repairer(model, RepairConfig(target_modules="all", **FORCE)).repair(image_split())
+    result.save_pretrained(tmp_path / "repair")
+    spaces = load_file(str(tmp_path / "repair" / "clean_spaces.safetensors"))
+    thin = spaces["fc.basis"]
+    complement = torch.linalg.qr(thin, mode="complete")[0][:, thin.shape[1]:]
+    spaces["fc.basis"] = torch.cat([thin, complement], dim=1)
+    spaces["fc.energies"] = torch.cat([spaces["fc.energies"], torch.zeros(256 - thin.shape[1], dtype=thin.dtype)])
+    save_file(spaces, str(tmp_path / "repair" / "clean_spaces.safetensors"))
+    report = json.loads((tmp_path / "repair" / "repair_result.json").read_text())
+    (tmp_path / "repair" / "repair_result.json").write_text(json.dumps({**report, "format_version": 1}))
+
+    loaded = RepairResult.from_pretrained(tmp_path / "repair")
+    assert loaded.spaces["fc"].basis.shape == (256, 256)
+    fresh = TinyCNN()
+    fresh.load_state_dict(original)
+    loaded.apply_to(fresh)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_applying_twice_is_refused(repaired_bert, tmp_path):
