@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--skip_published", action="store_true")
     parser.add_argument("--searches", nargs="+", default=["coarse_to_fine", "grid"], choices=["coarse_to_fine", "grid"],
                         help="alpha searches to time (each is one whole repair)")
+    parser.add_argument("--gram_dtype", default="float64", choices=["float64", "float32"],
+                        help="RepairConfig.gram_dtype: float32 also decomposes the final spaces in float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -167,7 +169,8 @@ def main() -> None:
         padding = padded_tokens_ratio(model, verified, collator) if kind == "bert" else np.nan
         results = {}
         for search in args.searches:
-            config = RepairConfig(target_modules=target_modules, alpha_search=search, seed=0, disable_tqdm=True)
+            config = RepairConfig(target_modules=target_modules, alpha_search=search, seed=0, disable_tqdm=True,
+                                  gram_dtype=args.gram_dtype)
             with measure() as cost:
                 result = Repairer(copy.deepcopy(model), config, collate_fn=collator).repair(verified)
             results[search] = (result, cost)
