@@ -63,7 +63,7 @@ class CleanSpace:
         `DUAL_ENERGY_FLOOR` of it are dropped, since dividing by their singular values would turn that
         round-off into a basis vector (their importance is below alpha * 1e-12 at any alpha).
         A cheaper route than a QR factor of R^T (0.61-0.68x its time for 667-1,000 rows of 1568 in float64,
-        BENCHMARKS.md, issue 13), with projections equal to it to about 1e-13.
+        BENCHMARKS.md, issue 13), with the dense Gram's projections to round-off (tests/projection/test_clean_space.py).
         """
         n, d = rows.shape
         if n == 0 or n >= d:
