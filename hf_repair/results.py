@@ -264,9 +264,10 @@ class RepairResult:
 
     def _check_consistent(self) -> None:
         missing = sorted({r.group for r in self.layers.values()} - set(self.spaces))
-        if missing:
+        if missing and self.adopted:  # a repair that was not adopted decomposed no space: it changes nothing
             raise ValueError(f"This repair has no clean space for the layer groups {missing}; it cannot be re-applied.")
-        wrong_dim = [r.name for r in self.layers.values() if self.spaces[r.group].dim != r.input_dim]
+        wrong_dim = [r.name for r in self.layers.values()
+                     if r.group in self.spaces and self.spaces[r.group].dim != r.input_dim]
         if wrong_dim:
             raise ValueError(f"The clean spaces of {wrong_dim} do not match their layers' input dimension.")
         if self.adopted and self.metrics.get("alpha") is None:

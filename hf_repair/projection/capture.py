@@ -164,7 +164,7 @@ class GramCollector(LayerHooks):
 
     def gram(self, leader: str, without: int | None = None) -> torch.Tensor:
         """sum x x^T over the rows of every slot but `without`."""
-        if leader not in self.grams:
+        if leader not in self.grams and leader not in self._totals:
             rows = self._stacked(leader, without)
             return rows.t() @ rows
         return mirror_upper(self._upper_gram(leader, without))
@@ -181,15 +181,19 @@ class GramCollector(LayerHooks):
 
         `solver_dtype` is the dtype of a d x d eigendecomposition (the collector's by default).
         """
-        if leader in self.grams:
+        if leader in self.grams or leader in self._totals:
             return CleanSpace.from_gram(self._upper_gram(leader, without), self.num_rows(leader, without), solver_dtype,
                                         upper=True)
         return CleanSpace.from_rows(self._stacked(leader, without))
 
-    def release(self, leader: str) -> None:
-        """Free what was captured for `leader` once its spaces are built."""
-        for store in (self.grams, self._kept, self._totals):
-            store.pop(leader, None)
+    def release_folds(self, leader: str) -> None:
+        """Keep only what `space(leader)` of every slot needs: the summed Gram (or the rows, while kept as rows)."""
+        if leader in self.grams:
+            self._upper_gram(leader, None)
+            del self.grams[leader]
+
+    def dim(self, leader: str) -> int:
+        return self._dims[leader]
 
     def _stacked(self, leader: str, without: int | None) -> torch.Tensor:
         chunks = [rows for slot, kept in enumerate(self._kept[leader]) if slot != without for rows in kept]

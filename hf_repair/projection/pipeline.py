@@ -33,7 +33,7 @@ class LayerRecord:
     kind: str
     group: str  # the layer whose input Gram it shares (itself when alone)
     input_dim: int
-    rank: int
+    rank: int | None  # of the clean space; None when the repair was not adopted (the space was not decomposed)
     relative_change: float
     weight_shape: tuple[int, ...] | None = None  # of the original weight, in the module's layout
     weight_sha256: str | None = None  # of the original weight; computed by save_pretrained
@@ -122,8 +122,8 @@ def _result(search: AlphaSearchResult, config: RepairConfig, targets: dict[str, 
             name=name,
             kind=targets[name][1].kind,
             group=leader,
-            input_dim=search.spaces[leader].dim,
-            rank=search.spaces[leader].rank(),
+            input_dim=search.input_dims[leader],
+            rank=search.spaces[leader].rank() if leader in search.spaces else None,
             relative_change=snapshot.relative_change(name),
             weight_shape=tuple(snapshot.original(name).shape),
             alpha=_layer_alpha(search, leader),

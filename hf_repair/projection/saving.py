@@ -21,8 +21,9 @@ from .clean_space import CleanSpace
 
 RESULT_NAME = "repair_result.json"
 SPACES_NAME = "clean_spaces.safetensors"
-FORMAT_VERSION = 2  # 2: a clean space's basis may be thin, d x m with m < d (1: always d x d)
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 1: every clean space d x d; 2: a basis may be thin, d x m with m < d; 3: a repair that was not adopted has none.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 
 class RepairMismatchError(ValueError):

@@ -56,8 +56,9 @@ class AlphaSearchResult:
     comparison: PairedComparison  # the best choice's held-out predictions against the unrepaired model's
     alpha_scores: list[tuple[float, dict[str, float]]]  # the global alpha curve, alphas scored in full
     stopped_early: dict[float, float]  # alphas whose scoring stopped early -> the most accuracy they could have had
-    spaces: dict[str, CleanSpace]
+    spaces: dict[str, CleanSpace]  # of the whole split, per clean space; empty when not adopted (never decomposed)
     groups: dict[str, list[str]]
+    input_dims: dict[str, int]  # per clean space
     num_samples: int
     timings: dict[str, float]  # seconds of capture, decomposition and selection
 
@@ -104,18 +105,17 @@ class AlphaSearch:
 
         timings["capture_s"] = time.perf_counter() - start
 
-        # 2. Fold f is scored with the space of the other folds (G_total - G_f), no further capture pass. The
-        # space of the whole split is built now too, so what was captured can be freed before the selection.
+        # 2. Fold f is scored with the space of the other folds (G_total - G_f), no further capture pass. Only
+        # what the space of the whole split needs is kept past this (the summed Gram, or the rows): that space
+        # is decomposed once a choice is adopted, and never for a repair that is not.
         start = time.perf_counter()
         selection_dtype = _selection_dtype(snapshot, self.targets)
         fold_spaces: list[dict[str, CleanSpace]] = [{} for _ in range(k)]
-        final_spaces: dict[str, CleanSpace] = {}
         for leader in groups:
             for fold in range(k):
                 space = collector.space(leader, without=fold, solver_dtype=selection_dtype)
                 fold_spaces[fold][leader] = replace(space, basis=space.basis.to(selection_dtype))
-            final_spaces[leader] = collector.space(leader)
-            collector.release(leader)
+            collector.release_folds(leader)
         projectors = [Projector(self.targets, snapshot, groups, spaces) for spaces in fold_spaces]
         timings["decomposition_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -182,7 +182,11 @@ class AlphaSearch:
         # significantly, on the same held-out samples.
         comparison = significance_gate(correct[_choice_key(choice)], baseline_correct, config)
         adopted = value(best_scores) > sign * baseline_value + config.min_improvement and comparison.significant
+        final_spaces: dict[str, CleanSpace] = {}
         if adopted:
+            start = time.perf_counter()
+            final_spaces = {leader: collector.space(leader) for leader in groups}
+            timings["decomposition_s"] += time.perf_counter() - start
             Projector(self.targets, snapshot, groups, final_spaces).apply(choice)
         else:
             logger.info(
@@ -202,6 +206,7 @@ class AlphaSearch:
             stopped_early={key: bound for key, bound in stopped.items() if not isinstance(key, tuple)},
             spaces=final_spaces,
             groups=groups,
+            input_dims={leader: collector.dim(leader) for leader in groups},
             num_samples=num_samples,
             timings=timings,
         )

@@ -138,7 +138,7 @@ def _cards(numbers: dict[str, Any]) -> str:
     if layers:
         largest = max(layer["relative_change"] for layer in layers)
         cards.append(_card("Layers repaired", f"{len(layers)}",
-                           f"{len(numbers['spaces'])} clean spaces &middot; largest change {100 * largest:.1f}%"))
+                           f"{len({layer['group'] for layer in layers})} clean spaces &middot; largest change {100 * largest:.1f}%"))
     ident = numbers.get("identification")
     if ident:
         share = ident["num_flagged"] / max(ident["num_samples"], 1)
@@ -210,8 +210,12 @@ def _layers_section(numbers: dict[str, Any], figure: FigureHtml) -> str:
     intro = ("<p>Left: how the verified inputs of each clean space spread their energy over directions (a steep drop "
              "means few directions carry the clean signal). Right: how far each weight moved, "
              "&#8214;W<sub>after</sub> &minus; W<sub>before</sub>&#8214; / &#8214;W<sub>before</sub>&#8214;.</p>")
-    rows = [[_e(layer["name"]), _e(layer["kind"]), _e(layer["group"]), str(layer["input_dim"]), str(layer["rank"]),
-             str(spaces.get(layer["group"], {}).get("directions_for_90", "?")), f"{100 * layer['relative_change']:.2f}%"]
+    if not spaces:
+        intro = ("<p>No alpha was adopted, so the clean spaces of the whole verified split were not decomposed (no "
+                 "spectra, no ranks) and every weight is as trained.</p>")
+    rows = [[_e(layer["name"]), _e(layer["kind"]), _e(layer["group"]), str(layer["input_dim"]),
+             "-" if layer["rank"] is None else str(layer["rank"]),
+             str(spaces.get(layer["group"], {}).get("directions_for_90", "-")), f"{100 * layer['relative_change']:.2f}%"]
             for layer in layers]
     table = _table(["layer", "kind", "clean space", "input dim", "rank", "dirs for 90%", "change"], rows, name_columns=(0, 2))
     return (intro + f'<div class="grid2">{figure("spectra")}{figure("weight_change")}</div>'

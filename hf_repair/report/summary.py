@@ -88,7 +88,7 @@ def summary_text(numbers: dict[str, Any]) -> str:
     layers = numbers["layers"]
     if layers:
         largest = max(layers, key=lambda layer: layer["relative_change"])
-        lines.append(f"layers repaired: {len(layers)} in {len(numbers['spaces'])} clean spaces; largest change "
+        lines.append(f"layers repaired: {len(layers)} in {len({layer['group'] for layer in layers})} clean spaces; largest change "
                      f"{100 * largest['relative_change']:.2f}% ({largest['name']})")
     test = numbers.get("test")
     if test:

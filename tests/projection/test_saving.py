@@ -13,6 +13,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_repair import RepairConfig, Repairer, RepairResult
+from hf_repair.projection.capture import GramCollector
 from hf_repair.projection.saving import RepairMismatchError, weight_fingerprint
 from hf_repair.utils.files import atomic_directory, check_output_directory, write_json
 
@@ -207,6 +208,21 @@ def test_round_trip_conv_model(tmp_path):
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in original.items())
 
 
+def test_the_space_of_the_whole_split_is_decomposed_only_for_an_adopted_repair(monkeypatch):
+    requested = []
+    space = GramCollector.space
+    monkeypatch.setattr(GramCollector, "space",
+                        lambda self, leader, without=None, **kw: requested.append((leader, without)) or space(
+                            self, leader, without, **kw))
+    for options, adopted in ((NEVER, False), (FORCE, True)):
+        requested.clear()
+        result = Repairer(TinyCNN().eval(), RepairConfig(target_modules="all", **options)).repair(image_split())
+        assert result.adopted == adopted
+        groups = {record.group for record in result.layers.values()}
+        assert sorted(leader for leader, without in requested if without is None) == (sorted(groups) if adopted else [])
+        assert len([1 for _, without in requested if without is not None]) == 3 * len(groups)  # every fold's space
+
+
 def test_format_1_with_complete_spaces_still_loads_and_applies(tmp_path):
     """Format 1 stored every basis d x d (a thin one completed by zero-energy directions): the same projection."""
     model = TinyCNN().eval()
@@ -279,7 +295,13 @@ def test_not_adopted_repair_reapplies_as_no_op(bert_checkpoint, tmp_path, caplog
     model = BertForSequenceClassification.from_pretrained(bert_checkpoint).eval()
     result = Repairer(model, RepairConfig(target_modules="all-linear", **NEVER)).repair(token_split())
     assert not result.adopted and result.metrics["alpha"] is None
+    # Nothing was projected, so the spaces of the whole split were never decomposed: none saved, no ranks.
+    assert result.spaces == {}
+    assert {r.rank for r in result.layers.values()} == {None}
+    assert result.layers["bert.encoder.layer.0.intermediate.dense"].input_dim == 16
+    assert result.layers["bert.encoder.layer.0.output.dense"].input_dim == 32
     result.save_pretrained(tmp_path / "repair")
+    assert load_file(str(tmp_path / "repair" / "clean_spaces.safetensors")) == {}
 
     fresh = BertForSequenceClassification.from_pretrained(bert_checkpoint).eval()
     with caplog.at_level(logging.INFO, logger="hf_repair"):

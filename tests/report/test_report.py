@@ -393,6 +393,24 @@ def test_feature_vectors_unnamed_classes_and_a_huge_dataset(tmp_path):
     assert "shape (8,)" in page
 
 
+def test_report_of_a_repair_that_was_not_adopted_has_no_spectra_and_says_why(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 8)).astype(np.float32)
+    data = datasets.Dataset.from_dict({"features": features, "labels": (features[:, 0] > 0).astype(np.int64)})
+    model = VectorModel()
+    result = Repairer(model, repair_config(min_improvement=1.0)).repair(data.with_format("torch"))
+    assert not result.adopted
+
+    path = result.report(tmp_path / "report", model=model)
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert numbers["spaces"] == {} and {layer["rank"] for layer in numbers["layers"]} == {None}
+    assert not list((tmp_path / "report").rglob("*spectra*"))
+    page = Path(path).read_text()
+    assert "clean spaces of the whole verified split were not decomposed" in page
+    assert "2 clean spaces" in page  # hidden and head read different inputs
+    assert "in 2 clean spaces" in (tmp_path / "report" / "summary.txt").read_text()
+
+
 def test_classes_named_by_argument_and_pil_images(tmp_path):
     from PIL import Image
 
