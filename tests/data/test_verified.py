@@ -65,3 +65,8 @@ def test_the_projection_is_the_same_as_on_the_padded_split():
     assert [scores for _, scores in ordered.selection] == pytest.approx([scores for _, scores in padded.selection])
     for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_variable_lengths_without_a_padding_collator_are_refused_before_any_batch():
+    with pytest.raises(ValueError, match=r"different lengths \(3 to 30\).*DataCollatorWithPadding"):
+        VerifiedSplit(reviews(), num_folds=3, batch_size=8, seed=0, input_names={"input_ids"})
