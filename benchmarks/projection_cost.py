@@ -156,8 +156,12 @@ def main() -> None:
                         help="alpha searches to time (each is one whole repair)")
     parser.add_argument("--gram_dtype", default="float64", choices=["float64", "float32"],
                         help="RepairConfig.gram_dtype: float32 also decomposes the final spaces in float32")
+    parser.add_argument("--adopt", action="store_true",
+                        help="adopt the best alpha whatever its gain (min_improvement=-1, significance_test='none'), "
+                             "to time a repair that is applied: only then is the space of the whole split decomposed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    adoption = {"min_improvement": -1.0, "significance_test": "none"} if args.adopt else {}
 
     phase_rows, compare_rows = [], []
     for kind in args.models:
@@ -170,7 +174,7 @@ def main() -> None:
         results = {}
         for search in args.searches:
             config = RepairConfig(target_modules=target_modules, alpha_search=search, seed=0, disable_tqdm=True,
-                                  gram_dtype=args.gram_dtype)
+                                  gram_dtype=args.gram_dtype, **adoption)
             with measure() as cost:
                 result = Repairer(copy.deepcopy(model), config, collate_fn=collator).repair(verified)
             results[search] = (result, cost)
