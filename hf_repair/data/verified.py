@@ -6,8 +6,9 @@ Within a fold, samples of variable length (token lists a padding collator pads t
 each batch) are ordered longest first and cut into batches where they pad least (`_batch_sizes`): on
 1,000 reviews of 27 tokens on average, random batches of 64 held 2.1 times the real tokens, these
 1.05. Every consumer reads the samples in this one order. Collated batches are kept in memory (the
-split is small and is read once per alpha). A `DataLoader` of dict batches is also accepted: its batches are read once and dealt to folds
-round-robin (under `accelerate launch`, pass the loader already prepared for this process).
+split is small and is read once per alpha). A `DataLoader` of dict batches is also accepted: its
+batches are read once and dealt to folds round-robin (under `accelerate launch`, pass the loader
+already prepared for this process).
 """
 
 from __future__ import annotations
