@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -10,17 +11,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
+import torch
 
 
 @dataclass
 class Measurement:
     seconds: float = 0.0
     peak_mib: float = 0.0  # peak resident memory above the level at the start
+    peak_gpu_mib: float = math.nan  # peak CUDA memory allocated above the level at the start; nan without CUDA
 
 
 @contextmanager
 def measure(interval_s: float = 0.002) -> Iterator[Measurement]:
-    """Time a block and sample this process's RSS in a thread to find its peak increase."""
+    """Time a block and sample this process's RSS in a thread to find its peak increase.
+
+    Where CUDA is available the block's GPU work is waited for before the clock stops, and its peak
+    allocated GPU memory is recorded too.
+    """
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_gpu = torch.cuda.memory_allocated()
     process = psutil.Process(os.getpid())
     start_rss = process.memory_info().rss
     peak = [start_rss]
@@ -38,6 +50,9 @@ def measure(interval_s: float = 0.002) -> Iterator[Measurement]:
     try:
         yield result
     finally:
+        if cuda:
+            torch.cuda.synchronize()
+            result.peak_gpu_mib = (torch.cuda.max_memory_allocated() - start_gpu) / 2**20
         result.seconds = time.perf_counter() - start
         done.set()
         sampler.join()

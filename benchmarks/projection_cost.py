@@ -17,6 +17,7 @@ tokenized with the MiniLM tokenizer) -- with 1,000 verified samples, it measures
 
     python benchmarks/projection_cost.py                 # the table in BENCHMARKS.md
     python benchmarks/projection_cost.py --models cnn    # one model
+    python benchmarks/projection_cost.py --device cuda   # on a GPU (scripts/gpu_checks.sh runs it there)
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import copy
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,25 +46,25 @@ NUM_VERIFIED = 1000
 EPOCH_EXAMPLES = 10_000
 PUBLISHED_MAX_ROWS = 50_000
 PHASE_COLUMNS = ["model", "alpha search", "capture s", "decomposition s", "selection s", "repair s", "peak MiB",
-                 "x epoch", "x verified forward", "alphas scored", "alphas stopped early", "alpha",
+                 "peak GPU MiB", "x epoch", "x verified forward", "alphas scored", "alphas stopped early", "alpha",
                  "forward floor x epoch"]
 COMPARE_COLUMNS = ["model", "M params", "epoch s", "epoch examples", "verified forward s", "padded / real tokens",
                    "clean spaces s (ours)", "clean spaces s (published)", "published / ours", "repair s (ours)",
                    "published spaces + our selection s"]
 
 
-def image_case(kind: str, seed: int):
+def image_case(kind: str, seed: int, device: str = "cpu"):
     data = load_fashion_mnist("train").shuffle(seed=seed)
     train, verified = data.select(range(EPOCH_EXAMPLES)), data.select(range(EPOCH_EXAMPLES, EPOCH_EXAMPLES + NUM_VERIFIED))
     torch.manual_seed(seed)  # the initial weights, so that every run repairs the same model
-    model = SmallCNN() if kind == "cnn" else small_vit()
+    model = (SmallCNN() if kind == "cnn" else small_vit()).to(device)
     target_modules = "all" if kind == "cnn" else "all-linear"
     with measure() as epoch:
-        train_classifier(model, train, epochs=1, seed=seed, progress=False)
+        train_classifier(model, train, epochs=1, seed=seed, progress=False, device=device)
     return model, verified, None, target_modules, epoch.seconds, f"{EPOCH_EXAMPLES} (measured)"
 
 
-def bert_case(seed: int, train_examples: int):
+def bert_case(seed: int, train_examples: int, device: str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     texts = load_rotten_tomatoes().shuffle(seed=seed).select(range(NUM_VERIFIED + train_examples))
     data = texts.map(lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True,
@@ -73,28 +73,27 @@ def bert_case(seed: int, train_examples: int):
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, num_labels=2)
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
+    model = BertForSequenceClassification(config).to(device)
     collator = DataCollatorWithPadding(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     loader = torch.utils.data.DataLoader(train, batch_size=16, collate_fn=collator)
     model.train()
-    start = time.perf_counter()
-    for batch in loader:
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    per_example = (time.perf_counter() - start) / len(train)
+    with measure() as epoch:
+        for batch in loader:
+            model(**batch.to(device)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    per_example = epoch.seconds / len(train)
     return (model.eval(), verified, collator, "all-linear", per_example * EPOCH_EXAMPLES,
             f"{EPOCH_EXAMPLES} (scaled from {train_examples})")
 
 
 def forward_pass_seconds(model, verified, collator) -> float:
     split = split_verified(model, verified, RepairConfig(num_folds=2), collate_fn=collator)
-    start = time.perf_counter()
-    with eval_mode(model), torch.no_grad():
+    with measure() as forward, eval_mode(model), torch.no_grad():
         for batch in split.batches():
             default_forward(model, batch.inputs)
-    return time.perf_counter() - start
+    return forward.seconds
 
 
 def padded_tokens_ratio(model, verified, collator) -> float:
@@ -126,22 +125,21 @@ def published_spaces_seconds(model, verified, collator, target_modules: str) -> 
                     rows.setdefault(name, []).append(adapter.input_rows(mod, args[0].detach(), None).float())
 
             handles.append(module.register_forward_pre_hook(hook))
-        start = time.perf_counter()
-        with eval_mode(model), torch.no_grad():
+        with measure() as capture, eval_mode(model), torch.no_grad():
             for batch in split.batches():
                 seen.clear()
                 default_forward(model, batch.inputs)
         if block_index == 0:
-            capture_s = time.perf_counter() - start  # one pass's row stacking (the others are our memory bound)
+            capture_s = capture.seconds  # one pass's row stacking (the others are our memory bound)
         for handle in handles:
             handle.remove()
         for chunks in rows.values():
             stacked = torch.cat(chunks)
             if stacked.shape[0] > PUBLISHED_MAX_ROWS:
                 stacked = stacked[torch.randperm(stacked.shape[0], generator=generator)[:PUBLISHED_MAX_ROWS]]
-            start = time.perf_counter()
-            torch.linalg.svd(stacked.t(), full_matrices=False)
-            svd_s += time.perf_counter() - start
+            with measure() as svd:
+                torch.linalg.svd(stacked.t(), full_matrices=False)
+            svd_s += svd.seconds
         rows.clear()
     return capture_s + svd_s
 
@@ -150,7 +148,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cnn", "vit", "bert"], choices=["cnn", "vit", "bert"])
     parser.add_argument("--bert_train_examples", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the models train and are repaired (cuda: timings wait for the GPU)")
     parser.add_argument("--skip_published", action="store_true")
     parser.add_argument("--searches", nargs="+", default=["coarse_to_fine", "grid"], choices=["coarse_to_fine", "grid"],
                         help="alpha searches to time (each is one whole repair)")
@@ -166,9 +166,10 @@ def main() -> None:
     phase_rows, compare_rows = [], []
     for kind in args.models:
         if kind == "bert":
-            model, verified, collator, target_modules, epoch_s, epoch_note = bert_case(0, args.bert_train_examples)
+            model, verified, collator, target_modules, epoch_s, epoch_note = bert_case(0, args.bert_train_examples,
+                                                                                       args.device)
         else:
-            model, verified, collator, target_modules, epoch_s, epoch_note = image_case(kind, 0)
+            model, verified, collator, target_modules, epoch_s, epoch_note = image_case(kind, 0, args.device)
         forward_s = forward_pass_seconds(model, verified, collator)
         padding = padded_tokens_ratio(model, verified, collator) if kind == "bert" else np.nan
         results = {}
@@ -180,7 +181,7 @@ def main() -> None:
             results[search] = (result, cost)
             m = result.metrics
             phase_rows.append([kind, search, m["capture_time_s"], m["decomposition_time_s"], m["selection_time_s"],
-                               cost.seconds, cost.peak_mib, cost.seconds / epoch_s, cost.seconds / forward_s,
+                               cost.seconds, cost.peak_mib, cost.peak_gpu_mib, cost.seconds / epoch_s, cost.seconds / forward_s,
                                len(result.selection), len(m["alphas_stopped_early"]), m["alpha"],
                                (1 + len(result.selection)) * forward_s / epoch_s])
             print(markdown_table(PHASE_COLUMNS, phase_rows[-1:]), flush=True)
@@ -193,7 +194,8 @@ def main() -> None:
                              results[args.searches[0]][1].seconds, published_s + ours["selection_time_s"]])
         print(markdown_table(COMPARE_COLUMNS, compare_rows[-1:]), flush=True)
 
-    print(f"\n{NUM_VERIFIED} verified samples, {args.threads} threads\n")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} CPU threads"
+    print(f"\n{NUM_VERIFIED} verified samples, {where}\n")
     print(markdown_table(PHASE_COLUMNS, phase_rows))
     print()
     print(markdown_table(COMPARE_COLUMNS, compare_rows))
