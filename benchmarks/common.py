@@ -26,7 +26,7 @@ def measure(interval_s: float = 0.002) -> Iterator[Measurement]:
     """Time a block and sample this process's RSS in a thread to find its peak increase.
 
     Where CUDA is available the block's GPU work is waited for before the clock stops, and its peak
-    allocated GPU memory is recorded too.
+    allocated GPU memory is recorded too (the peak counter is reset at the start, so blocks are not nested).
     """
     cuda = torch.cuda.is_available()
     if cuda:
