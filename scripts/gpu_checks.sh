@@ -18,8 +18,9 @@ prepare() {
   set -e
   rm -rf "$GPU" && mkdir -p "$GPU/whl" "$GPU/site" "$GPU/fashion-mnist"
   local platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-  local download=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-                  "${platforms[@]}" -d "$GPU/whl")
+  local with_deps=("$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp
+                   "${platforms[@]}" -d "$GPU/whl")
+  local download=("${with_deps[@]}" --no-deps)
   # datasets and the two of its needs the GPU machine's image lacks, at the versions tested here.
   "${download[@]}" "datasets==$("$PY" -c 'import datasets; print(datasets.__version__)')" \
     "dill==$("$PY" -c 'import dill; print(dill.__version__)')" \
@@ -37,7 +38,8 @@ prepare() {
   # DeepSpeed has no wheel on PyPI: build a pure-Python one (its kernels compile on first use, there).
   set +e
   if DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$GPU/whl" deepspeed >/dev/null 2>&1; then
-    "${download[@]}" hjson pydantic pydantic-core annotated-types typing-inspection \
+    # With their dependencies, so that pydantic-core is the exact version pydantic pins.
+    "${with_deps[@]}" hjson pydantic \
       || echo "DeepSpeed's dependencies did not download; step 3 will be skipped there."
   else
     echo "No DeepSpeed wheel could be built here; step 3 will be skipped there."
