@@ -46,6 +46,16 @@ class RetentionArguments:
             "projection was adopted (0.5 when it was not)."
         },
     )
+    small_loss_trim: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of each batch's unflagged training samples of each given label with the largest loss "
+            "left out of each step (the small-loss trick of co-teaching), reached by a linear ramp over the first "
+            "pass over the fine-tune set: it keeps a longer fine-tune from learning the corrupted samples "
+            "identification missed. Verified samples are always kept. 0 turns it off. Method 'auto''s retrain "
+            "refinement uses retrain_small_loss_trim instead."
+        },
+    )
     retention_learning_rate: Optional[float] = field(
         default=None,
         metadata={"help": "AdamW learning rate of the fine-tune (constant; no weight decay). None: RepairCallback uses "
@@ -84,6 +94,9 @@ class RetentionArguments:
             raise ValueError(f"retention_epochs must be positive, got {self.retention_epochs}.")
         if self.retention_warmup is not None and not 0.0 <= self.retention_warmup < 1.0:
             raise ValueError(f"retention_warmup must be in [0, 1) (a share of the budget), got {self.retention_warmup}.")
+        if not 0.0 <= self.small_loss_trim < 0.5:
+            raise ValueError(f"small_loss_trim must be in [0, 0.5) (a share of each batch's training samples), got "
+                             f"{self.small_loss_trim}.")
         if self.retention_learning_rate is not None and not self.retention_learning_rate > 0:
             raise ValueError(f"retention_learning_rate must be positive, got {self.retention_learning_rate}.")
         if self.retention_batch_size is not None and self.retention_batch_size < 1:

@@ -57,6 +57,14 @@ class TrajectoryArguments:
             "its lowest held-out verified loss, with the learning rate and batch size of erase and retention."
         },
     )
+    retrain_small_loss_trim: float = field(
+        default=0.0,
+        metadata={
+            "help": "small_loss_trim of the 'retrain' refinement's fine-tune. Measured (BENCHMARKS.md): 0.1 with "
+            "retrain_epochs=10 raised the retrain on a ViT fine-tune from 41% to 51% of the gap to a clean one, but "
+            "auto's choice gained within noise at twice the cost and one text retrain lost 12 points, so 0."
+        },
+    )
     fresh_epochs: float = field(
         default=20.0,
         metadata={
@@ -97,6 +105,8 @@ class TrajectoryArguments:
             raise ValueError(f"trajectory_keep must be at least 1, got {self.trajectory_keep}.")
         if not self.retrain_epochs > 0:
             raise ValueError(f"retrain_epochs must be positive, got {self.retrain_epochs}.")
+        if not 0.0 <= self.retrain_small_loss_trim < 0.5:
+            raise ValueError(f"retrain_small_loss_trim must be in [0, 0.5), got {self.retrain_small_loss_trim}.")
         if not self.fresh_epochs > 0:
             raise ValueError(f"fresh_epochs must be positive, got {self.fresh_epochs}.")
         self.fresh_learning_rate_scales = [float(scale) for scale in self.fresh_learning_rate_scales]

@@ -70,6 +70,10 @@ class FinetuneArguments:
     # Rows gated GATE_SURGERY: drop the part of their summed gradient that conflicts with the other
     # rows' gradient (PCGrad between the two groups), every step, on every process alike.
     gradient_surgery: bool = False
+    # Rows gated GATE_SMALL_LOSS: this share of them with the largest loss is left out of each step,
+    # reached by a linear ramp over the first epoch (co-teaching's schedule: a network fits clean
+    # samples first, so early losses do not yet tell them apart).
+    small_loss_trim: float = 0.0
 
 
 @dataclass
@@ -169,7 +173,9 @@ class GuardedFinetuner:
                     if hasattr(loader, "set_epoch"):
                         loader.set_epoch(epoch)
                     for batch in loader:
-                        loss, trusted = self._step(prepared, batch.to(device), params, optimizer, accelerator, penalty)
+                        trim = args.small_loss_trim * min(1.0, (step + 1) / steps_per_epoch)
+                        loss, trusted = self._step(prepared, batch.to(device), params, optimizer, accelerator, penalty,
+                                                   trim)
                         if loss is None:
                             stop_reason = "nan_loss"
                             break
@@ -231,22 +237,22 @@ class GuardedFinetuner:
         )
 
     def _step(self, prepared: nn.Module, batch: TargetBatch, params: list[nn.Parameter], optimizer: Any,
-              accelerator: Accelerator, penalty: Callable[[], Any]) -> tuple[float | None, float]:
+              accelerator: Accelerator, penalty: Callable[[], Any], trim: float) -> tuple[float | None, float]:
         """One optimizer step: (the loss, the batch's trusted weight share), or (None, ...) and no step on a NaN/inf loss."""
         surgery = self.args.gradient_surgery
         prepared.train()
         # Surgery reduces its gradients by hand: DDP must not expect its own backward.
         with (accelerator.no_sync(prepared) if surgery else contextlib.nullcontext()), accelerator.autocast():
             logits = self.forward_fn(prepared, batch.inputs)
-        rows, trusted = retention_terms(logits, batch, self.args.belief_power)
+        rows, trusted, kept = retention_terms(logits, batch, self.args.belief_power, trim)
         regularizer = penalty()
-        loss = rows.sum() / len(rows) + regularizer
+        loss = rows.sum() / kept + regularizer
         if _nonfinite_anywhere(loss):
             return None, trusted
         optimizer.zero_grad(set_to_none=True)
         if surgery:
             flagged = batch.gates == GATE_SURGERY
-            surgery_backward(rows[~flagged].sum() / len(rows) + regularizer, rows[flagged].sum() / len(rows), params,
+            surgery_backward(rows[~flagged].sum() / kept + regularizer, rows[flagged].sum() / kept, params,
                              accelerator)
         else:
             accelerator.backward(loss)

@@ -1,5 +1,9 @@
 """The terms of the retention loss: gated per-row cross-entropy, gradient surgery, and the penalty.
 
+Rows gated `GATE_SMALL_LOSS` with the largest losses of their label in the batch are left out of a step: the
+small-loss trick of co-teaching (Han et al., NeurIPS 2018), for the corrupted samples identification
+missed, which a network fits last.
+
 The penalty pulls the weights towards the trained ones: L2 (proximal), or weighted by a diagonal
 Fisher estimated on verified rows (EWC-style).
 """
@@ -12,13 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..evaluation import ForwardFn, eval_mode
-from .finetune_data import GATE_AGREEMENT, GATE_BELIEF, FinetuneSet, TargetBatch, TargetCollator
+from .finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_SMALL_LOSS, FinetuneSet, TargetBatch, TargetCollator
 
 
-def retention_terms(logits: torch.Tensor, batch: TargetBatch, power: float) -> tuple[torch.Tensor, float]:
+def retention_terms(logits: torch.Tensor, batch: TargetBatch, power: float,
+                    trim: float = 0.0) -> tuple[torch.Tensor, float, int]:
     """Per-row weighted cross-entropy; gated rows count as much as the model currently trusts their label.
 
-    Returns the rows' terms (the loss is their sum over the batch size) and the batch's trusted weight share.
+    `trim`: the share of the `GATE_SMALL_LOSS` rows of each given label with the largest loss that count for
+    nothing. Per label, because a model that leans to one class has the largest losses on the others, and
+    trimming those would feed the lean (measured: a text fine-tune collapsed to one class).
+    Returns the rows' terms (the loss is their sum over the rows kept), the batch's trusted weight share
+    and the number of rows kept.
     """
     log_probs = logits.float().log_softmax(-1)
     per_row = -(batch.targets * log_probs).sum(-1)
@@ -30,8 +39,15 @@ def retention_terms(logits: torch.Tensor, batch: TargetBatch, power: float) -> t
         agreement = batch.gates == GATE_AGREEMENT
         if agreement.any():
             trust[agreement] = (log_probs[agreement].argmax(-1) == batch.labels[agreement]).float()
+        dropped = 0
+        trimmable = batch.gates == GATE_SMALL_LOSS
+        for label in batch.labels[trimmable].unique() if trim > 0 else ():
+            rows = (trimmable & (batch.labels == label)).nonzero(as_tuple=True)[0]
+            count = int(round(trim * len(rows)))
+            trust[rows[per_row[rows].topk(count).indices]] = 0.0
+            dropped += count
     weights = batch.weights * trust
-    return weights * per_row, float(weights.sum() / batch.weights.sum().clamp_min(1e-12))
+    return weights * per_row, float(weights.sum() / batch.weights.sum().clamp_min(1e-12)), len(per_row) - dropped
 
 
 def surgery_gradient(trusted: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:

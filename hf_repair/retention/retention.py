@@ -49,7 +49,15 @@ from ..evaluation import ForwardFn, eval_mode, input_names_for
 from ..identification import IdentificationResult
 from ..utils.distributed import process_info
 from .checks import input_columns
-from .finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_NONE, GATE_SURGERY, FinetuneSet, predict_distributions
+from .finetune_data import (
+    GATE_AGREEMENT,
+    GATE_BELIEF,
+    GATE_NONE,
+    GATE_SMALL_LOSS,
+    GATE_SURGERY,
+    FinetuneSet,
+    predict_distributions,
+)
 from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
 
 logger = logging.getLogger(__name__)
@@ -145,7 +153,10 @@ class RetentionRepair:
                             np.concatenate([verified_labels, labels]), label_column=config.label_column)
         offset = len(verified_rows)
         trusted_rows = np.concatenate([np.arange(offset), offset + unflagged])
-        trusted = table.subset(trusted_rows)
+        # the unflagged training rows may still hold corruption that identification missed; verified rows may not
+        trusted_gates = np.repeat([GATE_NONE, GATE_SMALL_LOSS if config.small_loss_trim > 0 else GATE_NONE],
+                                  [offset, len(unflagged)])
+        trusted = table.subset(trusted_rows, trusted_gates)
         penalty_set = table.subset(np.arange(offset)) if config.retention_penalty == "fisher" else None
         warmup_steps = 0 if erases(config.method) else int(round(retention_warmup(config, projected) * total_steps))
         plan = [("erase", total_steps)] if erases(config.method) else [
@@ -156,8 +167,7 @@ class RetentionRepair:
                 continue
             if stage == "retain":
                 rows = np.concatenate([trusted_rows, offset + flagged])
-                gates = np.full(len(rows), GATE_NONE)
-                gates[len(trusted_rows):] = _GATES[config.separation]
+                gates = np.concatenate([trusted_gates, np.full(len(flagged), _GATES[config.separation])])
                 soft = None
                 if config.separation == "soft":
                     soft = self._soft_targets(table.subset(offset + flagged), len(trusted_rows), num_classes, batch_size)
@@ -209,6 +219,7 @@ class RetentionRepair:
             seed=seed,
             disable_tqdm=config.repair_disable_tqdm,
             gradient_surgery=gradient_surgery,
+            small_loss_trim=config.small_loss_trim,
         )
 
     def _verified_training_rows(self, split: VerifiedSplit) -> tuple[np.ndarray, np.ndarray]:

@@ -319,7 +319,8 @@ class CandidateBuilder:
                                                           forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         if refinement == "retrain":
             load_weights(self.model, self.trajectory.initial_weights())
-            erase = dataclasses.replace(erase, retention_epochs=self.config.retrain_epochs)
+            erase = dataclasses.replace(erase, retention_epochs=self.config.retrain_epochs,
+                                        small_loss_trim=self.config.retrain_small_loss_trim)
         repair_with_finetuning(self.model, erase, verified, self.train_dataset, self._identifications[key],
                                forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         return None

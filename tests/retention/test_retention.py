@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.data import stratified_folds
-from hf_repair.retention.finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_NONE, FinetuneSet, TargetBatch
+from hf_repair.retention.finetune_data import (
+    GATE_AGREEMENT,
+    GATE_BELIEF,
+    GATE_NONE,
+    GATE_SMALL_LOSS,
+    FinetuneSet,
+    TargetBatch,
+)
 from hf_repair.retention.losses import retention_terms, surgery_gradient, weight_penalty
 from hf_repair.retention.retention import HELDOUT_FOLD
 from testbed.experiments import SmallCNN, evaluate_accuracy, train_classifier
@@ -388,6 +395,8 @@ def test_penalty_is_the_squared_distance_weighted_by_the_fisher():
     (dict(retention_warmup=1.0), "retention_warmup"),
     (dict(retention_epochs=0.0), "retention_epochs"),
     (dict(retention_penalty="l1"), "retention_penalty"),
+    (dict(small_loss_trim=0.5), "small_loss_trim"),
+    (dict(retrain_small_loss_trim=-0.1), "retrain_small_loss_trim"),
     (dict(method="forget"), "method"),
 ])
 def test_bad_retention_config_is_refused(overrides, message):
@@ -404,8 +413,9 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     labels = torch.tensor([0, 0, 2, 1])
     batch = TargetBatch({}, torch.nn.functional.one_hot(labels, 3).float(), labels, torch.ones(4),
                         torch.tensor([GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_AGREEMENT]))
-    rows, trusted = retention_terms(logits, batch, power=1.0)
-    loss = rows.sum() / len(rows)
+    rows, trusted, kept = retention_terms(logits, batch, power=1.0)
+    assert kept == 4
+    loss = rows.sum() / kept
     log_p = logits.log_softmax(-1)
     p_belief = log_p[1, 0].exp()
     expected = -(log_p[0, 0] + p_belief * log_p[1, 0] + log_p[2, 2] + 0.0 * log_p[3, 1]) / 4
@@ -417,6 +427,38 @@ def test_belief_gate_weights_by_label_probability_and_agreement_by_prediction():
     grad_row = logits.grad[1]
     expected_grad = p_belief * (logits.detach()[1].softmax(-1) - torch.tensor([1.0, 0.0, 0.0])) / 4
     assert torch.allclose(grad_row, expected_grad, atol=1e-6)
+
+
+def test_small_loss_trim_drops_the_largest_losses_of_each_label_among_the_trimmable_rows_only():
+    logits = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.0, 2.5], [2.0, 0.0], [0.0, 2.0], [0.0, 2.5]])
+    labels = torch.tensor([1, 0, 0, 0, 1, 1, 1])  # row 0 has the largest loss, but it is a trusted (verified) row
+    gates = torch.tensor([GATE_NONE] + [GATE_SMALL_LOSS] * 6)
+    batch = TargetBatch({}, torch.nn.functional.one_hot(labels, 2).float(), labels, torch.ones(7), gates)
+    losses = -logits.log_softmax(-1).gather(1, labels[:, None])[:, 0]
+    # a third of each label's 3 trimmable rows: label 0 loses row 1 (loss 3.05), label 1 row 4 (2.13); a trim of
+    # the batch as a whole would drop rows 1 and 3 (2.58), both of label 0, and feed the model's lean to label 1
+    rows, trusted, kept = retention_terms(logits, batch, power=1.0, trim=1 / 3)
+    assert kept == 5 and trusted == pytest.approx(5 / 7)
+    torch.testing.assert_close(rows, losses * torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]))
+    untrimmed, _, all_kept = retention_terms(logits, batch, power=1.0, trim=0.0)
+    assert all_kept == 7
+    torch.testing.assert_close(untrimmed, losses)
+
+
+def test_erase_trims_training_samples_after_its_first_epoch(fashion, memorized):
+    train, verified, _ = fashion
+    model, identification = memorized
+    result = _repair(copy.deepcopy(model), "erase", fashion, identification, retention_epochs=1.5,
+                     small_loss_trim=0.3, significance_test="none", min_improvement=-1.0)
+    (stage,) = result.metrics["stages"].values()
+    trusted = np.array([r["trusted_fraction"] for r in stage["history"][1:]])
+    rows = round(len(verified) * 2 / 3) + 2000 - len(identification.flagged_indices)  # verified training folds + unflagged
+    per_epoch = int(np.ceil(rows / RepairConfig().batch_size))  # the ramp: one pass over the fine-tune set
+    assert len(trusted) > 2 * per_epoch
+    assert trusted[0] >= 0.95  # the ramp starts near zero
+    # after the ramp, 30% of each batch's training rows count for nothing; the verified rows always count
+    expected = 1 - 0.3 * (2000 - len(identification.flagged_indices)) / rows
+    assert np.mean(trusted[per_epoch:]) == pytest.approx(expected, abs=0.03)
 
 
 def test_surgery_removes_only_the_conflicting_component():
