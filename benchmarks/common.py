@@ -1,7 +1,10 @@
-"""Shared measuring tools for the benchmark scripts: wall time, peak memory, markdown tables."""
+"""Shared tools of the benchmark scripts: wall time, peak memory, markdown tables, `--set` for RepairConfig fields."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import os
 import threading
@@ -12,6 +15,8 @@ from dataclasses import dataclass
 
 import psutil
 import torch
+
+from hf_repair import RepairConfig
 
 
 @dataclass
@@ -75,3 +80,21 @@ def gap_closed(repaired: float, noisy: float, clean: float) -> float | None:
     """Share of the gap to the clean-trained model that a repair closes."""
     gap = clean - noisy
     return (repaired - noisy) / gap if gap > 0 else None
+
+
+def add_config_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    """`--set FIELD=VALUE ...`: RepairConfig fields to change from the script's own settings (`args.set`)."""
+    parser.add_argument("--set", type=config_override, nargs="+", default=[], metavar="FIELD=VALUE",
+                        help=f"Other RepairConfig fields, e.g. --set {example}.")
+
+
+def config_override(text: str) -> tuple[str, object]:
+    """argparse type for `--set FIELD=VALUE`: a RepairConfig field and its value, read as JSON where it parses."""
+    name, sep, value = text.partition("=")
+    fields = {f.name for f in dataclasses.fields(RepairConfig)}
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD a RepairConfig field, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from hf_repair.data import column_array
 from testbed.finetuning import finetune, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
-from common import gap_closed, markdown_table
+from common import add_config_overrides, gap_closed, markdown_table
 
 LEVELS = (0.05, 0.1, 0.2, 0.3, None)  # None: no test, any held-out gain is adopted
 
@@ -57,6 +58,7 @@ def run_setting(task: regime_benchmark.Task, regime: str, recipes: dict[str, reg
     config = RepairConfig(method="auto", **task.repair_kwargs, repair_seed=seed, repair_disable_tqdm=True,
                           retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,
                           significance_test="none", num_folds=args.num_folds)
+    config = dataclasses.replace(config, **dict(args.set))  # --set wins over the settings above
     model = copy.deepcopy(final)
     start = time.perf_counter()
     result = Repairer(model, config).repair(task.verified, task.noisy, checkpoints=noisy_run.output_dir,
@@ -129,6 +131,7 @@ def main() -> None:
     parser = regime_benchmark.cached_runs_parser(__doc__)
     parser.add_argument("--num-folds", type=int, default=RepairConfig.num_folds,
                         help="auto's verified folds (RepairConfig.num_folds).")
+    add_config_overrides(parser, "retrain_epochs=10")
     args = parser.parse_args()
     regime_benchmark.run_cached_settings(args, run_setting, summarize)
 

@@ -15,6 +15,7 @@ retrained model and retrains from the initial weights, N times in all.
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --base trajectory --repair-seeds 0 1 2
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --scores probe loss --rounds 3
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --epochs 10 --set small_loss_trim=0.1
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from hf_repair.trajectory.checkpoints import load_weights
 from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
-from common import markdown_table
+from common import add_config_overrides, markdown_table
 
 
 def flagged_option(value: str) -> str:
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--flagged", default="identified", type=flagged_option,
                         help="What retrain drops: 'identified' (the library's flags), 'corrupted' (the known "
                              "corruption), or a number K (the K samples with the lowest identification score).")
+    add_config_overrides(parser, "small_loss_trim=0.1")
     regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
     if args.base == "trajectory" and len(args.scores) > 1:
@@ -104,6 +106,7 @@ def main() -> None:
     config = RepairConfig(method="erase", **task.repair_kwargs, repair_seed=args.seed, repair_disable_tqdm=True,
                           retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,
                           significance_test="none", min_improvement=-1.0, score=args.scores[0])
+    config = dataclasses.replace(config, **dict(args.set))  # --set wins over the settings above
     initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
     if args.base == "fresh":
         scales = "-".join(f"{scale:g}" for scale in config.fresh_learning_rate_scales)
