@@ -39,7 +39,7 @@ class FinetuneSet(Dataset):
     p(y|x)^power (not differentiated); `GATE_AGREEMENT` only while the model predicts it;
     `GATE_SURGERY` fully, but the gated rows' gradient loses its component that conflicts with the
     other rows' (gradient surgery, `FinetuneArguments.gradient_surgery`); `GATE_SMALL_LOSS` fully,
-    unless its loss is among the largest of its batch's rows with that gate
+    unless its loss is among the largest of its batch's rows with that gate and label
     (`FinetuneArguments.small_loss_trim`). Rows are fetched in batches (`__getitems__`) and batched
     by the user's collator, so text keeps its padding; when the parts carry `label_column`
     (collators may expect it), the collated batch drops it again.

@@ -70,7 +70,7 @@ class FinetuneArguments:
     # Rows gated GATE_SURGERY: drop the part of their summed gradient that conflicts with the other
     # rows' gradient (PCGrad between the two groups), every step, on every process alike.
     gradient_surgery: bool = False
-    # Rows gated GATE_SMALL_LOSS: this share of them with the largest loss is left out of each step,
+    # Rows gated GATE_SMALL_LOSS: this share of each label's with the largest loss is left out of each step,
     # reached by a linear ramp over the first epoch (co-teaching's schedule: a network fits clean
     # samples first, so early losses do not yet tell them apart).
     small_loss_trim: float = 0.0
