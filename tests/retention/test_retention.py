@@ -487,18 +487,23 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 # two processes
 
 
-@pytest.mark.parametrize("separation, precision", [("belief", "no"), ("surgery", "no"), ("belief", "bf16")])
-def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, precision):
-    launch_two_processes("distributed_retention.py", tmp_path, separation, mixed_precision=precision)
+@pytest.mark.parametrize("separation, trim, precision", [("belief", 0.0, "no"), ("surgery", 0.45, "no"),
+                                                        ("belief", 0.0, "bf16")])
+def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, trim, precision):
+    launch_two_processes("distributed_retention.py", tmp_path, separation, trim, mixed_precision=precision)
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name
-    timeless = [{k: v for k, v in rank["metrics"].items() if not k.endswith("time_s")} for rank in ranks]
+    # seconds differ, and so does the trusted share each process saw in its own shard of a batch
+    timeless = [{k: v for k, v in rank["metrics"].items() if not k.endswith("time_s") and k != "least_trusted"}
+                for rank in ranks]
     assert timeless[0] == timeless[1]
     metrics = ranks[0]["metrics"]
     assert metrics["num_verified"] == 151 and metrics["num_train"] == 301
     assert metrics["steps"] > 0 and metrics["accuracy_after"] >= metrics["accuracy_before"]
+    if trim:  # the trim bit on both processes: some rows counted for nothing (surgery's flagged rows count fully)
+        assert all(rank["metrics"]["least_trusted"] < 1.0 for rank in ranks)
     assert not ranks[0]["prepared"] and not ranks[1]["prepared"]
     assert ranks[0]["mixed_precision"] == precision  # the fine-tune ran in the launcher's precision
     assert all(value.dtype == torch.float32 for value in ranks[0]["state"].values() if value.is_floating_point())

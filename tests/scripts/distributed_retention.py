@@ -1,10 +1,11 @@
 """Retention repair in 2 processes; run by tests/test_retention.py.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_retention.py OUT_DIR [SEPARATION]
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_retention.py OUT_DIR [SEPARATION [TRIM]]
 
 The fine-tune runs under DDP (gloo, CPU): every process trains on its shard of each batch, all
 score the same gathered held-out verified samples, so all take the same decisions and end with the
-same weights. Each writes them, and the repair's metrics, to OUT_DIR/rank{r}.pt.
+same weights; with TRIM (`small_loss_trim`) each process trims its own shard of a batch alike.
+Each writes them, and the repair's metrics, to OUT_DIR/rank{r}.pt.
 """
 
 from __future__ import annotations
@@ -25,23 +26,25 @@ from testbed.noise import corrupt_dataset  # noqa: E402
 from identification_setup import fashion_subsets  # noqa: E402
 
 
-def case(separation: str = "belief"):
+def case(separation: str = "belief", trim: float = 0.0):
     """Odd sizes, so shards, folds and the last batch are uneven."""
     train, verified = fashion_subsets(301, 151)
     torch.manual_seed(0)
     model = SmallCNN(width=4).eval()
     config = RepairConfig(method="retention", separation=separation, score="loss", flag_rule="budget", flag_fraction=0.5,
                           batch_size=16, retention_epochs=1.0, retention_learning_rate=1e-2, target_modules="all",
-                          repair_disable_tqdm=True)
+                          small_loss_trim=trim, repair_disable_tqdm=True)
     return model, corrupt_dataset(train, "symmetric", 0.4, seed=0), verified, config
 
 
-def main(out_dir: str, separation: str) -> None:
+def main(out_dir: str, separation: str, trim: float) -> None:
     state = PartialState(cpu=True)
     assert state.num_processes == 2, state
-    model, train, verified, config = case(separation)
+    model, train, verified, config = case(separation, trim)
     result = Repairer(model, config).repair(verified, train_dataset=train)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    metrics["least_trusted"] = min(record["trusted_fraction"] for stage in result.metrics["stages"].values()
+                                   for record in stage["history"][1:])
     torch.save({"state": model.state_dict(), "metrics": metrics, "prepared": "_is_accelerate_prepared" in model.__dict__,
                 "mixed_precision": str(AcceleratorState().mixed_precision)},
                os.path.join(out_dir, f"rank{state.process_index}.pt"))
@@ -51,4 +54,4 @@ def main(out_dir: str, separation: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "belief")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "belief", float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
