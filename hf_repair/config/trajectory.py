@@ -61,7 +61,7 @@ class TrajectoryArguments:
         default=0.0,
         metadata={
             "help": "small_loss_trim of the 'retrain' refinement's fine-tune. Measured (BENCHMARKS.md): 0.1 with "
-            "retrain_epochs=10 raised the retrain on a ViT fine-tune from 41% to 51% of the gap to a clean one, but "
+            "retrain_epochs=10 raised the retrain on a ViT fine-tune from 41 to 51 percent of the gap to a clean one, but "
             "auto's choice gained within noise at twice the cost and one text retrain lost 12 points, so 0."
         },
     )
