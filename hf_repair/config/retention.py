@@ -52,9 +52,9 @@ class RetentionArguments:
             "help": "Share of each batch's unflagged training samples of each given label with the largest loss "
             "left out of each step (the small-loss trick of co-teaching), reached by a linear ramp over the first "
             "pass over the fine-tune set: it keeps a longer fine-tune from learning the corrupted samples "
-            "identification missed. Rounded per label and batch, so a share times a label's samples in a batch below "
-            "one half trims none of them. Verified samples are always kept. 0 turns it off. Method 'auto''s retrain "
-            "refinement uses retrain_small_loss_trim instead."
+            "identification missed. Rounded per label and batch: where the share times a label's samples in a batch "
+            "is one half or less, none of them is left out. Verified samples are always kept. 0 turns it off. Method "
+            "'auto''s retrain refinement uses retrain_small_loss_trim instead."
         },
     )
     retention_learning_rate: Optional[float] = field(
