@@ -10,12 +10,14 @@ flag count (the model that memorised least) says how many to drop; `--base fresh
 model (the initial weights fine-tuned on the verified split alone, cached beside the run under its settings). `--repair-seeds` runs
 each budget once per seed and adds the uniform average of those runs' weights. `--scores` prints how well each
 identification score tells the known corruption (the first one flags); `--rounds N` identifies again with each
-retrained model and retrains from the initial weights, N times in all.
+retrained model and retrains from the initial weights, N times in all. `--forward` runs auto's forward refinement
+instead: nothing dropped, every training label learnt through the noise transition the identification estimates.
 
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --base trajectory --repair-seeds 0 1 2
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --scores probe loss --rounds 3
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --epochs 10 --set small_loss_trim=0.1
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --forward --repair-seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -80,11 +82,15 @@ def main() -> None:
     parser.add_argument("--flagged", default="identified", type=flagged_option,
                         help="What retrain drops: 'identified' (the library's flags), 'corrupted' (the known "
                              "corruption), or a number K (the K samples with the lowest identification score).")
+    parser.add_argument("--forward", action="store_true",
+                        help="Drop nothing: learn every training label through the estimated noise transition.")
     add_config_overrides(parser, "small_loss_trim=0.1")
     regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
     if args.base == "trajectory" and len(args.scores) > 1:
         parser.error("--base trajectory ranks by the mean probe score of every checkpoint; compare --scores on one model.")
+    if args.forward and (args.rounds > 1 or args.flagged != "identified"):
+        parser.error("--forward drops nothing and identifies once; leave --rounds and --flagged at their defaults.")
     if args.rounds > 1 and args.flagged != "identified":
         parser.error(f"--rounds identifies again with each retrained model, which --flagged {args.flagged} would override; "
                      "use --flagged identified with --rounds.")
@@ -123,6 +129,12 @@ def main() -> None:
         flagged = (np.flatnonzero(corrupted) if args.flagged == "corrupted"
                    else np.sort(np.argsort(column_array(identification.table, "score"))[:int(args.flagged)]))
         identification = dataclasses.replace(identification, flagged_indices=flagged)
+    transition = None
+    if args.forward:
+        transition = torch.tensor(identification.summary["noise_transition"], dtype=torch.float32)
+        print(f"forward: the estimated P(given = true | true) by class {np.round(transition.diagonal().numpy(), 3)}, "
+              f"noise rate {identification.summary['estimated_noise_rate']:.3f}")
+        identification = dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64))
     identified_by = "every checkpoint" if args.base == "trajectory" else f"the {args.base} model"
     print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by {identified_by}): "
           f"{describe(identification, corrupted)}; load {os.getloadavg()[0]:.1f}")
@@ -137,7 +149,8 @@ def main() -> None:
                     flags = identify_harmful(model, task.noisy, task.verified, retrain)
                 load_weights(model, initial)
                 start = time.perf_counter()
-                m = repair_with_finetuning(model, retrain, task.verified, task.noisy, flags).metrics
+                m = repair_with_finetuning(model, retrain, task.verified, task.noisy, flags,
+                                           noise_transition=transition).metrics
                 rows.append([f"{epochs:g}", str(repair_seed), str(round_), f"{100 * accuracy(model):.2f}",
                              describe(flags, corrupted), f"{m['steps']} of {m['max_steps']}",
                              m["stop_reason"], f"{time.perf_counter() - start:.0f}"])

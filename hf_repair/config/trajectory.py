@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
-AUTO_CANDIDATES = ("best", "average", "soup", "fresh", "head_refit", "projection", "erase", "retrain")
+AUTO_CANDIDATES = ("best", "average", "soup", "fresh", "head_refit", "projection", "erase", "retrain", "forward")
+DEFAULT_AUTO_CANDIDATES = AUTO_CANDIDATES[:-1]  # 'forward' is weighed on request (BENCHMARKS.md)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class TrajectoryArguments:
         },
     )
     auto_candidates: list[str] = field(
-        default_factory=lambda: list(AUTO_CANDIDATES),
+        default_factory=lambda: list(DEFAULT_AUTO_CANDIDATES),
         metadata={
             "help": "What method='auto' weighs against the final weights: 'best' (the best trajectory point), "
             "'average' (uniform average of the best trajectory_keep points), 'soup' (greedy soup), 'fresh' (the "
@@ -47,7 +48,9 @@ class TrajectoryArguments:
             "that model and fine-tune without them, retention_epochs of budget; only when the training data is "
             "given), 'retrain' (identify them the same way, then fine-tune the weights training *started* from "
             "on the rest, retrain_epochs of budget; needs the training data and the initial weights, which "
-            "RepairCallback keeps). Chosen by accuracy on held-out verified folds.",
+            "RepairCallback keeps), 'forward' (not by default: the weights training started from fine-tuned on every "
+            "training sample, each label learnt through the noise transition that model's identification estimates; "
+            "retrain_epochs of budget). Chosen by accuracy on held-out verified folds.",
         },
     )
     retrain_epochs: float = field(

@@ -61,6 +61,7 @@ class NoiseRateEstimate:
     heldout_confidence: float  # ... and on the verified split, held out
     confidence_shift_z: float  # their difference over its standard error
     blind_classes: list[int]
+    transition: list[list[float]]  # [true][given]: P(given | true), from J clipped at 0 (identity rows where unknown)
 
     @property
     def rate(self) -> float:
@@ -159,6 +160,7 @@ class NoiseRateCalibration:
             heldout_confidence=heldout_confidence,
             confidence_shift_z=(training_confidence - heldout_confidence) / max(shift_se, 1e-12),
             blind_classes=self.blind_classes,
+            transition=_transition(joint_given, log_probs.exp(), labels, c).tolist(),
         )
 
 
@@ -171,9 +173,11 @@ class NoiseRateSummary:
     interval: tuple[float, float]
     estimates: dict[str, float]
     warning: str | None
+    transition: list[list[float]]  # [true][given]: the probe's; without one, `rate` spread evenly
 
 
-def summarise_noise_rate(calibrated: dict[str, NoiseRateEstimate], influence_mean: np.ndarray) -> NoiseRateSummary:
+def summarise_noise_rate(calibrated: dict[str, NoiseRateEstimate], influence_mean: np.ndarray,
+                         num_classes: int) -> NoiseRateSummary:
     """Pick the probe's calibrated estimate (else the share of negative influence) and decide on a warning.
 
     The share of samples whose influence on the mean verified loss is negative is reported too; it is not
@@ -188,13 +192,15 @@ def summarise_noise_rate(calibrated: dict[str, NoiseRateEstimate], influence_mea
     if probe is not None:
         problems = probe.problems()
         summary = NoiseRateSummary(rate=probe.rate, source="probe_disagreement", interval=probe.interval,
-                                   estimates=estimates, warning="; ".join(problems) if problems else None)
+                                   estimates=estimates, warning="; ".join(problems) if problems else None,
+                                   transition=probe.transition)
     else:
         half = _normal_quantile(INTERVAL_LEVEL) * math.sqrt(negative * (1 - negative) / max(len(influence_mean), 1))
         summary = NoiseRateSummary(
             rate=negative, source="negative_influence", interval=(_clip(negative - half), _clip(negative + half)),
             estimates=estimates,
             warning="no probe to calibrate it by: the share of negative influence is a rough guide, not an estimate",
+            transition=symmetric_transition(negative, num_classes),
         )
     if summary.warning:
         logger.warning(
@@ -217,6 +223,23 @@ def _confusion(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> t
 def _calibrated_rate(joint_given: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """1 - trace(J) with J^T = (Q / N) M^-1: the share of training samples whose true class differs from the given."""
     return 1.0 - float(torch.trace(joint_given @ torch.linalg.pinv(_confusion(probs, labels, num_classes))))
+
+
+def _transition(joint_given: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """P(given | true) from J = ((Q / N) M^-1)^T, negative entries clipped (sampling error) and rows renormalised;
+    a class with no mass (unseen, or clipped away) keeps its label."""
+    joint = (joint_given @ torch.linalg.pinv(_confusion(probs, labels, num_classes))).t().clamp_min(0.0)
+    totals = joint.sum(1, keepdim=True)
+    identity = torch.eye(num_classes, dtype=joint.dtype)
+    return torch.where(totals > 0, joint / totals.clamp_min(1e-12), identity)
+
+
+def symmetric_transition(rate: float, num_classes: int) -> list[list[float]]:
+    """P(given | true) when a share `rate` of labels is wrong, spread evenly over the other classes."""
+    if num_classes < 2:
+        return [[1.0]] * num_classes
+    off = rate / (num_classes - 1)
+    return [[1.0 - rate if i == j else off for j in range(num_classes)] for i in range(num_classes)]
 
 
 def _bootstrap_rates(joint_given: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, num_classes: int,

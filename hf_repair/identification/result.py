@@ -29,7 +29,8 @@ class IdentificationResult:
     column per score that was computed (`probe`, `influence` and `loss` always where the model allows them,
     `refit` and `projection` when asked for). `summary` holds the counts, the flag rule and its threshold,
     the score's name, the estimated noise rate with its interval (`estimated_noise_rate_interval`) and a
-    `noise_rate_warning` (None, or why the estimate should not be trusted), the classes the verified split
+    `noise_rate_warning` (None, or why the estimate should not be trusted), the estimated label noise
+    `noise_transition[true][given]` = P(given | true) (method "auto"'s "forward" learns through it), the classes the verified split
     lacks (`blind_classes`), timings, and precision / recall / AUROC when the training set has `is_corrupted`.
 
     Example:
@@ -81,7 +82,7 @@ def build_result(values: np.ndarray, noise_rates: dict[str, NoiseRateEstimate], 
     else:
         suggested = column["prediction"]
     suggested = suggested.astype(np.int64)
-    noise = summarise_noise_rate(noise_rates, column["influence_mean"])
+    noise = summarise_noise_rate(noise_rates, column["influence_mean"], scorer.num_classes)
     flagged, threshold = flag_lowest(score, config, noise.rate)
 
     table: dict[str, Any] = {
@@ -109,6 +110,7 @@ def build_result(values: np.ndarray, noise_rates: dict[str, NoiseRateEstimate], 
         "noise_rate_source": noise.source,
         "noise_rate_estimates": noise.estimates,
         "noise_rate_warning": noise.warning,
+        "noise_transition": noise.transition,
         "blind_classes": list(scorer.blind_classes),
         "num_verified": scorer.num_verified,
         "influence_layers": [layer.name for layer in scorer.layers],

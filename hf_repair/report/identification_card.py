@@ -116,7 +116,7 @@ FIELD_GROUPS: list[tuple[str, dict[str, tuple[str, Callable[[Any], str]]]]] = [
     }),
 ]
 FLAG_KEYS = {"num_samples", "num_flagged", "flag_rule", "threshold", "score", "blind_classes"}
-NOISE_KEYS = {"estimated_noise_rate", "noise_rate_source", "noise_rate_estimates"}
+NOISE_KEYS = {"estimated_noise_rate", "noise_rate_source", "noise_rate_estimates", "noise_transition"}
 KNOWN_KEYS = FLAG_KEYS | NOISE_KEYS | {key for _, fields in FIELD_GROUPS for key in fields}
 
 
@@ -125,7 +125,7 @@ def identification_card(summary: dict[str, Any], num_flagged: int,
     """(group title, [(label, value)]) of an identification summary; groups with no measured value are left out."""
     groups = [
         ("Flags", _flag_rows(summary, num_flagged, class_names)),
-        ("Wrong labels", _noise_rows(summary)),
+        ("Wrong labels", _noise_rows(summary, class_names)),
         *((title, [(label, write(summary[key])) for key, (label, write) in fields.items() if _known(summary.get(key))])
           for title, fields in FIELD_GROUPS),
         ("Other", [(_words(key.removesuffix("_s")), _seconds(value) if key.endswith("_s") else _plain(value))
@@ -152,7 +152,7 @@ def _flag_rows(summary: dict[str, Any], num_flagged: int, class_names: list[str]
     return rows
 
 
-def _noise_rows(summary: dict[str, Any]) -> Rows:
+def _noise_rows(summary: dict[str, Any], class_names: list[str] | None) -> Rows:
     rows = []
     rate, source = summary.get("estimated_noise_rate"), summary.get("noise_rate_source")
     if _known(rate):
@@ -160,6 +160,10 @@ def _noise_rows(summary: dict[str, Any]) -> Rows:
         rows.append(("Estimated share of wrong labels", pct(rate) + origin))
     rows += [(f"Other estimate, from {_named(NOISE_ESTIMATES)(name)}", pct(value))
              for name, value in (summary.get("noise_rate_estimates") or {}).items() if name != source and _known(value)]
+    transition = summary.get("noise_transition")
+    if transition:
+        rows.append(("Estimated share of right labels, by true class",
+                     ", ".join(f"{class_name(class_names, c)} {pct(row[c])}" for c, row in enumerate(transition))))
     return rows
 
 

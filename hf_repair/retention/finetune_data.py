@@ -23,7 +23,7 @@ from ..data import CollateFn, pop_labels
 from ..evaluation import ForwardFn, eval_mode
 
 # How far a row's label is trusted (see `FinetuneSet`).
-GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_SURGERY, GATE_SMALL_LOSS = 0, 1, 2, 3, 4
+GATE_NONE, GATE_BELIEF, GATE_AGREEMENT, GATE_SURGERY, GATE_SMALL_LOSS, GATE_FORWARD = 0, 1, 2, 3, 4, 5
 
 # Keys under which a row carries its target and (label, weight, gate) to the collator.
 _TARGET, _EXTRA = "__hf_repair_target__", "__hf_repair_extra__"
@@ -40,7 +40,9 @@ class FinetuneSet(Dataset):
     `GATE_SURGERY` fully, but the gated rows' gradient loses its component that conflicts with the
     other rows' (gradient surgery, `FinetuneArguments.gradient_surgery`); `GATE_SMALL_LOSS` fully,
     unless its loss is among the largest of its batch's rows with that gate and label
-    (`FinetuneArguments.small_loss_trim`). Rows are fetched in batches (`__getitems__`) and batched
+    (`FinetuneArguments.small_loss_trim`); `GATE_FORWARD` as a noisy observation of the true class: its
+    cross-entropy is taken on the model's distribution passed through the estimated noise transition
+    (`FinetuneArguments.noise_transition`). Rows are fetched in batches (`__getitems__`) and batched
     by the user's collator, so text keeps its padding; when the parts carry `label_column`
     (collators may expect it), the collated batch drops it again.
     """

@@ -74,6 +74,8 @@ class FinetuneArguments:
     # reached by a linear ramp over the first epoch (co-teaching's schedule: a network fits clean
     # samples first, so early losses do not yet tell them apart).
     small_loss_trim: float = 0.0
+    # Rows gated GATE_FORWARD: the (true, given) noise transition their labels are learnt through.
+    noise_transition: torch.Tensor | None = None
 
 
 @dataclass
@@ -244,7 +246,7 @@ class GuardedFinetuner:
         # Surgery reduces its gradients by hand: DDP must not expect its own backward.
         with (accelerator.no_sync(prepared) if surgery else contextlib.nullcontext()), accelerator.autocast():
             logits = self.forward_fn(prepared, batch.inputs)
-        rows, trusted, kept = retention_terms(logits, batch, self.args.belief_power, trim)
+        rows, trusted, kept = retention_terms(logits, batch, self.args.belief_power, trim, self.args.noise_transition)
         regularizer = penalty()
         loss = rows.sum() / kept + regularizer
         if _nonfinite_anywhere(loss):

@@ -4,6 +4,10 @@ Rows gated `GATE_SMALL_LOSS` with the largest losses of their label in the batch
 small-loss trick of co-teaching (Han et al., NeurIPS 2018), for the corrupted samples identification
 missed, which a network fits last.
 
+Rows gated `GATE_FORWARD` are learnt through the noise: their given label is scored against p(x) T, the
+model's distribution passed through the estimated transition T[true, given] (forward correction, Patrini et
+al., CVPR 2017), so the model is pulled towards the true class rather than the given one.
+
 The penalty pulls the weights towards the trained ones: L2 (proximal), or weighted by a diagonal
 Fisher estimated on verified rows (EWC-style).
 """
@@ -16,21 +20,36 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..evaluation import ForwardFn, eval_mode
-from .finetune_data import GATE_AGREEMENT, GATE_BELIEF, GATE_SMALL_LOSS, FinetuneSet, TargetBatch, TargetCollator
+from .finetune_data import (
+    GATE_AGREEMENT,
+    GATE_BELIEF,
+    GATE_FORWARD,
+    GATE_SMALL_LOSS,
+    FinetuneSet,
+    TargetBatch,
+    TargetCollator,
+)
 
 
-def retention_terms(logits: torch.Tensor, batch: TargetBatch, power: float,
-                    trim: float = 0.0) -> tuple[torch.Tensor, float, int]:
+def retention_terms(logits: torch.Tensor, batch: TargetBatch, power: float, trim: float = 0.0,
+                    transition: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
     """Per-row weighted cross-entropy; gated rows count as much as the model currently trusts their label.
 
     `trim`: the share of the `GATE_SMALL_LOSS` rows of each given label with the largest loss that count for
     nothing. Per label, because a model that leans to one class has the largest losses on the others, and
     trimming those would feed the lean (measured: a text fine-tune collapsed to one class).
+    `transition`: the (true, given) noise transition the `GATE_FORWARD` rows are learnt through.
     Returns the rows' terms (the loss is their sum over the rows kept), the batch's trusted weight share
     and the number of rows kept.
     """
     log_probs = logits.float().log_softmax(-1)
     per_row = -(batch.targets * log_probs).sum(-1)
+    forward = batch.gates == GATE_FORWARD
+    if forward.any():
+        if transition is None:
+            raise ValueError("Rows gated GATE_FORWARD need the noise transition to learn through (noise_transition).")
+        observed = (log_probs.exp() @ transition.to(log_probs)).clamp_min(1e-12).log()
+        per_row = torch.where(forward, -(batch.targets * observed).sum(-1), per_row)
     with torch.no_grad():
         trust = torch.ones_like(per_row)
         belief = batch.gates == GATE_BELIEF

@@ -46,8 +46,12 @@ def repair_with_finetuning(
     forward_fn: ForwardFn = default_forward,
     collate_fn: CollateFn | None = None,
     compute_metrics: Any | None = None,
+    noise_transition: torch.Tensor | None = None,
 ) -> RepairResult:
-    """`Repairer.repair` for the fine-tuning methods: identify, (project,) separate and retain, in place."""
+    """`Repairer.repair` for the fine-tuning methods: identify, (project,) separate and retain, in place.
+
+    `noise_transition`: learn the unflagged training samples through it (`RetentionRepair.run`).
+    """
     start = time.perf_counter()
     check_materialized(model)
     check_finetune_inputs(model, config, verified, train_dataset)
@@ -72,7 +76,8 @@ def repair_with_finetuning(
                                  forward_fn=forward_fn, collate_fn=collate_fn, compute_metrics=compute_metrics)
         outcome = RetentionRepair(model, config, forward_fn=forward_fn, collate_fn=collate_fn,
                                   compute_metrics=compute_metrics).run(
-            verified, split, train_dataset, identification, projected=projection is not None and projection.adopted)
+            verified, split, train_dataset, identification, projected=projection is not None and projection.adopted,
+            noise_transition=noise_transition)
     except BaseException:
         snapshot.restore()
         raise

@@ -52,6 +52,7 @@ from .checks import input_columns
 from .finetune_data import (
     GATE_AGREEMENT,
     GATE_BELIEF,
+    GATE_FORWARD,
     GATE_NONE,
     GATE_SMALL_LOSS,
     GATE_SURGERY,
@@ -112,9 +113,18 @@ class RetentionRepair:
         self.input_names = input_names_for(model, forward_fn)
 
     def run(self, verified: datasets.Dataset, split: VerifiedSplit, train_dataset: datasets.Dataset,
-            identification: IdentificationResult, projected: bool = False) -> RetentionResult:
-        """Fine-tune in place; `projected`: the model was just projected (so it needs no warm-up)."""
+            identification: IdentificationResult, projected: bool = False,
+            noise_transition: torch.Tensor | None = None) -> RetentionResult:
+        """Fine-tune in place; `projected`: the model was just projected (so it needs no warm-up).
+
+        `noise_transition`: learn the unflagged training samples through this (true, given) transition of their
+        labels (forward correction, `GATE_FORWARD`) instead of taking their labels as true; with no sample
+        flagged, every training sample is (method "auto"'s "forward").
+        """
         config = self.config
+        if noise_transition is not None and config.small_loss_trim > 0:
+            raise ValueError("small_loss_trim and a noise transition both decide how far the unflagged training labels "
+                             "are trusted; use one of them (small_loss_trim=0 with the transition).")
         columns = input_columns(train_dataset, verified, config.label_column, self.input_names)
         labels = column_array(train_dataset, config.label_column).astype(np.int64)
         flagged = np.unique(np.asarray(identification.flagged_indices, dtype=np.int64))
@@ -128,13 +138,16 @@ class RetentionRepair:
         num_classes = self._num_classes(split)
         check_label_range(labels, num_classes)
         check_label_range(verified_labels, num_classes)
+        if noise_transition is not None and tuple(noise_transition.shape) != (num_classes, num_classes):
+            raise ValueError(f"The noise transition is {tuple(noise_transition.shape)}, but the model predicts {num_classes} "
+                             f"classes: pass a ({num_classes}, {num_classes}) matrix of P(given | true).")
 
         _, world = process_info()
         batch_size = config.retention_batch_size or config.batch_size
         total_steps = max(1, math.ceil(config.retention_epochs * len(train_dataset) / (batch_size * world)))
         outcome = RetentionResult(method=config.method, num_train=len(train_dataset), num_flagged=int(flagged.size),
                                    num_trusted=len(verified_rows) + len(unflagged), total_steps=total_steps)
-        if flagged.size == 0:
+        if flagged.size == 0 and noise_transition is None:
             outcome.skipped = ("identification flagged no training sample, so there is nothing to erase or retain; "
                                "the model is left as it is (flag more, e.g. flag_rule='budget' with flag_fraction)")
             logger.warning("hf_repair %s: %s.", config.method, outcome.skipped)
@@ -154,8 +167,9 @@ class RetentionRepair:
         offset = len(verified_rows)
         trusted_rows = np.concatenate([np.arange(offset), offset + unflagged])
         # the unflagged training rows may still hold corruption that identification missed; verified rows may not
-        trusted_gates = np.repeat([GATE_NONE, GATE_SMALL_LOSS if config.small_loss_trim > 0 else GATE_NONE],
-                                  [offset, len(unflagged)])
+        unflagged_gate = (GATE_FORWARD if noise_transition is not None
+                          else GATE_SMALL_LOSS if config.small_loss_trim > 0 else GATE_NONE)
+        trusted_gates = np.repeat([GATE_NONE, unflagged_gate], [offset, len(unflagged)])
         trusted = table.subset(trusted_rows, trusted_gates)
         penalty_set = table.subset(np.arange(offset)) if config.retention_penalty == "fisher" else None
         warmup_steps = 0 if erases(config.method) else int(round(retention_warmup(config, projected) * total_steps))
@@ -175,7 +189,8 @@ class RetentionRepair:
             else:
                 data = trusted
             args = self._finetune_arguments(steps, batch_size, seed=config.repair_seed + len(outcome.stages),
-                                            gradient_surgery=stage == "retain" and config.separation == "surgery")
+                                            gradient_surgery=stage == "retain" and config.separation == "surgery",
+                                            noise_transition=noise_transition)
             result = GuardedFinetuner(self.model, args, self.forward_fn, self.collate_fn, self.compute_metrics).run(
                 data, split, HELDOUT_FOLD, num_classes, penalty_set=penalty_set, desc=f"{config.method} {stage}")
             outcome.stages.append((stage, result))
@@ -200,7 +215,8 @@ class RetentionRepair:
         return GuardedFinetuner(self.model, args, self.forward_fn, self.collate_fn, self.compute_metrics).run(
             table, split, HELDOUT_FOLD, num_classes, desc="fresh fine-tune")
 
-    def _finetune_arguments(self, steps: int, batch_size: int, seed: int, gradient_surgery: bool) -> FinetuneArguments:
+    def _finetune_arguments(self, steps: int, batch_size: int, seed: int, gradient_surgery: bool,
+                            noise_transition: torch.Tensor | None = None) -> FinetuneArguments:
         config = self.config
         return FinetuneArguments(
             learning_rate=finetune_learning_rate(config),
@@ -220,6 +236,7 @@ class RetentionRepair:
             disable_tqdm=config.repair_disable_tqdm,
             gradient_surgery=gradient_surgery,
             small_loss_trim=config.small_loss_trim,
+            noise_transition=noise_transition,
         )
 
     def _verified_training_rows(self, split: VerifiedSplit) -> tuple[np.ndarray, np.ndarray]:

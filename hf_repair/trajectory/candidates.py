@@ -25,7 +25,12 @@ when it is finally run -- and builds weights from the trajectory with them alone
   fine-tuned on those samples and the unflagged training data (`retrain_epochs` of budget, same early
   stop). When the model barely memorised its noise, what separates it from a clean-trained one is what the
   noise did while it learnt, which no edit of the final weights undoes; learning again without the flagged
-  samples does (measured in BENCHMARKS.md, fine-tuning regime).
+  samples does (measured in BENCHMARKS.md, fine-tuning regime);
+- `<base>+forward`: the weights training started from fine-tuned on those samples and *every* training sample,
+  each given label learnt through the noise transition P(given | true) that the base's identification
+  estimates (forward correction, Patrini et al. 2017; same budget and early stop as retrain). It drops nothing,
+  so it does not depend on telling which labels are wrong, only on how often each class's are: where
+  identification is weak (a text model's, BENCHMARKS.md) that is the better bet.
 
 Like fresh's, the weights erase and retrain end with are the uniform average of their fold runs, the ones the
 folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
@@ -69,11 +74,11 @@ from .points import Trajectory
 logger = logging.getLogger(__name__)
 
 BASE_PROCEDURES = ("final", "best", "average", "soup", "fresh")
-REFINEMENTS = ("head_refit", "projection", "erase", "retrain")
+REFINEMENTS = ("head_refit", "projection", "erase", "retrain", "forward")
 # run on each fold's complement as a datasets.Dataset
-DATASET_PROCEDURES = ("fresh", "projection", "erase", "retrain")
-NEEDS_INITIAL_WEIGHTS = ("fresh", "retrain")
-FINETUNING_REFINEMENTS = ("erase", "retrain")  # they end with the average of their judged fold runs
+DATASET_PROCEDURES = ("fresh", "projection", "erase", "retrain", "forward")
+NEEDS_INITIAL_WEIGHTS = ("fresh", "retrain", "forward")
+FINETUNING_REFINEMENTS = ("erase", "retrain", "forward")  # they end with the average of their judged fold runs
 
 Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
 
@@ -317,19 +322,24 @@ class CandidateBuilder:
         if key not in self._identifications:
             self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified, erase,
                                                           forward_fn=self.forward_fn, collate_fn=self.collate_fn)
-        if refinement == "retrain":
+        identification, transition = self._identifications[key], None
+        if refinement in ("retrain", "forward"):
             load_weights(self.model, self.trajectory.initial_weights())
             erase = dataclasses.replace(erase, retention_epochs=self.config.retrain_epochs,
                                         small_loss_trim=self.config.retrain_small_loss_trim)
-        repair_with_finetuning(self.model, erase, verified, self.train_dataset, self._identifications[key],
-                               forward_fn=self.forward_fn, collate_fn=self.collate_fn)
+        if refinement == "forward":
+            erase = dataclasses.replace(erase, small_loss_trim=0.0)
+            transition = torch.tensor(identification.summary["noise_transition"], dtype=torch.float32)
+            identification = dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64))
+        repair_with_finetuning(self.model, erase, verified, self.train_dataset, identification,
+                               forward_fn=self.forward_fn, collate_fn=self.collate_fn, noise_transition=transition)
         return None
 
     def check_procedure(self, name: str) -> str | None:
         """Why a base procedure or refinement cannot run on this model or verified split (None: it can)."""
         if name in DATASET_PROCEDURES and not isinstance(self.verified, datasets.Dataset):
             return f"the {name} of each fold's complement needs the verified split as a datasets.Dataset"
-        if name in ("erase", "retrain") and self.train_dataset is None:
+        if name in FINETUNING_REFINEMENTS and self.train_dataset is None:
             return f"{name} fine-tunes on the training data, and none was given (Repairer.repair(train_dataset=...))"
         if name in NEEDS_INITIAL_WEIGHTS and self.trajectory.initial is None:
             return (f"{name} starts again from the weights training started from, which were not given "

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_repair.identification.noise_rate import NoiseRateCalibration, _tempered, summarise_noise_rate
+from hf_repair.identification.noise_rate import (
+    NoiseRateCalibration,
+    _tempered,
+    summarise_noise_rate,
+    symmetric_transition,
+)
 
 CLASSES = 4
 # The reference's expected prediction for each true class: class-dependent mistakes (0 is often taken for 1),
@@ -61,6 +66,28 @@ def test_class_dependent_noise_and_reference_mistakes_are_recovered():
     assert abs(symmetric - truth) > 0.05
 
 
+def test_the_noise_transition_is_recovered_row_by_row():
+    """P(given | true): 30% of class 0 given as 1, 10% of class 2 as 3, the other classes clean."""
+    heldout_true = np.repeat(np.arange(CLASSES), 400)
+    true, given = _noisy_training_set(20000, seed=1)
+    calibration = _calibration(heldout_true)
+    calibration.update(_predictions(true, CONFUSION, seed=5), torch.as_tensor(given))
+    transition = np.array(calibration.estimate(torch.device("cpu"), seed=0).transition)
+    expected = np.eye(CLASSES)
+    expected[0, :2] = [0.7, 0.3]
+    expected[2, 2:] = [0.9, 0.1]
+    assert (transition >= 0).all() and np.allclose(transition.sum(1), 1.0)
+    assert np.abs(transition - expected).max() < 0.05, transition
+
+
+def test_without_a_probe_the_transition_spreads_the_estimated_rate_evenly():
+    assert summarise_noise_rate({}, np.array([-1.0, 1.0, 2.0, 3.0]), num_classes=2).transition == [[0.75, 0.25],
+                                                                                                  [0.25, 0.75]]
+    transition = np.array(symmetric_transition(0.3, 4))
+    assert np.allclose(transition.diagonal(), 0.7) and np.allclose(transition.sum(1), 1.0)
+    assert transition[0, 1] == pytest.approx(0.1)
+
+
 def test_a_reference_sharper_on_training_samples_than_held_out_is_reported_unreliable():
     """Memorisation: on training samples the reference leans towards the given label, more than held-out
     predictions of the same true class do; the estimate drops and the two calibrations disagree."""
@@ -75,7 +102,7 @@ def test_a_reference_sharper_on_training_samples_than_held_out_is_reported_unrel
     assert estimate.rate < truth - 0.05
     problems = estimate.problems()
     assert any("sees training samples differently from held-out ones" in p for p in problems), problems
-    summary = summarise_noise_rate({"probe": estimate}, influence_mean=np.zeros(len(true)))
+    summary = summarise_noise_rate({"probe": estimate}, influence_mean=np.zeros(len(true)), num_classes=CLASSES)
     assert summary.source == "probe_disagreement" and summary.warning is not None
 
 
@@ -103,7 +130,7 @@ def test_small_verified_split_gives_a_wide_interval_and_says_so():
 
 def test_without_a_probe_the_negative_influence_share_is_used_and_flagged_as_rough():
     influence = np.array([-1.0, 2.0, 0.5, -0.1, 3.0, 1.0, 2.0, 0.1])
-    summary = summarise_noise_rate({}, influence)
+    summary = summarise_noise_rate({}, influence, num_classes=2)
     assert summary.source == "negative_influence" and summary.rate == 0.25
     assert summary.interval[0] < 0.25 < summary.interval[1]
     assert "no probe" in summary.warning

@@ -620,6 +620,7 @@ IDENTIFY_SUMMARY = {  # the keys Repairer.identify writes, with the values of a 
     "train_pass_samples_per_second": 12.3, "probe_layer": "fc1", "probe_l2": 0.01, "probe_heldout_accuracy": 0.7,
     "precision": 0.8, "recall": 0.75, "auroc": 0.91, "auroc_by_score": {"influence": 0.8, "loss": 0.85},
     "suggested_label_accuracy_on_corrupted": float("nan"), "refit_prox": None,
+    "noise_transition": [[0.7 if i == j else 0.3 / 9 for j in range(10)] for i in range(10)],
 }
 
 
@@ -635,6 +636,7 @@ def test_identification_card_is_written_for_a_person(image_task, tmp_path):
     assert "n/a" not in text and "nan" not in text.lower() and "None" not in text  # unmeasured values are left out
     for label, value in [("Training samples scored", "800"), ("Flagged", "240 (30.00%)"), ("Score threshold", "-2.31"),
                          ("Estimated share of wrong labels", "30.00%, from the probe's disagreement"),
+                         ("Estimated share of right labels, by true class", "T-shirt/top 70.00%, Trouser 70.00%, "),
                          ("Curvature approximation", "K-FAC for fc1; exact for classifier"),
                          ("Pass over the verified samples", "1.2 s"), ("Pass over the training set", "1 min 05 s"),
                          ("Training samples per second, overall", "11.9 samples/s"),

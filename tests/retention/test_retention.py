@@ -17,9 +17,11 @@ from torch.utils.data import DataLoader
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.data import stratified_folds
+from hf_repair.retention import repair_with_finetuning
 from hf_repair.retention.finetune_data import (
     GATE_AGREEMENT,
     GATE_BELIEF,
+    GATE_FORWARD,
     GATE_NONE,
     GATE_SMALL_LOSS,
     FinetuneSet,
@@ -443,6 +445,36 @@ def test_small_loss_trim_drops_the_largest_losses_of_each_label_among_the_trimma
     untrimmed, _, all_kept = retention_terms(logits, batch, power=1.0, trim=0.0)
     assert all_kept == 7
     torch.testing.assert_close(untrimmed, losses)
+
+
+def test_forward_rows_score_their_label_against_the_distribution_passed_through_the_transition():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.5, 0.0]])
+    labels = torch.tensor([1, 1, 0])
+    gates = torch.tensor([GATE_FORWARD, GATE_FORWARD, GATE_NONE])  # the last is a verified row: taken as given
+    batch = TargetBatch({}, torch.nn.functional.one_hot(labels, 2).float(), labels, torch.ones(3), gates)
+    transition = torch.tensor([[0.7, 0.3], [0.2, 0.8]])  # [true][given]
+    probs = logits.softmax(-1)
+    rows, trusted, kept = retention_terms(logits, batch, power=1.0, transition=transition)
+    expected = -torch.stack([(probs[0] @ transition)[1].log(), (probs[1] @ transition)[1].log(), probs[2, 0].log()])
+    torch.testing.assert_close(rows, expected)
+    assert kept == 3 and trusted == 1.0
+    # with no noise the correction is plain cross-entropy; without a transition the rows cannot be scored
+    plain, _, _ = retention_terms(logits, batch, power=1.0, transition=torch.eye(2))
+    torch.testing.assert_close(plain, -logits.log_softmax(-1).gather(1, labels[:, None])[:, 0])
+    with pytest.raises(ValueError, match="noise transition"):
+        retention_terms(logits, batch, power=1.0)
+
+
+@pytest.mark.parametrize("trim, transition, message", [(0.1, torch.eye(10), "small_loss_trim"),
+                                                       (0.0, torch.eye(2), "predicts 10 classes")])
+def test_a_bad_noise_transition_is_refused_before_any_change(small, trim, transition, message):
+    train, verified = small
+    model = _tiny()
+    start = _state(model)
+    config = RepairConfig(method="erase", small_loss_trim=trim, **CHEAP)
+    with pytest.raises(ValueError, match=message):
+        repair_with_finetuning(model, config, verified, train, noise_transition=transition)
+    assert _same_state(model, start)
 
 
 def test_erase_trims_training_samples_after_its_first_epoch(fashion, memorized):
