@@ -7,7 +7,7 @@ from typing import Optional
 
 TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
 AUTO_CANDIDATES = ("best", "average", "soup", "fresh", "head_refit", "projection", "erase", "retrain", "forward")
-DEFAULT_AUTO_CANDIDATES = AUTO_CANDIDATES[:-1]  # 'forward' is weighed on request (BENCHMARKS.md)
+DEFAULT_AUTO_CANDIDATES = AUTO_CANDIDATES[:-1]  # 'forward' on request: measured, never chosen (BENCHMARKS.md)
 
 
 @dataclass
@@ -48,9 +48,10 @@ class TrajectoryArguments:
             "that model and fine-tune without them, retention_epochs of budget; only when the training data is "
             "given), 'retrain' (identify them the same way, then fine-tune the weights training *started* from "
             "on the rest, retrain_epochs of budget; needs the training data and the initial weights, which "
-            "RepairCallback keeps), 'forward' (not by default: the weights training started from fine-tuned on every "
-            "training sample, each label learnt through the noise transition that model's identification estimates; "
-            "retrain_epochs of budget). Chosen by accuracy on held-out verified folds.",
+            "RepairCallback keeps), 'forward' (the weights training started from fine-tuned on every training sample, "
+            "each label learnt through the noise transition that model's identification estimates, retrain_epochs of "
+            "budget; not by default: measured, auto never chose it and it doubled auto's cost on text, BENCHMARKS.md). "
+            "Chosen by accuracy on held-out verified folds.",
         },
     )
     retrain_epochs: float = field(
