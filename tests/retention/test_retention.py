@@ -520,7 +520,7 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 
 
 @pytest.mark.parametrize("separation, trim, precision", [("belief", 0.0, "no"), ("surgery", 0.45, "no"),
-                                                        ("belief", 0.0, "bf16")])
+                                                        ("belief", 0.0, "bf16"), ("forward", 0.0, "no")])
 def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, trim, precision):
     launch_two_processes("distributed_retention.py", tmp_path, separation, trim, mixed_precision=precision)
 

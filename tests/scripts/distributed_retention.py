@@ -4,7 +4,8 @@
 
 The fine-tune runs under DDP (gloo, CPU): every process trains on its shard of each batch, all
 score the same gathered held-out verified samples, so all take the same decisions and end with the
-same weights; with TRIM (`small_loss_trim`) each process trims its own shard of a batch alike.
+same weights; with TRIM (`small_loss_trim`) each process trims its own shard of a batch alike. SEPARATION
+"forward" erases instead and learns the unflagged samples through a symmetric noise transition (auto's "forward").
 Each writes them, and the repair's metrics, to OUT_DIR/rank{r}.pt.
 """
 
@@ -20,6 +21,8 @@ from accelerate.state import AcceleratorState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_repair import RepairConfig, Repairer  # noqa: E402
+from hf_repair.identification.noise_rate import symmetric_transition  # noqa: E402
+from hf_repair.retention import repair_with_finetuning  # noqa: E402
 from testbed.experiments import SmallCNN  # noqa: E402
 from testbed.noise import corrupt_dataset  # noqa: E402
 
@@ -31,7 +34,8 @@ def case(separation: str = "belief", trim: float = 0.0):
     train, verified = fashion_subsets(301, 151)
     torch.manual_seed(0)
     model = SmallCNN(width=4).eval()
-    config = RepairConfig(method="retention", separation=separation, score="loss", flag_rule="budget", flag_fraction=0.5,
+    method, separation = ("erase", "belief") if separation == "forward" else ("retention", separation)
+    config = RepairConfig(method=method, separation=separation, score="loss", flag_rule="budget", flag_fraction=0.5,
                           batch_size=16, retention_epochs=1.0, retention_learning_rate=1e-2, target_modules="all",
                           small_loss_trim=trim, repair_disable_tqdm=True)
     return model, corrupt_dataset(train, "symmetric", 0.4, seed=0), verified, config
@@ -41,7 +45,11 @@ def main(out_dir: str, separation: str, trim: float) -> None:
     state = PartialState(cpu=True)
     assert state.num_processes == 2, state
     model, train, verified, config = case(separation, trim)
-    result = Repairer(model, config).repair(verified, train_dataset=train)
+    if separation == "forward":
+        transition = torch.tensor(symmetric_transition(0.4, 10))
+        result = repair_with_finetuning(model, config, verified, train, noise_transition=transition)
+    else:
+        result = Repairer(model, config).repair(verified, train_dataset=train)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
     metrics["least_trusted"] = min(record["trusted_fraction"] for stage in result.metrics["stages"].values()
                                    for record in stage["history"][1:])
