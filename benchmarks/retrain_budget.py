@@ -42,6 +42,7 @@ from hf_repair.data import column_array
 from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
+from hf_repair.trajectory.candidates import through_the_noise
 from hf_repair.trajectory.checkpoints import load_weights
 from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
 
@@ -131,10 +132,9 @@ def main() -> None:
         identification = dataclasses.replace(identification, flagged_indices=flagged)
     transition = None
     if args.forward:
-        transition = torch.tensor(identification.summary["noise_transition"], dtype=torch.float32)
+        identification, transition = through_the_noise(identification)
         print(f"forward: the estimated P(given = true | true) by class {np.round(transition.diagonal().numpy(), 3)}, "
               f"noise rate {identification.summary['estimated_noise_rate']:.3f}")
-        identification = dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64))
     identified_by = "every checkpoint" if args.base == "trajectory" else f"the {args.base} model"
     print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by {identified_by}): "
           f"{describe(identification, corrupted)}; load {os.getloadavg()[0]:.1f}")

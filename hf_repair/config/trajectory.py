@@ -50,7 +50,7 @@ class TrajectoryArguments:
             "on the rest, retrain_epochs of budget; needs the training data and the initial weights, which "
             "RepairCallback keeps), 'forward' (the weights training started from fine-tuned on every training sample, "
             "each label learnt through the noise transition that model's identification estimates, retrain_epochs of "
-            "budget; not by default: measured, auto never chose it and it doubled auto's cost on text, BENCHMARKS.md). "
+            "budget; not by default: measured, auto never chose it and on text it cost 2-2.8 times auto's epochs, BENCHMARKS.md). "
             "Chosen by accuracy on held-out verified folds.",
         },
     )

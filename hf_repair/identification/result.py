@@ -30,8 +30,9 @@ class IdentificationResult:
     `refit` and `projection` when asked for). `summary` holds the counts, the flag rule and its threshold,
     the score's name, the estimated noise rate with its interval (`estimated_noise_rate_interval`) and a
     `noise_rate_warning` (None, or why the estimate should not be trusted), the estimated label noise
-    `noise_transition[true][given]` = P(given | true) (method "auto"'s "forward" learns through it), the classes the verified split
-    lacks (`blind_classes`), timings, and precision / recall / AUROC when the training set has `is_corrupted`.
+    `noise_transition[true][given]` = P(given | true) (method "auto"'s "forward" learns through it), the
+    classes the verified split lacks (`blind_classes`), timings, and precision / recall / AUROC when the
+    training set has `is_corrupted`.
 
     Example:
         >>> ident = Repairer(model, RepairConfig()).identify(train_dataset, verified)

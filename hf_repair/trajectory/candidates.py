@@ -323,14 +323,12 @@ class CandidateBuilder:
             self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified, erase,
                                                           forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         identification, transition = self._identifications[key], None
+        if refinement == "forward":
+            identification, transition = through_the_noise(identification)
         if refinement in ("retrain", "forward"):
             load_weights(self.model, self.trajectory.initial_weights())
-            erase = dataclasses.replace(erase, retention_epochs=self.config.retrain_epochs,
-                                        small_loss_trim=self.config.retrain_small_loss_trim)
-        if refinement == "forward":
-            erase = dataclasses.replace(erase, small_loss_trim=0.0)
-            transition = torch.tensor(identification.summary["noise_transition"], dtype=torch.float32)
-            identification = dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64))
+            trim = self.config.retrain_small_loss_trim if refinement == "retrain" else 0.0
+            erase = dataclasses.replace(erase, retention_epochs=self.config.retrain_epochs, small_loss_trim=trim)
         repair_with_finetuning(self.model, erase, verified, self.train_dataset, identification,
                                forward_fn=self.forward_fn, collate_fn=self.collate_fn, noise_transition=transition)
         return None
@@ -393,6 +391,13 @@ class FoldRunSum:
                 total = total + missing * shared[key].double()
             averaged[key] = (total / self.count).to(self.dtypes[key])
         return averaged
+
+
+def through_the_noise(identification: IdentificationResult) -> tuple[IdentificationResult, torch.Tensor]:
+    """What "forward" fine-tunes with: the identification with nothing flagged, and the noise transition it
+    estimated, which every training label is then learnt through."""
+    transition = torch.tensor(identification.summary["noise_transition"], dtype=torch.float32)
+    return dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64)), transition
 
 
 def average_weights(states: list[StateDict], latest: int) -> StateDict:

@@ -52,8 +52,8 @@ def repair_from_trajectory(
             final weights alone (the candidates are then the refinements on top of them).
         train_dataset: the training data, for the "erase", "retrain" and "forward" refinements (left out without it).
         initial_weights: the weights training started from (a checkpoint folder, read once into CPU memory, or a
-            state dict), for the "fresh" procedure and the "retrain" and "forward" refinements; `RepairCallback` keeps them in its
-            trajectory.
+            state dict), for the "fresh" procedure and the "retrain" and "forward" refinements; `RepairCallback`
+            keeps them in its trajectory.
     """
     start = time.perf_counter()
     check_materialized(model)
