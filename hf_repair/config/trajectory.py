@@ -69,6 +69,17 @@ class TrajectoryArguments:
             "auto's choice gained within noise at twice the cost and one text retrain lost 12 points, so 0."
         },
     )
+    runs_per_fold: int = field(
+        default=1,
+        metadata={
+            "help": "How many fine-tunes (repair seeds repair_seed, repair_seed + 1000, ...) 'fresh', 'erase', 'retrain' "
+            "and 'forward' run on each verified fold's complement. The fold's held-out predictions come from the "
+            "average of its runs, and the weights auto ends with average all num_folds x runs_per_fold of them, so "
+            "the folds judge an average as the one adopted, not a single run, which lands lower (BENCHMARKS.md). "
+            "Costs runs_per_fold times those fine-tunes and holds one more float64 copy of the trainable weights "
+            "while a fold runs. A LoRA adapter's runs are not averaged, so it runs one."
+        },
+    )
     fresh_epochs: float = field(
         default=20.0,
         metadata={
@@ -111,6 +122,8 @@ class TrajectoryArguments:
             raise ValueError(f"retrain_epochs must be positive, got {self.retrain_epochs}.")
         if not 0.0 <= self.retrain_small_loss_trim < 0.5:
             raise ValueError(f"retrain_small_loss_trim must be in [0, 0.5), got {self.retrain_small_loss_trim}.")
+        if isinstance(self.runs_per_fold, bool) or not isinstance(self.runs_per_fold, int) or self.runs_per_fold < 1:
+            raise ValueError(f"runs_per_fold must be a whole number of at least 1, got {self.runs_per_fold!r}.")
         if not self.fresh_epochs > 0:
             raise ValueError(f"fresh_epochs must be positive, got {self.fresh_epochs}.")
         self.fresh_learning_rate_scales = [float(scale) for scale in self.fresh_learning_rate_scales]

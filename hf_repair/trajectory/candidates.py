@@ -36,6 +36,9 @@ Like fresh's, the weights erase and retrain end with are the uniform average of 
 folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
 start lands above a single one (measured, BENCHMARKS.md). Only the best fine-tuning refinement judged so far
 keeps its fold runs (a float64 running sum of their trainable weights on CPU), so at most two such sums exist.
+With `runs_per_fold` > 1 each fold runs that many fine-tunes (own repair seeds) and predicts with their average,
+so what the folds judge is an average like the one adopted: one run lands below the average of three (measured,
+BENCHMARKS.md), and judging single runs hid gains the average has.
 An average must reach, on every verified sample, the pooled held-out accuracy its runs showed: each sample was
 learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
 measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample replaces it.
@@ -122,6 +125,7 @@ class CandidateBuilder:
         self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
         self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
         self.averages_fold_runs = not has_lora_factors(model)
+        self.runs_per_fold = config.runs_per_fold if self.averages_fold_runs else 1
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -174,14 +178,15 @@ class CandidateBuilder:
             if not self._average_holds("fresh"):
                 self._fresh[None] = self._fresh_finetune(self.verified)
         elif fold not in self._fresh:
-            self._fresh[fold] = self._fresh_finetune(self._outside(fold))
+            runs = [self._fresh_finetune(self._outside(fold), run) for run in range(self.runs_per_fold)]
+            self._fresh[fold] = runs[0] if len(runs) == 1 else average_weights(runs, latest=0)
         kept = self._fresh[fold]
         return {**self.trajectory.shared, **kept} if self.trajectory.shared else kept
 
-    def _fresh_finetune(self, verified: datasets.Dataset) -> StateDict:
+    def _fresh_finetune(self, verified: datasets.Dataset, run: int = 0) -> StateDict:
         """The initial weights fine-tuned on `verified` alone at each of `fresh_learning_rate_scales`; the run with
         the lowest loss on its inner held-out fold, as a CPU state (trainable weights)."""
-        config = self._finetune_config()
+        config = self._finetune_config(run)
         learning_rate = finetune_learning_rate(config)
         split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
         best_loss, best_state = float("inf"), None
@@ -243,15 +248,31 @@ class CandidateBuilder:
                                        self.config.repair_seed)
             return logits.argmax(-1)
         if refinement in DATASET_PROCEDURES:
-            self.load(base)
-            self._refine(refinement, self._outside(fold), (base, fold))
-            if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
-                self._fold_runs.setdefault(procedure, FoldRunSum()).add(
-                    self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
+            self._refine_outside(procedure, base, fold)
             with eval_mode(self.model):
                 logits, _ = predict(self.model, self.split.batches(fold), self.forward_fn)
             return logits.argmax(-1).cpu()
         raise ValueError(f"Unknown refinement {refinement!r}; choose one of {list(REFINEMENTS)}.")
+
+    def _refine_outside(self, procedure: str, base: Base, fold: int) -> None:
+        """Leave the model with a refinement of `base` run on the verified samples outside `fold`: for a fine-tuning
+        refinement whose runs are averaged, the average of its `runs_per_fold` runs, each also added to the
+        procedure's sum of fold runs (what `apply` ends with)."""
+        refinement = procedure.partition("+")[2]
+        outside = self._outside(fold)
+        if refinement not in FINETUNING_REFINEMENTS or not self.averages_fold_runs:
+            self.load(base)
+            self._refine(refinement, outside, (base, fold))
+            return
+        fold_runs = FoldRunSum()
+        for run in range(self.runs_per_fold):
+            self.load(base)
+            self._refine(refinement, outside, (base, fold), run)
+            state = self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
+            fold_runs.add(state)
+            self._fold_runs.setdefault(procedure, FoldRunSum()).add(state)
+        if fold_runs.count > 1:
+            load_weights(self.model, fold_runs.average(self.trajectory.shared))
 
     def judged(self, procedure: str, accuracy: float) -> None:
         """A procedure's pooled held-out accuracy is known: keep the fold runs of the best fine-tuning refinement
@@ -274,7 +295,7 @@ class CandidateBuilder:
         points = () if isinstance(base, Fresh) else base
         if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
             runs = self._fold_runs.get(procedure)
-            if runs is None or runs.count != self.trajectory.num_folds:
+            if runs is None or runs.count != self.trajectory.num_folds * self.runs_per_fold:
                 raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "
                                    "judge it on every fold first (the best fine-tuning refinement judged is kept).")
             load_weights(self.model, runs.average(self.trajectory.shared))
@@ -307,24 +328,28 @@ class CandidateBuilder:
                         procedure, accuracy, heldout)
         return holds
 
-    def _finetune_config(self) -> RepairConfig:
+    def _finetune_config(self, run: int = 0) -> RepairConfig:
         """The config of the fine-tunes inside a procedure: no gate of their own, the outer folds judge them; each
-        keeps its lowest-loss checkpoint on an inner fold."""
-        return dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0)
+        keeps its lowest-loss checkpoint on an inner fold. Run `run` of a fold gets its own repair seed (its own
+        batch order and inner fold), 1000 apart so that no run repeats another's stage seeds."""
+        return dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0,
+                                   repair_seed=self.config.repair_seed + 1000 * run)
 
-    def _refine(self, refinement: str, verified: datasets.Dataset,
-                key: tuple[Base, int | None]) -> ProjectionResult | None:
-        """Run a projection, erase or retrain refinement on the loaded weights (base `key`) with `verified` alone."""
+    def _refine(self, refinement: str, verified: datasets.Dataset, key: tuple[Base, int | None],
+                run: int = 0) -> ProjectionResult | None:
+        """Run a projection, erase or retrain refinement on the loaded weights (base `key`) with `verified` alone;
+        the fine-tune of run `run` (the identification is the same for every run)."""
         if refinement == "projection":
             return project(self.model, dataclasses.replace(self.config, method="projection"), verified,
                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
-        erase = self._finetune_config()
         if key not in self._identifications:
-            self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified, erase,
-                                                          forward_fn=self.forward_fn, collate_fn=self.collate_fn)
+            self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified,
+                                                          self._finetune_config(), forward_fn=self.forward_fn,
+                                                          collate_fn=self.collate_fn)
         identification, transition = self._identifications[key], None
         if refinement == "forward":
             identification, transition = through_the_noise(identification)
+        erase = self._finetune_config(run)
         if refinement in ("retrain", "forward"):
             load_weights(self.model, self.trajectory.initial_weights())
             trim = self.config.retrain_small_loss_trim if refinement == "retrain" else 0.0

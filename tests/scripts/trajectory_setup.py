@@ -40,10 +40,12 @@ def noisy_fashion_mnist(num_train: int = 2000, num_verified: int = 400) -> tuple
 
 
 def distributed_auto() -> tuple[nn.Module, datasets.Dataset, datasets.Dataset, RepairConfig, dict[str, Any]]:
-    """An odd-sized verified split (uneven shards), every candidate, and training arguments that memorise."""
+    """An odd-sized verified split (uneven shards), every candidate, two runs per fold (own seeds) of each fine-tune,
+    and training arguments that memorise."""
     train, verified = noisy_fashion_mnist(640, 301)
     torch.manual_seed(0)
-    config = RepairConfig(method="auto", seed=0, alphas=[10.0, 1e3], batch_size=32, repair_disable_tqdm=True)
+    config = RepairConfig(method="auto", seed=0, alphas=[10.0, 1e3], batch_size=32, repair_disable_tqdm=True,
+                          runs_per_fold=2)
     training = dict(num_train_epochs=10, per_device_train_batch_size=32, learning_rate=3e-3,
                     lr_scheduler_type="constant", save_strategy="epoch")
     return MLP(), train, verified, config, training

@@ -278,6 +278,36 @@ def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, 
 
 
 @needs_fashion_mnist
+def test_several_runs_per_fold_are_judged_by_their_average_and_all_are_averaged_at_the_end(data, run, monkeypatch):
+    """runs_per_fold=2: each fold fine-tunes twice with its own seeds, predicts its held-out samples with the average
+    of its two runs, and the weights auto ends with are the average of all 2k runs."""
+    train, verified, _ = data
+    _, _, _, output_dir, initial = run
+    runs = record_finetunes(monkeypatch)
+    predicted_with = []  # the head's weight at each held-out prediction after a fine-tune
+    predict = candidates.predict
+
+    def spy(model, *args, **kwargs):
+        predicted_with.append(model.state_dict()["head.weight"].clone())
+        return predict(model, *args, **kwargs)
+
+    monkeypatch.setattr(candidates, "predict", spy)
+    config = dataclasses.replace(AUTO, auto_candidates=["retrain"], retention_learning_rate=3e-3,
+                                 retention_batch_size=64, runs_per_fold=2)
+    model = fresh_final_model(output_dir)
+    m = Repairer(model, config).repair(verified, train, initial_weights=initial).metrics
+    k = config.num_folds
+    assert m["chosen"] == "final+retrain" and len(runs) == 2 * k and len(predicted_with) == k
+    mean = lambda states, key: (sum(state[key].double() for state in states) / len(states)).float()  # noqa: E731
+    for fold in range(k):
+        first, second = runs[2 * fold], runs[2 * fold + 1]
+        assert not torch.equal(first["head.weight"], second["head.weight"])  # two seeds, two runs
+        torch.testing.assert_close(predicted_with[fold], mean([first, second], "head.weight"), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, mean(runs, key), rtol=0, atol=0)
+
+
+@needs_fashion_mnist
 def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fine_tune(data, run, monkeypatch):
     """Fold runs that do not average (a loss barrier between them): the average is checked on the verified samples
     and, below the runs' held-out accuracy, replaced by a fine-tune on every verified sample."""
@@ -413,6 +443,9 @@ def test_the_trajectory_options_are_checked(tmp_path):
     for scales in ([], [1.0, 0.0]):
         with pytest.raises(ValueError, match="fresh_learning_rate_scales must be a non-empty list of positive"):
             RepairConfig(method="auto", fresh_learning_rate_scales=scales)
+    for runs in (0, 1.5, True):
+        with pytest.raises(ValueError, match="runs_per_fold must be a whole number of at least 1"):
+            RepairConfig(method="auto", runs_per_fold=runs)
     with pytest.raises(ValueError, match=r"auto_significance_level must be in \(0, 1\) or None"):
         RepairConfig(method="auto", auto_significance_level=1.0)
     model = MLP()
