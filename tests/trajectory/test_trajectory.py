@@ -233,8 +233,9 @@ def test_fresh_keeps_each_folds_lowest_loss_learning_rate_and_ends_with_their_av
                                  retention_batch_size=64, fresh_learning_rate_scales=[1.0, 0.1])
     model = fresh_final_model(output_dir)
     assert Repairer(model, config).repair(verified, initial_weights=initial).metrics["chosen"] == "fresh"
-    assert [learning_rate for learning_rate, _, _ in runs] == pytest.approx([3e-3, 3e-4] * config.num_folds)
-    kept = [min(runs[2 * fold: 2 * fold + 2], key=lambda r: r[1])[2] for fold in range(config.num_folds)]
+    finetunes = config.num_folds * config.runs_per_fold  # each at both learning rates
+    assert [learning_rate for learning_rate, _, _ in runs] == pytest.approx([3e-3, 3e-4] * finetunes)
+    kept = [min(runs[2 * i: 2 * i + 2], key=lambda r: r[1])[2] for i in range(finetunes)]
     for key, value in model.state_dict().items():
         expected = sum(state[key].double() for state in kept) / len(kept)
         torch.testing.assert_close(value, expected.to(value.dtype))
@@ -266,7 +267,7 @@ def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, 
                                  retention_batch_size=64)
     model = fresh_final_model(output_dir)
     m = Repairer(model, config).repair(verified, train, initial_weights=initial).metrics
-    k = config.num_folds
+    k = config.num_folds * config.runs_per_fold
     assert len(runs) == 2 * k and m["chosen"] in ("final+erase", "final+retrain")
     chosen = runs[:k] if m["chosen"] == "final+erase" else runs[k:]
     for key, value in model.state_dict().items():
@@ -323,7 +324,7 @@ def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fin
     config = dataclasses.replace(AUTO, auto_candidates=["erase"], retention_learning_rate=3e-3, retention_batch_size=64)
     model = fresh_final_model(output_dir)
     m = Repairer(model, config).repair(verified, train, initial_weights=initial).metrics
-    assert m["chosen"] == "final+erase" and len(runs) == config.num_folds + 1
+    assert m["chosen"] == "final+erase" and len(runs) == config.num_folds * config.runs_per_fold + 1
     check = m["fold_run_averages"]["final+erase"]
     assert not check["kept"] and check["verified_accuracy"] < 0.2 < check["heldout_accuracy"]
     assert_same_state(model.state_dict(), runs[-1])  # the fine-tune on every verified sample
