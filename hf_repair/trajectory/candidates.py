@@ -178,8 +178,10 @@ class CandidateBuilder:
             if not self._average_holds("fresh"):
                 self._fresh[None] = self._fresh_finetune(self.verified)
         elif fold not in self._fresh:
-            runs = [self._fresh_finetune(self._outside(fold), run) for run in range(self.runs_per_fold)]
-            self._fresh[fold] = runs[0] if len(runs) == 1 else average_weights(runs, latest=0)
+            runs = FoldRunSum()  # one float64 copy however many runs
+            for run in range(self.runs_per_fold):
+                runs.add(self._fresh_finetune(self._outside(fold), run))
+            self._fresh[fold] = runs.average({})
         kept = self._fresh[fold]
         return {**self.trajectory.shared, **kept} if self.trajectory.shared else kept
 
