@@ -79,7 +79,7 @@ class TrajectoryArguments:
             "Costs runs_per_fold times those fine-tunes and holds one more float64 copy of the trainable weights "
             "while a fold runs. A LoRA adapter's runs are not averaged, so it runs one. Measured (BENCHMARKS.md): 2 "
             "lifted a ViT fine-tune's auto from 23 to 37 percent of the gap to a clean one and left text within noise, at "
-            "about twice auto's cost on vision and three times on text, so 1."
+            "about twice auto's cost on vision and two to three times on text, so 1."
         },
     )
     fresh_epochs: float = field(
