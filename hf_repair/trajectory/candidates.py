@@ -181,7 +181,7 @@ class CandidateBuilder:
             runs = FoldRunSum()  # one float64 copy however many runs
             for run in range(self.runs_per_fold):
                 runs.add(self._fresh_finetune(self._outside(fold), run))
-            self._fresh[fold] = runs.average({})
+            self._fresh[fold] = runs.average(self.trajectory.shared)  # a run may omit a key it holds as shared
         kept = self._fresh[fold]
         return {**self.trajectory.shared, **kept} if self.trajectory.shared else kept
 
