@@ -70,7 +70,7 @@ class TrajectoryArguments:
         },
     )
     runs_per_fold: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "How many fine-tunes (repair seeds repair_seed, repair_seed + 1000, ...) 'fresh', 'erase', 'retrain' "
             "and 'forward' run on each verified fold's complement. The fold's held-out predictions come from the "
@@ -78,8 +78,9 @@ class TrajectoryArguments:
             "the folds judge an average as the one adopted, not a single run, which lands lower (BENCHMARKS.md). "
             "Costs runs_per_fold times those fine-tunes and holds one more float64 copy of the trainable weights "
             "while a fold runs. A LoRA adapter's runs are not averaged, so it runs one. Measured (BENCHMARKS.md): 2 "
-            "lifted a ViT fine-tune's auto from 23 to 37 percent of the gap to a clean one and left text within noise, at "
-            "about twice auto's cost on vision and two to three times on text, so 1."
+            "lifted a ViT fine-tune's auto from 23 to 37 percent of the gap to a clean one, above early stopping on "
+            "every seed, and left text within noise, at about twice auto's cost on vision and two to three times on "
+            "text; 1 for the cheaper auto of the earlier default."
         },
     )
     fresh_epochs: float = field(

@@ -321,7 +321,9 @@ def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fin
         return {**average(self, shared), "head.weight": torch.zeros(10, 64), "head.bias": torch.arange(10.0)}
 
     monkeypatch.setattr(candidates.FoldRunSum, "average", broken)
-    config = dataclasses.replace(AUTO, auto_candidates=["erase"], retention_learning_rate=3e-3, retention_batch_size=64)
+    # one run per fold: a fold's own average would break too, and the folds must still judge erase well
+    config = dataclasses.replace(AUTO, auto_candidates=["erase"], retention_learning_rate=3e-3, retention_batch_size=64,
+                                 runs_per_fold=1)
     model = fresh_final_model(output_dir)
     m = Repairer(model, config).repair(verified, train, initial_weights=initial).metrics
     assert m["chosen"] == "final+erase" and len(runs) == config.num_folds * config.runs_per_fold + 1
