@@ -36,15 +36,15 @@ Like fresh's, the weights erase and retrain end with are the uniform average of 
 folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
 start lands above a single one (measured, BENCHMARKS.md). Only the best fine-tuning refinement judged so far
 keeps its fold runs (a float64 running sum of their trainable weights on CPU), so at most two such sums exist.
-With `runs_per_fold` > 1 each fold runs that many fine-tunes (own repair seeds) and predicts with their average,
-so what the folds judge is an average like the one adopted: one run lands below the average of three (measured,
-BENCHMARKS.md), and judging single runs hid gains the average has.
+With `runs_per_fold` > 1 (2 by default) each fold runs that many fine-tunes (own repair seeds) and predicts with
+their average, so what the folds judge is an average like the one adopted: one run lands below the average of three
+(measured, BENCHMARKS.md), and judging single runs hid gains the average has.
 An average must reach, on every verified sample, the pooled held-out accuracy its runs showed: each sample was
 learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
 measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample replaces it.
 A LoRA adapter's runs are not averaged: measured, neither the mean of their factors A and B nor the rank-r factors
-of the mean of their updates B A ended above one more fine-tune on every verified sample (BENCHMARKS.md), which
-fresh, erase and retrain end with there, as before.
+of the mean of their updates B A ended above one more fine-tune on every verified sample, not even with the folds
+judging averages of two runs (BENCHMARKS.md); fresh, erase and retrain end with that fine-tune there, one run per fold.
 
 `CandidateBuilder.heldout_predictions(procedure, fold)` runs a procedure without fold `fold` and
 predicts that fold; `apply(procedure)` leaves the model with its weights on every verified sample.
