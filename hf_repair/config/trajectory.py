@@ -80,7 +80,7 @@ class TrajectoryArguments:
             "while a fold runs. A LoRA adapter's runs are not averaged, so it runs one. Measured (BENCHMARKS.md): 2 "
             "lifted a ViT fine-tune's auto from 23 to 37 percent of the gap to a clean one, above early stopping on "
             "every seed, and left text within noise, at about twice auto's cost on vision and two to three times on "
-            "text; 1 for the cheaper auto of the earlier default."
+            "text; 1 (the earlier default) for a cheaper auto."
         },
     )
     fresh_epochs: float = field(
