@@ -66,7 +66,8 @@ class TrajectoryArguments:
         metadata={
             "help": "small_loss_trim of the 'retrain' refinement's fine-tune. Measured (BENCHMARKS.md): 0.1 with "
             "retrain_epochs=10 raised the retrain on a ViT fine-tune from 41 to 51 percent of the gap to a clean one, but "
-            "auto's choice gained within noise at twice the cost and one text retrain lost 12 points, so 0."
+            "auto's choice gained within noise at twice the cost (one run per fold), fell from 37 to 28 percent at two, and one "
+            "text retrain lost 12 points, so 0."
         },
     )
     runs_per_fold: int = field(
