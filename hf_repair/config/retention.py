@@ -57,6 +57,16 @@ class RetentionArguments:
             "'auto''s retrain refinement uses retrain_small_loss_trim instead."
         },
     )
+    mixup_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Train erase's fine-tune on each batch mixed with itself in a random order (mixup): inputs, "
+            "targets and weights become lambda row + (1 - lambda) partner, lambda ~ Beta(alpha, alpha), which keeps "
+            "it from fitting the corrupted samples identification missed. Needs a floating-point model input "
+            "(pixel values, features; token ids cannot be mixed), method 'erase' and small_loss_trim=0. 0 turns it "
+            "off. Method 'auto''s retrain refinement uses retrain_mixup_alpha instead."
+        },
+    )
     retention_learning_rate: Optional[float] = field(
         default=None,
         metadata={"help": "AdamW learning rate of the fine-tune (constant; no weight decay). None: RepairCallback uses "
@@ -98,6 +108,15 @@ class RetentionArguments:
         if not 0.0 <= self.small_loss_trim < 0.5:
             raise ValueError(f"small_loss_trim must be in [0, 0.5) (a share of each batch's training samples), got "
                              f"{self.small_loss_trim}.")
+        if not self.mixup_alpha >= 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}.")
+        method = getattr(self, "method", "erase")  # RepairConfig's (CommonArguments)
+        if self.mixup_alpha > 0 and not (method.endswith("erase") or method == "auto"):
+            raise ValueError(f"mixup_alpha mixes erase's fully trusted rows: it applies to methods 'erase', "
+                             f"'projection+erase' and 'auto' (its erase), not {method!r}.")
+        if self.mixup_alpha > 0 and self.small_loss_trim > 0:
+            raise ValueError("mixup_alpha and small_loss_trim both guard against the corruption identification missed, "
+                             "and a trimmed row cannot be mixed; use one of them.")
         if self.retention_learning_rate is not None and not self.retention_learning_rate > 0:
             raise ValueError(f"retention_learning_rate must be positive, got {self.retention_learning_rate}.")
         if self.retention_batch_size is not None and self.retention_batch_size < 1:

@@ -54,11 +54,14 @@ class TrajectoryArguments:
             "Chosen by accuracy on held-out verified folds.",
         },
     )
-    retrain_epochs: float = field(
-        default=3.0,
+    retrain_epochs: Optional[float] = field(
+        default=None,
         metadata={
-            "help": "The 'retrain' refinement's budget in epochs of the training set; its fine-tune stops early at "
-            "its lowest held-out verified loss, with the learning rate and batch size of erase and retention."
+            "help": "The 'retrain' refinement's budget in epochs of the training set (and 'forward''s); its fine-tune "
+            "stops early at its lowest held-out verified loss, with the learning rate and batch size of erase and "
+            "retention. None: 10 where the fine-tune mixes its batches (retrain_mixup_alpha), 3 where it does not: "
+            "mixed batches keep a longer fine-tune from fitting the corruption identification missed, while "
+            "unmixed ones fit it (measured, BENCHMARKS.md)."
         },
     )
     retrain_small_loss_trim: float = field(
@@ -69,6 +72,13 @@ class TrajectoryArguments:
             "auto's choice gained within noise at twice the cost (one run per fold), fell from 37 to 28 percent at two, and one "
             "text retrain lost 12 points, so 0."
         },
+    )
+    retrain_mixup_alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "mixup_alpha of the 'retrain' refinement's fine-tune (0: off). None: 1 where the model "
+                  "takes a floating-point input (pixel values, features), 0 where it takes token ids only, which "
+                  "cannot be mixed, or where retrain_small_loss_trim is set. Measured on a ViT fine-tune with "
+                  "retrain_epochs 10: auto closed 67 percent of the gap to a clean one instead of 37 (BENCHMARKS.md)."},
     )
     runs_per_fold: int = field(
         default=2,
@@ -122,10 +132,17 @@ class TrajectoryArguments:
             raise ValueError("trajectory_eval_strategy='steps' needs trajectory_eval_steps >= 1.")
         if self.trajectory_keep < 1:
             raise ValueError(f"trajectory_keep must be at least 1, got {self.trajectory_keep}.")
-        if not self.retrain_epochs > 0:
-            raise ValueError(f"retrain_epochs must be positive, got {self.retrain_epochs}.")
+        if self.retrain_epochs is not None and not self.retrain_epochs > 0:
+            raise ValueError(f"retrain_epochs must be positive (or None: chosen by retrain_mixup_alpha), got "
+                             f"{self.retrain_epochs}.")
         if not 0.0 <= self.retrain_small_loss_trim < 0.5:
             raise ValueError(f"retrain_small_loss_trim must be in [0, 0.5), got {self.retrain_small_loss_trim}.")
+        if self.retrain_mixup_alpha is not None and not self.retrain_mixup_alpha >= 0:
+            raise ValueError(f"retrain_mixup_alpha must be >= 0 (0 turns mixup off; None: by the model's inputs), got "
+                             f"{self.retrain_mixup_alpha}.")
+        if (self.retrain_mixup_alpha or 0.0) > 0 and self.retrain_small_loss_trim > 0:
+            raise ValueError("retrain_mixup_alpha and retrain_small_loss_trim both guard the retrain against the "
+                             "corruption identification missed; use one of them.")
         if isinstance(self.runs_per_fold, bool) or not isinstance(self.runs_per_fold, int) or self.runs_per_fold < 1:
             raise ValueError(f"runs_per_fold must be a whole number of at least 1, got {self.runs_per_fold!r}.")
         if not self.fresh_epochs > 0:

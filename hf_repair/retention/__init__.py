@@ -1,5 +1,6 @@
 """The fine-tuning repairs: beneficial retention and the erase baseline, each optionally after a projection."""
 
+from .finetune_data import mixable
 from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
 from .pipeline import heldout_scores, repair_with_finetuning
 from .retention import RetentionRepair, RetentionResult, finetune_learning_rate
@@ -12,5 +13,6 @@ __all__ = [
     "RetentionResult",
     "finetune_learning_rate",
     "heldout_scores",
+    "mixable",
     "repair_with_finetuning",
 ]

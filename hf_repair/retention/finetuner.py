@@ -42,7 +42,7 @@ from ..evaluation import (
 )
 from ..modeling.weights import ModelSnapshot
 from ..utils.distributed import sum_across_processes
-from .finetune_data import GATE_SURGERY, FinetuneSet, TargetBatch, TargetCollator
+from .finetune_data import GATE_SURGERY, FinetuneSet, TargetBatch, TargetCollator, mixup
 from .losses import diagonal_fisher, retention_terms, surgery_backward, weight_penalty
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class FinetuneArguments:
     small_loss_trim: float = 0.0
     # Rows gated GATE_FORWARD: the (true, given) noise transition their labels are learnt through.
     noise_transition: torch.Tensor | None = None
+    # > 0: every step trains on the batch mixed with itself, lambda ~ Beta(mixup_alpha, mixup_alpha) (`mixup`).
+    mixup_alpha: float = 0.0
 
 
 @dataclass
@@ -242,6 +244,8 @@ class GuardedFinetuner:
               accelerator: Accelerator, penalty: Callable[[], Any], trim: float) -> tuple[float | None, float]:
         """One optimizer step: (the loss, the batch's trusted weight share), or (None, ...) and no step on a NaN/inf loss."""
         surgery = self.args.gradient_surgery
+        if self.args.mixup_alpha > 0:
+            batch = mixup(batch, self.args.mixup_alpha)
         prepared.train()
         # Surgery reduces its gradients by hand: DDP must not expect its own backward.
         with (accelerator.no_sync(prepared) if surgery else contextlib.nullcontext()), accelerator.autocast():

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import datasets
@@ -57,6 +57,8 @@ from .finetune_data import (
     GATE_SMALL_LOSS,
     GATE_SURGERY,
     FinetuneSet,
+    TargetCollator,
+    check_mixable,
     predict_distributions,
 )
 from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
@@ -125,6 +127,10 @@ class RetentionRepair:
         if noise_transition is not None and config.small_loss_trim > 0:
             raise ValueError("small_loss_trim and a noise transition both decide how far the unflagged training labels "
                              "are trusted; use one of them (small_loss_trim=0 with the transition).")
+        if config.mixup_alpha > 0 and (noise_transition is not None or not erases(config.method)):
+            raise ValueError(f"mixup_alpha mixes fully trusted rows only, so it runs with method 'erase' (or 'auto''s "
+                             f"retrain) without a noise transition; method {config.method!r}"
+                             f"{' with a noise transition' if noise_transition is not None else ''} cannot use it.")
         columns = input_columns(train_dataset, verified, config.label_column, self.input_names)
         labels = column_array(train_dataset, config.label_column).astype(np.int64)
         flagged = np.unique(np.asarray(identification.flagged_indices, dtype=np.int64))
@@ -171,6 +177,8 @@ class RetentionRepair:
                           else GATE_SMALL_LOSS if config.small_loss_trim > 0 else GATE_NONE)
         trusted_gates = np.repeat([GATE_NONE, unflagged_gate], [offset, len(unflagged)])
         trusted = table.subset(trusted_rows, trusted_gates)
+        if config.mixup_alpha > 0:  # refused before any weight changes, not at the first step
+            check_mixable(TargetCollator(self.collate_fn, num_classes, config.label_column)([trusted[0]]).inputs)
         penalty_set = table.subset(np.arange(offset)) if config.retention_penalty == "fisher" else None
         warmup_steps = 0 if erases(config.method) else int(round(retention_warmup(config, projected) * total_steps))
         plan = [("erase", total_steps)] if erases(config.method) else [
@@ -211,7 +219,9 @@ class RetentionRepair:
         _, world = process_info()
         batch_size = config.retention_batch_size or config.batch_size
         steps = max(1, math.ceil(epochs * len(rows) / (batch_size * world)))
-        args = self._finetune_arguments(steps, batch_size, seed=config.repair_seed, gradient_surgery=False)
+        # mixup_alpha is erase's: the verified rows alone are clean, there is no missed corruption to guard against
+        args = replace(self._finetune_arguments(steps, batch_size, seed=config.repair_seed, gradient_surgery=False),
+                       mixup_alpha=0.0)
         return GuardedFinetuner(self.model, args, self.forward_fn, self.collate_fn, self.compute_metrics).run(
             table, split, HELDOUT_FOLD, num_classes, desc="fresh fine-tune")
 
@@ -237,6 +247,7 @@ class RetentionRepair:
             gradient_surgery=gradient_surgery,
             small_loss_trim=config.small_loss_trim,
             noise_transition=noise_transition,
+            mixup_alpha=config.mixup_alpha,
         )
 
     def _verified_training_rows(self, split: VerifiedSplit) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,9 @@ when it is finally run -- and builds weights from the trajectory with them alone
   fine-tuned on those samples and the unflagged training data (`retrain_epochs` of budget, same early
   stop). When the model barely memorised its noise, what separates it from a clean-trained one is what the
   noise did while it learnt, which no edit of the final weights undoes; learning again without the flagged
-  samples does (measured in BENCHMARKS.md, fine-tuning regime);
+  samples does (measured in BENCHMARKS.md, fine-tuning regime). Where the inputs can be mixed (images, not
+  token ids), its batches are mixed with themselves (mixup) for a longer budget, so that it does not learn
+  the corrupted samples identification missed;
 - `<base>+forward`: the weights training started from fine-tuned on those samples and *every* training sample,
   each given label learnt through the noise transition P(given | true) that the base's identification
   estimates (forward correction, Patrini et al. 2017; same budget and early stop as retrain). It drops nothing,
@@ -70,7 +72,7 @@ from ..identification import IdentificationResult, identify_harmful
 from ..identification.influence import TrackedLayer
 from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
-from ..retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
+from ..retention import RetentionRepair, finetune_learning_rate, mixable, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
 from .points import Trajectory
 
@@ -354,11 +356,23 @@ class CandidateBuilder:
         erase = self._finetune_config(run)
         if refinement in ("retrain", "forward"):
             load_weights(self.model, self.trajectory.initial_weights())
-            trim = self.config.retrain_small_loss_trim if refinement == "retrain" else 0.0
-            erase = dataclasses.replace(erase, retention_epochs=self.config.retrain_epochs, small_loss_trim=trim)
+            retrain = refinement == "retrain"
+            alpha = self.retrain_mixup_alpha() if retrain else 0.0
+            erase = dataclasses.replace(erase, retention_epochs=retrain_budget(self.config, alpha),
+                                        small_loss_trim=self.config.retrain_small_loss_trim if retrain else 0.0,
+                                        mixup_alpha=alpha)
         repair_with_finetuning(self.model, erase, verified, self.train_dataset, identification,
                                forward_fn=self.forward_fn, collate_fn=self.collate_fn, noise_transition=transition)
         return None
+
+    def retrain_mixup_alpha(self) -> float:
+        """`retrain_mixup_alpha`, or where None: 1 for a model with a floating-point input (pixel values, features),
+        0 for token ids (they cannot be mixed) or when the retrain trims its batches instead."""
+        if self.config.retrain_mixup_alpha is not None:
+            return self.config.retrain_mixup_alpha
+        if self.config.retrain_small_loss_trim > 0:
+            return 0.0
+        return 1.0 if mixable(next(iter(self.split.batches(0))).inputs) else 0.0
 
     def check_procedure(self, name: str) -> str | None:
         """Why a base procedure or refinement cannot run on this model or verified split (None: it can)."""
@@ -382,6 +396,14 @@ class CandidateBuilder:
             return self.verified
         folds = stratified_folds(np.asarray(self.split.labels_all), self.split.num_folds, self.config.repair_seed)
         return self.verified.select(np.sort(np.concatenate([rows for f, rows in enumerate(folds) if f != fold])))
+
+
+def retrain_budget(config: RepairConfig, mixup_alpha: float) -> float:
+    """`retrain_epochs`, or where None: 10 for a fine-tune on mixed batches, 3 for one on the rows themselves
+    (measured: mixup keeps a longer fine-tune from fitting the corruption identification missed)."""
+    if config.retrain_epochs is not None:
+        return config.retrain_epochs
+    return 10.0 if mixup_alpha > 0 else 3.0
 
 
 class FoldRunSum:

@@ -26,6 +26,8 @@ from hf_repair.retention.finetune_data import (
     GATE_SMALL_LOSS,
     FinetuneSet,
     TargetBatch,
+    mixable,
+    mixup,
 )
 from hf_repair.retention.losses import retention_terms, surgery_gradient, weight_penalty
 from hf_repair.retention.retention import HELDOUT_FOLD
@@ -399,6 +401,11 @@ def test_penalty_is_the_squared_distance_weighted_by_the_fisher():
     (dict(retention_penalty="l1"), "retention_penalty"),
     (dict(small_loss_trim=0.5), "small_loss_trim"),
     (dict(retrain_small_loss_trim=-0.1), "retrain_small_loss_trim"),
+    (dict(mixup_alpha=-0.5), "mixup_alpha"),
+    (dict(method="erase", mixup_alpha=1.0, small_loss_trim=0.1), "mixup_alpha and small_loss_trim"),
+    (dict(method="projection+retention", mixup_alpha=1.0), "not 'projection\\+retention'"),
+    (dict(retrain_mixup_alpha=float("nan")), "retrain_mixup_alpha"),
+    (dict(retrain_mixup_alpha=0.2, retrain_small_loss_trim=0.1), "retrain_mixup_alpha and retrain_small_loss_trim"),
     (dict(method="forget"), "method"),
 ])
 def test_bad_retention_config_is_refused(overrides, message):
@@ -493,6 +500,85 @@ def test_erase_trims_training_samples_after_its_first_epoch(fashion, memorized):
     assert np.mean(trusted[per_epoch:]) == pytest.approx(expected, abs=0.03)
 
 
+def test_mixup_mixes_every_floating_input_target_and_weight_with_one_lambda_and_partner():
+    labels = torch.arange(6)
+    targets = torch.nn.functional.one_hot(labels, 6).float()
+    weights = torch.linspace(1.0, 2.0, 6)
+    # the pixels carry each row's target and weight, so the mixed pixels show how the rows were paired
+    inputs = {"pixel_values": torch.cat([targets, weights[:, None]], 1), "input_ids": labels[:, None] * 10}
+    batch = TargetBatch(inputs, targets, labels, weights, torch.full((6,), GATE_NONE))
+    torch.manual_seed(3)
+    mixed = mixup(batch, alpha=1.0)
+    torch.testing.assert_close(mixed.inputs["pixel_values"], torch.cat([mixed.targets, mixed.weights[:, None]], 1))
+    assert torch.equal(mixed.inputs["input_ids"], inputs["input_ids"]) and torch.equal(mixed.labels, labels)
+    lam = mixed.targets[0, 0].item()  # row 0 keeps lambda of itself (or all of it, if paired with itself)
+    assert 0 < lam < 1 and torch.allclose(mixed.targets.sum(1), torch.ones(6))
+    partners = (mixed.targets - lam * targets).argmax(1)  # what is left is (1 - lambda) of the partner
+    assert sorted(partners.tolist()) == list(range(6))  # a permutation of the batch
+    torch.testing.assert_close(mixed.targets, lam * targets + (1 - lam) * targets[partners])
+    torch.testing.assert_close(mixed.weights, lam * weights + (1 - lam) * weights[partners])
+    torch.manual_seed(3)
+    assert torch.equal(mixup(batch, alpha=1.0).targets, mixed.targets)  # the fine-tune's seed makes it reproducible
+
+
+def test_mixup_refuses_gated_rows_and_inputs_with_nothing_to_mix():
+    labels = torch.tensor([0, 1])
+    targets = torch.nn.functional.one_hot(labels, 2).float()
+    gated = TargetBatch({"pixel_values": torch.ones(2, 3)}, targets, labels, torch.ones(2),
+                        torch.tensor([GATE_NONE, GATE_SMALL_LOSS]))
+    with pytest.raises(ValueError, match="fully trusted rows only"):
+        mixup(gated, alpha=1.0)
+    tokens = TargetBatch({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3).long()},
+                         targets, labels, torch.ones(2), torch.full((2,), GATE_NONE))
+    with pytest.raises(ValueError, match=r"\['attention_mask', 'input_ids'\] with none: token ids cannot be mixed"):
+        mixup(tokens, alpha=1.0)
+    assert mixable(gated.inputs) and not mixable(tokens.inputs)  # auto's retrain mixes by default only the first
+
+
+class _TokenModel(torch.nn.Module):
+    """A bag of token embeddings: the shape of a text classifier, whose integer inputs mixup cannot mix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids).mean(1))
+
+
+def test_mixup_is_refused_before_any_change_for_token_ids_and_for_retention(small):
+    rows = np.random.default_rng(0).integers(0, 20, size=(60, 5))
+    tokens = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "labels": (rows[:, 0] % 2).tolist()})
+    model = _TokenModel()
+    start = _state(model)
+    config = RepairConfig(method="erase", mixup_alpha=1.0, flag_rule="budget", flag_fraction=0.2, **CHEAP)
+    with pytest.raises(ValueError, match="token ids cannot be mixed"):
+        repair_with_finetuning(model, config, tokens.select(range(30)), tokens.select(range(30, 60)))
+    assert _same_state(model, start)
+    train, verified = small
+    model = _tiny()
+    start = _state(model)
+    config.method = "retention"  # set after validation, which refuses it (test_bad_retention_config_is_refused)
+    with pytest.raises(ValueError, match="method 'retention' cannot use it"):
+        repair_with_finetuning(model, config, verified, train)
+    assert _same_state(model, start)
+
+
+def test_erase_with_mixup_trains_on_mixed_batches_reproducibly(fashion, memorized):
+    """The same seed gives the same weights; without mixup the same fine-tune ends elsewhere."""
+    model, identification = memorized
+    ends = {}
+    for name, alpha in (("mixup", 1.0), ("again", 1.0), ("plain", 0.0)):
+        repaired = copy.deepcopy(model)
+        result = _repair(repaired, "erase", fashion, identification, retention_epochs=0.5, mixup_alpha=alpha,
+                         significance_test="none", min_improvement=-1.0)
+        assert result.metrics["steps"] > 0
+        ends[name] = _state(repaired)
+    assert all(torch.equal(ends["mixup"][k], ends["again"][k]) for k in ends["mixup"])
+    assert not all(torch.equal(ends["mixup"][k], ends["plain"][k]) for k in ends["mixup"])
+
+
 def test_surgery_removes_only_the_conflicting_component():
     trusted = torch.tensor([1.0, 0.0, 2.0])
     conflicting = torch.tensor([-1.0, 3.0, 0.0])  # dot = -1 < 0
@@ -520,7 +606,8 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 
 
 @pytest.mark.parametrize("separation, trim, precision", [("belief", 0.0, "no"), ("surgery", 0.45, "no"),
-                                                        ("belief", 0.0, "bf16"), ("forward", 0.0, "no")])
+                                                        ("belief", 0.0, "bf16"), ("forward", 0.0, "no"),
+                                                        ("mixup", 0.0, "no")])
 def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, trim, precision):
     launch_two_processes("distributed_retention.py", tmp_path, separation, trim, mixed_precision=precision)
 

@@ -5,7 +5,8 @@
 The fine-tune runs under DDP (gloo, CPU): every process trains on its shard of each batch, all
 score the same gathered held-out verified samples, so all take the same decisions and end with the
 same weights; with TRIM (`small_loss_trim`) each process trims its own shard of a batch alike. SEPARATION
-"forward" erases instead and learns the unflagged samples through a symmetric noise transition (auto's "forward").
+"forward" erases instead and learns the unflagged samples through a symmetric noise transition (auto's "forward");
+"mixup" erases on batches mixed with themselves (`mixup_alpha`), each process its own shard alike.
 Each writes them, and the repair's metrics, to OUT_DIR/rank{r}.pt.
 """
 
@@ -34,10 +35,11 @@ def case(separation: str = "belief", trim: float = 0.0):
     train, verified = fashion_subsets(301, 151)
     torch.manual_seed(0)
     model = SmallCNN(width=4).eval()
-    method, separation = ("erase", "belief") if separation == "forward" else ("retention", separation)
-    config = RepairConfig(method=method, separation=separation, score="loss", flag_rule="budget", flag_fraction=0.5,
-                          batch_size=16, retention_epochs=1.0, retention_learning_rate=1e-2, target_modules="all",
-                          small_loss_trim=trim, repair_disable_tqdm=True)
+    erasing = separation in ("forward", "mixup")
+    config = RepairConfig(method="erase" if erasing else "retention", separation="belief" if erasing else separation,
+                          score="loss", flag_rule="budget", flag_fraction=0.5, batch_size=16, retention_epochs=1.0,
+                          retention_learning_rate=1e-2, target_modules="all", small_loss_trim=trim,
+                          mixup_alpha=1.0 if separation == "mixup" else 0.0, repair_disable_tqdm=True)
     return model, corrupt_dataset(train, "symmetric", 0.4, seed=0), verified, config
 
 

@@ -279,6 +279,30 @@ def test_erase_and_retrain_end_with_the_average_of_their_judged_fold_runs(data, 
 
 
 @needs_fashion_mnist
+@pytest.mark.parametrize("overrides, retrain, forward", [
+    (dict(), (1.0, 10.0), (0.0, 3.0)),  # the defaults: images mix, for a longer budget; forward's gated rows never
+    (dict(retrain_mixup_alpha=0.4, retrain_epochs=2.0), (0.4, 2.0), (0.0, 2.0)),
+    (dict(retrain_mixup_alpha=0.0), (0.0, 3.0), (0.0, 3.0)),
+    (dict(retrain_small_loss_trim=0.1), (0.0, 3.0), (0.0, 3.0)),  # trimmed rows cannot mix
+])
+def test_retrain_mixup_alpha_and_its_budget_reach_the_retrain_alone(data, run, monkeypatch, overrides, retrain,
+                                                                     forward):
+    """retrain_mixup_alpha mixes the retrain's batches (by default where the inputs are floating point, as these
+    images are) and sets its default budget; erase keeps mixup_alpha and forward never mixes."""
+    train, verified, _ = data
+    _, _, _, output_dir, initial = run
+    seen = []  # (it starts from the initial weights, mixup_alpha, budget) of every fine-tune, none of them run
+    monkeypatch.setattr(candidates, "repair_with_finetuning", lambda model, config, *args, **kwargs: seen.append(
+        (torch.equal(model.state_dict()["head.weight"], initial["head.weight"]), config.mixup_alpha,
+         config.retention_epochs)))
+    config = dataclasses.replace(AUTO, auto_candidates=["erase", "retrain", "forward"], runs_per_fold=1,
+                                 mixup_alpha=0.2, retention_epochs=1.5, **overrides)
+    Repairer(fresh_final_model(output_dir), config).repair(verified, train, initial_weights=initial)
+    k = config.num_folds
+    assert seen == [(False, 0.2, 1.5)] * k + [(True, *retrain)] * k + [(True, *forward)] * k
+
+
+@needs_fashion_mnist
 def test_several_runs_per_fold_are_judged_by_their_average_and_all_are_averaged_at_the_end(data, run, monkeypatch):
     """runs_per_fold=2: each fold fine-tunes twice with its own seeds, predicts its held-out samples with the average
     of its two runs, and the weights auto ends with are the average of all 2k runs."""
