@@ -128,6 +128,7 @@ class CandidateBuilder:
         self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
         self.averages_fold_runs = not has_lora_factors(model)
         self.runs_per_fold = config.runs_per_fold if self.averages_fold_runs else 1
+        self._retrain_alpha: float | None = None  # retrain_mixup_alpha resolved once (`retrain_mixup_alpha`)
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -368,11 +369,14 @@ class CandidateBuilder:
     def retrain_mixup_alpha(self) -> float:
         """`retrain_mixup_alpha`, or where None: 1 for a model with a floating-point input (pixel values, features),
         0 for token ids (they cannot be mixed) or when the retrain trims its batches instead."""
-        if self.config.retrain_mixup_alpha is not None:
-            return self.config.retrain_mixup_alpha
-        if self.config.retrain_small_loss_trim > 0:
-            return 0.0
-        return 1.0 if mixable(next(iter(self.split.batches(0))).inputs) else 0.0
+        if self._retrain_alpha is None:
+            if self.config.retrain_mixup_alpha is not None:
+                self._retrain_alpha = self.config.retrain_mixup_alpha
+            elif self.config.retrain_small_loss_trim > 0:
+                self._retrain_alpha = 0.0
+            else:
+                self._retrain_alpha = 1.0 if mixable(next(iter(self.split.batches(0))).inputs) else 0.0
+        return self._retrain_alpha
 
     def check_procedure(self, name: str) -> str | None:
         """Why a base procedure or refinement cannot run on this model or verified split (None: it can)."""

@@ -511,7 +511,7 @@ def test_mixup_mixes_every_floating_input_target_and_weight_with_one_lambda_and_
     mixed = mixup(batch, alpha=1.0)
     torch.testing.assert_close(mixed.inputs["pixel_values"], torch.cat([mixed.targets, mixed.weights[:, None]], 1))
     assert torch.equal(mixed.inputs["input_ids"], inputs["input_ids"]) and torch.equal(mixed.labels, labels)
-    lam = mixed.targets[0, 0].item()  # row 0 keeps lambda of itself (or all of it, if paired with itself)
+    lam = mixed.targets[0, 0].item()  # row 0 keeps lambda of itself (seed 3 pairs it with another row)
     assert 0 < lam < 1 and torch.allclose(mixed.targets.sum(1), torch.ones(6))
     partners = (mixed.targets - lam * targets).argmax(1)  # what is left is (1 - lambda) of the partner
     assert sorted(partners.tolist()) == list(range(6))  # a permutation of the batch
