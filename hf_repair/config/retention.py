@@ -62,9 +62,10 @@ class RetentionArguments:
         metadata={
             "help": "Train erase's fine-tune on each batch mixed with itself in a random order (mixup): inputs, "
             "targets and weights become lambda row + (1 - lambda) partner, lambda ~ Beta(alpha, alpha), which keeps "
-            "it from fitting the corrupted samples identification missed. Needs a floating-point model input "
-            "(pixel values, features; token ids cannot be mixed), method 'erase' and small_loss_trim=0. 0 turns it "
-            "off. Method 'auto''s retrain refinement uses retrain_mixup_alpha instead."
+            "it from fitting the corrupted samples identification missed. Floating-point model inputs (pixel "
+            "values, features) are mixed themselves; for token ids, the output of the model's "
+            "get_input_embeddings() is, and an attention mask becomes the pair's union. Needs method 'erase' and "
+            "small_loss_trim=0. 0 turns it off. Method 'auto''s retrain refinement uses retrain_mixup_alpha instead."
         },
     )
     retention_learning_rate: Optional[float] = field(

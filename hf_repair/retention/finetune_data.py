@@ -8,7 +8,8 @@ weights and gates beside the model inputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,37 +108,75 @@ class TargetBatch:
                            self.gates.to(device))
 
 
-def mixup(batch: TargetBatch, alpha: float) -> TargetBatch:
-    """The batch mixed with itself in a random order (mixup, Zhang et al., ICLR 2018): every floating-point
-    model input, target distribution and weight becomes lambda row + (1 - lambda) partner, lambda ~ Beta(alpha, alpha).
+class Mixup:
+    """Mixup (Zhang et al., ICLR 2018) for one fine-tune: each step trains on its batch mixed with itself in a random
+    order, every row becoming lambda row + (1 - lambda) partner with lambda ~ Beta(alpha, alpha).
 
     A network trained on such convex combinations fits the corrupted labels identification missed less than one
-    trained on the rows themselves. Draws from the global generator, which the fine-tune seeds. Only fully
-    trusted rows mix (a gate's trust is per row); token ids cannot, so a batch without a floating-point input
-    is refused.
+    trained on the rows themselves. Floating-point model inputs (pixel values, features) are mixed themselves. Token
+    ids cannot be, so for them the output of the model's input embeddings is mixed instead (as in Guo et al., 2019,
+    "Augmenting data with mixup for sentence classification"), and an attention mask becomes the union of the pair's so
+    that both texts' tokens are seen. Targets and row weights mix alike. Draws from the global generator, which the
+    fine-tune seeds. Only fully trusted rows mix (a gate's trust is per row).
     """
-    if bool((batch.gates != GATE_NONE).any()):
-        raise ValueError("mixup mixes fully trusted rows only; this batch has rows gated by small_loss_trim, a noise "
-                         "transition or retention (use mixup with 'erase' or auto's retrain, small_loss_trim=0).")
-    check_mixable(batch.inputs)
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    order = torch.randperm(len(batch.targets)).to(batch.targets.device)
-    mix = lambda t: lam * t + (1 - lam) * t[order]  # noqa: E731
-    inputs = {k: mix(v) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.inputs.items()}
-    return TargetBatch(inputs, mix(batch.targets), batch.labels, mix(batch.weights), batch.gates)
+
+    def __init__(self, model: nn.Module, alpha: float, inputs: Mapping[str, Any]) -> None:
+        self.alpha = alpha
+        self.embeddings = None if mixable(inputs) else input_embeddings(model)
+        if not mixable(inputs, model):
+            raise ValueError(f"mixup_alpha needs a floating-point model input to mix (pixel values, features) or, for "
+                             f"token ids, a model whose get_input_embeddings() returns the module whose output can be "
+                             f"mixed; the model's inputs are {sorted(inputs)} with no floating-point tensor and "
+                             f"{type(model).__name__} has no get_input_embeddings(). Set mixup_alpha=0 (and "
+                             f"retrain_mixup_alpha=0) for this model.")
+
+    @contextlib.contextmanager
+    def mixed(self, batch: TargetBatch) -> Iterator[TargetBatch]:
+        """The batch mixed; for token ids the model's input embeddings mix their output while inside this block."""
+        if bool((batch.gates != GATE_NONE).any()):
+            raise ValueError("mixup mixes fully trusted rows only; this batch has rows gated by small_loss_trim, a "
+                             "noise transition or retention (use mixup with 'erase' or auto's retrain, small_loss_trim=0).")
+        lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
+        order = torch.randperm(len(batch.targets)).to(batch.targets.device)
+        mix = lambda t: lam * t + (1 - lam) * t[order]  # noqa: E731
+        inputs = dict(batch.inputs)
+        if self.embeddings is None:
+            inputs = {k: mix(v) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        elif torch.is_tensor(inputs.get("attention_mask")):
+            inputs["attention_mask"] = torch.maximum(inputs["attention_mask"], inputs["attention_mask"][order])
+        mixed = TargetBatch(inputs, mix(batch.targets), batch.labels, mix(batch.weights), batch.gates)
+        if self.embeddings is None:
+            yield mixed
+            return
+
+        def mix_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            if output.shape[0] != len(order):
+                raise ValueError(f"mixup mixes the output of {type(module).__name__} row by row, but it returned "
+                                 f"{output.shape[0]} rows for a batch of {len(order)}.")
+            return mix(output)
+
+        handle = self.embeddings.register_forward_hook(mix_output)
+        try:
+            yield mixed
+        finally:
+            handle.remove()
 
 
-def mixable(inputs: Mapping[str, Any]) -> bool:
-    """Whether a batch's model inputs hold a floating-point tensor that mixup can mix (not token ids alone)."""
-    return any(torch.is_tensor(v) and v.is_floating_point() for v in inputs.values())
+def mixable(inputs: Mapping[str, Any], model: nn.Module | None = None) -> bool:
+    """Whether mixup can mix a batch of these model inputs: they hold a floating-point tensor, or `model` has input
+    embeddings to mix the token ids' output of (`Mixup`)."""
+    floating = any(torch.is_tensor(v) and v.is_floating_point() for v in inputs.values())
+    return floating or (model is not None and input_embeddings(model) is not None)
 
 
-def check_mixable(inputs: Mapping[str, Any]) -> None:
-    """Refuse mixup for model inputs with no floating-point tensor (text: token ids), naming what there is."""
-    if not mixable(inputs):
-        raise ValueError(f"mixup_alpha needs a floating-point model input to mix (pixel values, features), but the "
-                         f"model's inputs are {sorted(inputs)} with none: token ids cannot be mixed. Set "
-                         f"mixup_alpha=0 (and retrain_mixup_alpha=0) for this model.")
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The module that embeds the model's token ids (`get_input_embeddings()` of transformers and peft models), or None."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        module = get() if callable(get) else None
+    except NotImplementedError:  # transformers' default for models without one
+        return None
+    return module if isinstance(module, nn.Module) else None
 
 
 class TargetCollator:

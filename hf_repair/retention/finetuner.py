@@ -42,7 +42,7 @@ from ..evaluation import (
 )
 from ..modeling.weights import ModelSnapshot
 from ..utils.distributed import sum_across_processes
-from .finetune_data import GATE_SURGERY, FinetuneSet, TargetBatch, TargetCollator, mixup
+from .finetune_data import GATE_SURGERY, FinetuneSet, Mixup, TargetBatch, TargetCollator
 from .losses import diagonal_fisher, retention_terms, surgery_backward, weight_penalty
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class FinetuneArguments:
     small_loss_trim: float = 0.0
     # Rows gated GATE_FORWARD: the (true, given) noise transition their labels are learnt through.
     noise_transition: torch.Tensor | None = None
-    # > 0: every step trains on the batch mixed with itself, lambda ~ Beta(mixup_alpha, mixup_alpha) (`mixup`).
+    # > 0: every step trains on the batch mixed with itself, lambda ~ Beta(mixup_alpha, mixup_alpha) (`Mixup`).
     mixup_alpha: float = 0.0
 
 
@@ -135,6 +135,7 @@ class GuardedFinetuner:
             raise ValueError("Gradient surgery does not support fp16 loss scaling; use bf16 or full precision.")
         device = next(model.parameters()).device
         collator = TargetCollator(self.collate_fn, num_classes, train_set.label_column)
+        mixer = Mixup(model, args.mixup_alpha, collator([train_set[0]]).inputs) if args.mixup_alpha > 0 else None
         loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collator,
                             generator=torch.Generator().manual_seed(args.seed))
         steps_per_epoch = math.ceil(len(train_set) / (args.batch_size * accelerator.num_processes))
@@ -179,7 +180,7 @@ class GuardedFinetuner:
                     for batch in loader:
                         trim = args.small_loss_trim * min(1.0, (step + 1) / steps_per_epoch)
                         loss, trusted = self._step(prepared, batch.to(device), params, optimizer, accelerator, penalty,
-                                                   trim)
+                                                   trim, mixer)
                         if loss is None:
                             stop_reason = "nan_loss"
                             break
@@ -241,14 +242,14 @@ class GuardedFinetuner:
         )
 
     def _step(self, prepared: nn.Module, batch: TargetBatch, params: list[nn.Parameter], optimizer: Any,
-              accelerator: Accelerator, penalty: Callable[[], Any], trim: float) -> tuple[float | None, float]:
+              accelerator: Accelerator, penalty: Callable[[], Any], trim: float,
+              mixer: Mixup | None) -> tuple[float | None, float]:
         """One optimizer step: (the loss, the batch's trusted weight share), or (None, ...) and no step on a NaN/inf loss."""
         surgery = self.args.gradient_surgery
-        if self.args.mixup_alpha > 0:
-            batch = mixup(batch, self.args.mixup_alpha)
         prepared.train()
         # Surgery reduces its gradients by hand: DDP must not expect its own backward.
-        with (accelerator.no_sync(prepared) if surgery else contextlib.nullcontext()), accelerator.autocast():
+        with (mixer.mixed(batch) if mixer else contextlib.nullcontext(batch)) as batch, \
+                (accelerator.no_sync(prepared) if surgery else contextlib.nullcontext()), accelerator.autocast():
             logits = self.forward_fn(prepared, batch.inputs)
         rows, trusted, kept = retention_terms(logits, batch, self.args.belief_power, trim, self.args.noise_transition)
         regularizer = penalty()

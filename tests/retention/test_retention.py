@@ -25,9 +25,9 @@ from hf_repair.retention.finetune_data import (
     GATE_NONE,
     GATE_SMALL_LOSS,
     FinetuneSet,
+    Mixup,
     TargetBatch,
     mixable,
-    mixup,
 )
 from hf_repair.retention.losses import retention_terms, surgery_gradient, weight_penalty
 from hf_repair.retention.retention import HELDOUT_FOLD
@@ -507,9 +507,11 @@ def test_mixup_mixes_every_floating_input_target_and_weight_with_one_lambda_and_
     # the pixels carry each row's target and weight, so the mixed pixels show how the rows were paired
     inputs = {"pixel_values": torch.cat([targets, weights[:, None]], 1), "input_ids": labels[:, None] * 10}
     batch = TargetBatch(inputs, targets, labels, weights, torch.full((6,), GATE_NONE))
+    mixer = Mixup(_EmbeddingTokenModel(), 1.0, inputs)
+    assert mixer.embeddings is None  # the pixels mix, not the embeddings of the ids beside them
     torch.manual_seed(3)
-    mixed = mixup(batch, alpha=1.0)
-    torch.testing.assert_close(mixed.inputs["pixel_values"], torch.cat([mixed.targets, mixed.weights[:, None]], 1))
+    with mixer.mixed(batch) as mixed:
+        torch.testing.assert_close(mixed.inputs["pixel_values"], torch.cat([mixed.targets, mixed.weights[:, None]], 1))
     assert torch.equal(mixed.inputs["input_ids"], inputs["input_ids"]) and torch.equal(mixed.labels, labels)
     lam = mixed.targets[0, 0].item()  # row 0 keeps lambda of itself (seed 3 pairs it with another row)
     assert 0 < lam < 1 and torch.allclose(mixed.targets.sum(1), torch.ones(6))
@@ -518,21 +520,45 @@ def test_mixup_mixes_every_floating_input_target_and_weight_with_one_lambda_and_
     torch.testing.assert_close(mixed.targets, lam * targets + (1 - lam) * targets[partners])
     torch.testing.assert_close(mixed.weights, lam * weights + (1 - lam) * weights[partners])
     torch.manual_seed(3)
-    assert torch.equal(mixup(batch, alpha=1.0).targets, mixed.targets)  # the fine-tune's seed makes it reproducible
+    with mixer.mixed(batch) as again:
+        assert torch.equal(again.targets, mixed.targets)  # the fine-tune's seed makes it reproducible
 
 
-def test_mixup_refuses_gated_rows_and_inputs_with_nothing_to_mix():
+def test_mixup_of_token_ids_mixes_the_input_embeddings_inside_its_block_only():
+    """Token ids cannot be mixed: the model's input embeddings mix their output instead, with the same lambda and
+    partner as the targets, and an attention mask becomes the union of the pair's."""
+    model = _EmbeddingTokenModel()
+    ids = torch.arange(12).reshape(4, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0]])
+    targets = torch.nn.functional.one_hot(torch.arange(4), 4).float()
+    batch = TargetBatch({"input_ids": ids, "attention_mask": mask}, targets, torch.arange(4), torch.ones(4),
+                        torch.full((4,), GATE_NONE))
+    mixer = Mixup(model, 1.0, batch.inputs)
+    assert mixer.embeddings is model.embed
+    torch.manual_seed(0)
+    with mixer.mixed(batch) as mixed:
+        embedded = model.embed(ids)
+    lam = mixed.targets[0, 0].item()
+    partners = (mixed.targets - lam * targets).argmax(1)
+    assert 0 < lam < 1 and sorted(partners.tolist()) == list(range(4))
+    plain = model.embed(ids)  # outside the block the embeddings are the model's own again
+    torch.testing.assert_close(embedded, lam * plain + (1 - lam) * plain[partners])
+    assert torch.equal(mixed.inputs["input_ids"], ids)
+    assert torch.equal(mixed.inputs["attention_mask"], torch.maximum(mask, mask[partners]))
+
+
+def test_mixup_refuses_gated_rows_and_token_ids_without_input_embeddings():
     labels = torch.tensor([0, 1])
     targets = torch.nn.functional.one_hot(labels, 2).float()
     gated = TargetBatch({"pixel_values": torch.ones(2, 3)}, targets, labels, torch.ones(2),
                         torch.tensor([GATE_NONE, GATE_SMALL_LOSS]))
-    with pytest.raises(ValueError, match="fully trusted rows only"):
-        mixup(gated, alpha=1.0)
-    tokens = TargetBatch({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3).long()},
-                         targets, labels, torch.ones(2), torch.full((2,), GATE_NONE))
-    with pytest.raises(ValueError, match=r"\['attention_mask', 'input_ids'\] with none: token ids cannot be mixed"):
-        mixup(tokens, alpha=1.0)
-    assert mixable(gated.inputs) and not mixable(tokens.inputs)  # auto's retrain mixes by default only the first
+    with pytest.raises(ValueError, match="fully trusted rows only"), Mixup(_TokenModel(), 1.0, gated.inputs).mixed(gated):
+        pass
+    tokens = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3).long()}
+    with pytest.raises(ValueError, match=r"\['attention_mask', 'input_ids'\] with no floating-point tensor and "
+                                         r"_TokenModel has no get_input_embeddings\(\)"):
+        Mixup(_TokenModel(), 1.0, tokens)
+    assert mixable(gated.inputs) and not mixable(tokens)  # auto's retrain mixes by default only the first
 
 
 class _TokenModel(torch.nn.Module):
@@ -543,18 +569,32 @@ class _TokenModel(torch.nn.Module):
         torch.manual_seed(0)
         self.embed, self.head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 2)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask=None):
         return self.head(self.embed(input_ids).mean(1))
 
 
-def test_mixup_is_refused_before_any_change_for_token_ids_and_for_retention(small):
-    rows = np.random.default_rng(0).integers(0, 20, size=(60, 5))
-    tokens = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "labels": (rows[:, 0] % 2).tolist()})
+class _EmbeddingTokenModel(_TokenModel):
+    """The same with `get_input_embeddings()`, as transformers models have: mixup mixes its embeddings instead."""
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+
+def _token_split() -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(verified, train): rows of 5 token ids, those of class 1 drawn from the upper half of the vocabulary."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=60)
+    rows = rng.integers(0, 10, size=(60, 5)) + 10 * labels[:, None]
+    tokens = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "labels": labels.tolist()})
+    return tokens.select(range(30)), tokens.select(range(30, 60))
+
+
+def test_mixup_is_refused_before_any_change_for_token_ids_without_embeddings_and_for_retention(small):
     model = _TokenModel()
     start = _state(model)
     config = RepairConfig(method="erase", mixup_alpha=1.0, flag_rule="budget", flag_fraction=0.2, **CHEAP)
-    with pytest.raises(ValueError, match="token ids cannot be mixed"):
-        repair_with_finetuning(model, config, tokens.select(range(30)), tokens.select(range(30, 60)))
+    with pytest.raises(ValueError, match="_TokenModel has no get_input_embeddings"):
+        repair_with_finetuning(model, config, *_token_split())
     assert _same_state(model, start)
     train, verified = small
     model = _tiny()
@@ -575,6 +615,22 @@ def test_erase_with_mixup_trains_on_mixed_batches_reproducibly(fashion, memorize
                          significance_test="none", min_improvement=-1.0)
         assert result.metrics["steps"] > 0
         ends[name] = _state(repaired)
+    assert all(torch.equal(ends["mixup"][k], ends["again"][k]) for k in ends["mixup"])
+    assert not all(torch.equal(ends["mixup"][k], ends["plain"][k]) for k in ends["mixup"])
+
+
+def test_erase_of_token_ids_mixes_the_input_embeddings_reproducibly():
+    """A model with input embeddings trains on mixed embeddings: reproducible under its seed, elsewhere than unmixed,
+    and with no hook left on the embeddings afterwards."""
+    ends = {}
+    for name, alpha in (("mixup", 1.0), ("again", 1.0), ("plain", 0.0)):
+        model = _EmbeddingTokenModel()
+        config = RepairConfig(method="erase", mixup_alpha=alpha, flag_rule="budget", flag_fraction=0.2,
+                              retention_epochs=2.0, retention_batch_size=8, retention_learning_rate=0.05,
+                              significance_test="none", min_improvement=-1.0, **CHEAP)
+        assert repair_with_finetuning(model, config, *_token_split()).metrics["adopted"]
+        assert not model.embed._forward_hooks
+        ends[name] = _state(model)
     assert all(torch.equal(ends["mixup"][k], ends["again"][k]) for k in ends["mixup"])
     assert not all(torch.equal(ends["mixup"][k], ends["plain"][k]) for k in ends["mixup"])
 
@@ -607,7 +663,7 @@ def test_finetune_set_reads_rows_from_several_datasets_in_order(small):
 
 @pytest.mark.parametrize("separation, trim, precision", [("belief", 0.0, "no"), ("surgery", 0.45, "no"),
                                                         ("belief", 0.0, "bf16"), ("forward", 0.0, "no"),
-                                                        ("mixup", 0.0, "no")])
+                                                        ("mixup", 0.0, "no"), ("mixup_text", 0.0, "no")])
 def test_two_processes_fine_tune_in_step_and_end_with_identical_weights(tmp_path, separation, trim, precision):
     launch_two_processes("distributed_retention.py", tmp_path, separation, trim, mixed_precision=precision)
 

@@ -6,7 +6,8 @@ The fine-tune runs under DDP (gloo, CPU): every process trains on its shard of e
 score the same gathered held-out verified samples, so all take the same decisions and end with the
 same weights; with TRIM (`small_loss_trim`) each process trims its own shard of a batch alike. SEPARATION
 "forward" erases instead and learns the unflagged samples through a symmetric noise transition (auto's "forward");
-"mixup" erases on batches mixed with themselves (`mixup_alpha`), each process its own shard alike.
+"mixup" erases on batches mixed with themselves (`mixup_alpha`), each process its own shard alike; "mixup_text"
+does so for a LoRA adapter on a tiny BERT, whose token ids are mixed as input embeddings.
 Each writes them, and the repair's metrics, to OUT_DIR/rank{r}.pt.
 """
 
@@ -21,6 +22,8 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peft import get_peft_model  # noqa: E402
+
 from hf_repair import RepairConfig, Repairer  # noqa: E402
 from hf_repair.identification.noise_rate import symmetric_transition  # noqa: E402
 from hf_repair.retention import repair_with_finetuning  # noqa: E402
@@ -28,19 +31,25 @@ from testbed.experiments import SmallCNN  # noqa: E402
 from testbed.noise import corrupt_dataset  # noqa: E402
 
 from identification_setup import fashion_subsets  # noqa: E402
+from lora_setup import base_model, data, lora_config  # noqa: E402
 
 
 def case(separation: str = "belief", trim: float = 0.0):
     """Odd sizes, so shards, folds and the last batch are uneven."""
-    train, verified = fashion_subsets(301, 151)
-    torch.manual_seed(0)
-    model = SmallCNN(width=4).eval()
-    erasing = separation in ("forward", "mixup")
+    if separation == "mixup_text":
+        train, verified = data("bert", 301, seed=1), data("bert", 151, seed=2, noise=0.0)
+        model = get_peft_model(base_model("bert"), lora_config("bert")).eval()
+    else:
+        train, verified = fashion_subsets(301, 151)
+        train = corrupt_dataset(train, "symmetric", 0.4, seed=0)
+        torch.manual_seed(0)
+        model = SmallCNN(width=4).eval()
+    erasing = separation in ("forward", "mixup", "mixup_text")
     config = RepairConfig(method="erase" if erasing else "retention", separation="belief" if erasing else separation,
                           score="loss", flag_rule="budget", flag_fraction=0.5, batch_size=16, retention_epochs=1.0,
                           retention_learning_rate=1e-2, target_modules="all", small_loss_trim=trim,
-                          mixup_alpha=1.0 if separation == "mixup" else 0.0, repair_disable_tqdm=True)
-    return model, corrupt_dataset(train, "symmetric", 0.4, seed=0), verified, config
+                          mixup_alpha=1.0 if separation.startswith("mixup") else 0.0, repair_disable_tqdm=True)
+    return model, train, verified, config
 
 
 def main(out_dir: str, separation: str, trim: float) -> None:
