@@ -25,9 +25,10 @@ when it is finally run -- and builds weights from the trajectory with them alone
   fine-tuned on those samples and the unflagged training data (`retrain_epochs` of budget, same early
   stop). When the model barely memorised its noise, what separates it from a clean-trained one is what the
   noise did while it learnt, which no edit of the final weights undoes; learning again without the flagged
-  samples does (measured in BENCHMARKS.md, fine-tuning regime). Where the inputs can be mixed (images, not
-  token ids), its batches are mixed with themselves (mixup) for a longer budget, so that it does not learn
-  the corrupted samples identification missed;
+  samples does (measured in BENCHMARKS.md, fine-tuning regime). Where the inputs are floating point (images,
+  not token ids), its batches are mixed with themselves (mixup) for a longer budget, so that it does not learn
+  the corrupted samples identification missed (a text model's input embeddings can be mixed too, on request:
+  measured within noise);
 - `<base>+forward`: the weights training started from fine-tuned on those samples and *every* training sample,
   each given label learnt through the noise transition P(given | true) that the base's identification
   estimates (forward correction, Patrini et al. 2017; same budget and early stop as retrain). It drops nothing,
@@ -368,7 +369,7 @@ class CandidateBuilder:
 
     def retrain_mixup_alpha(self) -> float:
         """`retrain_mixup_alpha`, or where None: 1 for a model with a floating-point input (pixel values, features),
-        0 for token ids (they cannot be mixed) or when the retrain trims its batches instead."""
+        0 for token ids (mixing their embeddings measured within noise on text) or when the retrain trims its batches."""
         if self._retrain_alpha is None:
             if self.config.retrain_mixup_alpha is not None:
                 self._retrain_alpha = self.config.retrain_mixup_alpha
