@@ -123,7 +123,7 @@ class Mixup:
     def __init__(self, model: nn.Module, alpha: float, inputs: Mapping[str, Any]) -> None:
         self.alpha = alpha
         self.embeddings = None if mixable(inputs) else input_embeddings(model)
-        if not mixable(inputs, model):
+        if self.embeddings is None and not mixable(inputs):
             raise ValueError(f"mixup_alpha needs a floating-point model input to mix (pixel values, features) or, for "
                              f"token ids, a model whose get_input_embeddings() returns the module whose output can be "
                              f"mixed; the model's inputs are {sorted(inputs)} with no floating-point tensor and "
@@ -162,11 +162,9 @@ class Mixup:
             handle.remove()
 
 
-def mixable(inputs: Mapping[str, Any], model: nn.Module | None = None) -> bool:
-    """Whether mixup can mix a batch of these model inputs: they hold a floating-point tensor, or `model` has input
-    embeddings to mix the token ids' output of (`Mixup`)."""
-    floating = any(torch.is_tensor(v) and v.is_floating_point() for v in inputs.values())
-    return floating or (model is not None and input_embeddings(model) is not None)
+def mixable(inputs: Mapping[str, Any]) -> bool:
+    """Whether a batch's model inputs hold a floating-point tensor that mixup mixes itself (not token ids alone)."""
+    return any(torch.is_tensor(v) and v.is_floating_point() for v in inputs.values())
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:

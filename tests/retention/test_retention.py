@@ -538,6 +538,8 @@ def test_mixup_of_token_ids_mixes_the_input_embeddings_inside_its_block_only():
     torch.manual_seed(0)
     with mixer.mixed(batch) as mixed:
         embedded = model.embed(ids)
+        with pytest.raises(ValueError, match="returned 2 rows for a batch of 4"):
+            model.embed(ids[:2])  # an embedding call that is not the batch's cannot be mixed row by row
     lam = mixed.targets[0, 0].item()
     partners = (mixed.targets - lam * targets).argmax(1)
     assert 0 < lam < 1 and sorted(partners.tolist()) == list(range(4))
