@@ -9,7 +9,7 @@ from torch import nn
 from transformers import default_data_collator
 
 from ..config import RepairConfig
-from ..data import model_columns
+from ..data import model_columns, pop_labels
 from ..modeling.sharding import weight_access_for
 
 
@@ -57,15 +57,16 @@ def input_columns(train_dataset: datasets.Dataset, verified: datasets.Dataset, l
 
 
 def check_rows_batch_together(verified: datasets.Dataset, train_dataset: datasets.Dataset, columns: list[str],
-                              label_column: str, collate_fn: Any | None) -> None:
-    """The fine-tune batches verified and training rows together: check one of each collates.
+                              label_column: str, collate_fn: Any | None) -> dict[str, Any]:
+    """The fine-tune batches verified and training rows together: check one of each collates, and return that
+    batch's model inputs (the label dropped).
 
     Features may describe the same values differently (`Array3D` vs nested lists), so the test is
     behavioural: a different tokenizer, image size or dtype fails here, before any weight changes.
     """
     rows = [dataset.select_columns(columns + [label_column])[0] for dataset in (verified, train_dataset)]
     try:
-        (collate_fn or default_data_collator)(rows)
+        batch = dict((collate_fn or default_data_collator)(rows))
     except Exception as err:  # collators raise anything from ValueError to RuntimeError on mismatched rows
         details = "; ".join(f"{c}: verified {verified.features[c]} vs training {train_dataset.features[c]}"
                             for c in columns if verified.features[c] != train_dataset.features[c])
@@ -73,3 +74,5 @@ def check_rows_batch_together(verified: datasets.Dataset, train_dataset: dataset
             f"A verified row and a training row cannot be batched together ({err}). Preprocess both datasets the same "
             f"way (same tokenizer, image size and dtype){': ' + details if details else ''}."
         ) from err
+    pop_labels(batch, label_column, required=False)
+    return batch

@@ -32,6 +32,7 @@ from ..projection.pipeline import ProjectionResult, check_materialized, project
 from ..results import RepairResult
 from ..utils.distributed import process_info
 from .checks import check_finetune_inputs, check_rows_batch_together, input_columns
+from .finetune_data import Mixup
 from .finetuner import scores_with_loss
 from .retention import HELDOUT_FOLD, RetentionRepair, RetentionResult, erases, projects_first
 
@@ -56,7 +57,9 @@ def repair_with_finetuning(
     check_materialized(model)
     check_finetune_inputs(model, config, verified, train_dataset)
     columns = input_columns(train_dataset, verified, config.label_column, input_names_for(model, forward_fn))
-    check_rows_batch_together(verified, train_dataset, columns, config.label_column, collate_fn)  # before any change
+    pair = check_rows_batch_together(verified, train_dataset, columns, config.label_column, collate_fn)
+    if config.mixup_alpha > 0:  # inputs mixup cannot mix are refused here, before identification or a projection
+        Mixup(model, config.mixup_alpha, pair)
     split = split_verified(model, verified, config, forward_fn, collate_fn)
     if identification is None:
         identification = identify_harmful(model, train_dataset, verified, config, forward_fn=forward_fn,

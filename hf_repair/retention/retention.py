@@ -57,8 +57,6 @@ from .finetune_data import (
     GATE_SMALL_LOSS,
     GATE_SURGERY,
     FinetuneSet,
-    Mixup,
-    TargetCollator,
     predict_distributions,
 )
 from .finetuner import FinetuneArguments, FinetuneResult, GuardedFinetuner
@@ -177,9 +175,6 @@ class RetentionRepair:
                           else GATE_SMALL_LOSS if config.small_loss_trim > 0 else GATE_NONE)
         trusted_gates = np.repeat([GATE_NONE, unflagged_gate], [offset, len(unflagged)])
         trusted = table.subset(trusted_rows, trusted_gates)
-        if config.mixup_alpha > 0:  # refused before any weight changes, not at the first step
-            Mixup(self.model, config.mixup_alpha, TargetCollator(self.collate_fn, num_classes, config.label_column)(
-                [trusted[0]]).inputs)
         penalty_set = table.subset(np.arange(offset)) if config.retention_penalty == "fisher" else None
         warmup_steps = 0 if erases(config.method) else int(round(retention_warmup(config, projected) * total_steps))
         plan = [("erase", total_steps)] if erases(config.method) else [

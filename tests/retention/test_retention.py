@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from hf_repair import RepairConfig, Repairer
 from hf_repair.data import stratified_folds
-from hf_repair.retention import repair_with_finetuning
+from hf_repair.retention import pipeline, repair_with_finetuning
 from hf_repair.retention.finetune_data import (
     GATE_AGREEMENT,
     GATE_BELIEF,
@@ -591,13 +591,16 @@ def _token_split() -> tuple[datasets.Dataset, datasets.Dataset]:
     return tokens.select(range(30)), tokens.select(range(30, 60))
 
 
-def test_mixup_is_refused_before_any_change_for_token_ids_without_embeddings_and_for_retention(small):
+def test_mixup_is_refused_before_any_change_for_token_ids_without_embeddings_and_for_retention(small, monkeypatch):
     model = _TokenModel()
     start = _state(model)
-    config = RepairConfig(method="erase", mixup_alpha=1.0, flag_rule="budget", flag_fraction=0.2, **CHEAP)
+    config = RepairConfig(method="projection+erase", mixup_alpha=1.0, flag_rule="budget", flag_fraction=0.2, **CHEAP)
+    # refused before identification and the projection run, not at the fine-tune after them
+    monkeypatch.setattr(pipeline, "identify_harmful", lambda *args, **kwargs: pytest.fail("identification ran"))
     with pytest.raises(ValueError, match="_TokenModel has no get_input_embeddings"):
         repair_with_finetuning(model, config, *_token_split())
     assert _same_state(model, start)
+    monkeypatch.undo()
     train, verified = small
     model = _tiny()
     start = _state(model)
