@@ -12,12 +12,17 @@ each budget once per seed and adds the uniform average of those runs' weights. `
 identification score tells the known corruption (the first one flags); `--rounds N` identifies again with each
 retrained model and retrains from the initial weights, N times in all. `--forward` runs auto's forward refinement
 instead: nothing dropped, every training label learnt through the noise transition the identification estimates.
+`--fresh-runs N` makes the fresh model the weight average of N such fine-tunes (run r at repair seed seed + 1000 r,
+as auto's runs per fold), and `--from-base` fine-tunes the identifying model itself without the flagged samples
+(auto's erase) instead of the initial weights: together, what a chosen fresh-based erase or retrain would end with if
+it were refitted on every verified sample (`fold_identification.py` shows what the nested folds' identifiers get).
 
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --base trajectory --repair-seeds 0 1 2
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --scores probe loss --rounds 3
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --epochs 10 --set small_loss_trim=0.1
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --forward --repair-seeds 0 1 2
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --from-base --epochs 1 --repair-seeds 0 1000 2000
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
@@ -42,7 +48,7 @@ from hf_repair.data import column_array
 from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
-from hf_repair.trajectory.candidates import through_the_noise
+from hf_repair.trajectory.candidates import average_weights, through_the_noise
 from hf_repair.trajectory.checkpoints import load_weights
 from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
 
@@ -85,6 +91,10 @@ def main() -> None:
                              "corruption), or a number K (the K samples with the lowest identification score).")
     parser.add_argument("--forward", action="store_true",
                         help="Drop nothing: learn every training label through the estimated noise transition.")
+    parser.add_argument("--fresh-runs", type=positive_int, default=1,
+                        help="With --base fresh: the weight average of this many fresh fine-tunes (repair seeds seed + 1000 r).")
+    parser.add_argument("--from-base", action="store_true",
+                        help="Fine-tune the identifying model without the flags (erase) instead of the initial weights.")
     add_config_overrides(parser, "small_loss_trim=0.1")
     regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
@@ -92,6 +102,10 @@ def main() -> None:
         parser.error("--base trajectory ranks by the mean probe score of every checkpoint; compare --scores on one model.")
     if args.forward and (args.rounds > 1 or args.flagged != "identified"):
         parser.error("--forward drops nothing and identifies once; leave --rounds and --flagged at their defaults.")
+    if args.fresh_runs > 1 and args.base != "fresh":
+        parser.error("--fresh-runs averages fresh fine-tunes; use it with --base fresh.")
+    if args.from_base and (args.forward or args.rounds > 1):
+        parser.error("--from-base fine-tunes the identifying model once; leave --forward and --rounds at their defaults.")
     if args.rounds > 1 and args.flagged != "identified":
         parser.error(f"--rounds identifies again with each retrained model, which --flagged {args.flagged} would override; "
                      "use --flagged identified with --rounds.")
@@ -116,9 +130,13 @@ def main() -> None:
     config = dataclasses.replace(config, **dict(args.set))  # --set wins over the settings above
     initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
     if args.base == "fresh":
-        scales = "-".join(f"{scale:g}" for scale in config.fresh_learning_rate_scales)
-        cache = run_dir / f"fresh_s{args.seed}_lr{finetune_learning_rate(config):g}x{scales}_e{config.fresh_epochs:g}.pt"
-        load_weights(base, fresh_weights(base, initial, task, config, cache))
+        runs = []
+        for run_index in range(args.fresh_runs):
+            run_config = dataclasses.replace(config, repair_seed=args.seed + 1000 * run_index)
+            runs.append(fresh_weights(base, initial, task.verified, run_config, fresh_cache(run_dir, run_config, f"s{args.seed}" + (f"_r{run_index}" if run_index else ""))))
+            load_weights(base, runs[-1])
+            print(f"fresh run {run_index} on the verified split: {100 * accuracy(base):.2f}% on test")
+        load_weights(base, average_weights(runs, latest=0))
     corrupted = column_array(task.noisy, "is_corrupted").astype(bool)
     if args.base != "trajectory":
         for score in args.scores[1:]:
@@ -139,6 +157,7 @@ def main() -> None:
     print(f"{task.name} {args.regime} seed {args.seed}, flagged: {args.flagged} (by {identified_by}): "
           f"{describe(identification, corrupted)}; load {os.getloadavg()[0]:.1f}")
     rows = [["none (the base)", "", "", f"{100 * accuracy(base):.2f}", "", "", "", ""]]
+    start_weights = {name: p.detach().clone() for name, p in base.state_dict().items()} if args.from_base else initial
     for epochs in args.epochs:
         runs = []
         for repair_seed in args.repair_seeds or [args.seed]:
@@ -147,7 +166,7 @@ def main() -> None:
             for round_ in range(1, args.rounds + 1):
                 if round_ > 1:
                     flags = identify_harmful(model, task.noisy, task.verified, retrain)
-                load_weights(model, initial)
+                load_weights(model, start_weights)
                 start = time.perf_counter()
                 m = repair_with_finetuning(model, retrain, task.verified, task.noisy, flags,
                                            noise_transition=transition).metrics
@@ -171,19 +190,25 @@ def describe(identification: IdentificationResult, corrupted: np.ndarray) -> str
             f"AUROC of the score {score_auroc:.3f}")
 
 
-def fresh_weights(model: torch.nn.Module, initial: dict[str, torch.Tensor], task: regime_benchmark.Task,
+def fresh_cache(run_dir: Path, config: RepairConfig, key: str) -> Path:
+    """Where `fresh_weights` keeps a fresh model of `config` beside its run, `key` naming its seed, run and data."""
+    scales = "-".join(f"{scale:g}" for scale in config.fresh_learning_rate_scales)
+    return run_dir / f"fresh_{key}_lr{finetune_learning_rate(config):g}x{scales}_e{config.fresh_epochs:g}.pt"
+
+
+def fresh_weights(model: torch.nn.Module, initial: dict[str, torch.Tensor], verified: datasets.Dataset,
                   config: RepairConfig, cache: Path) -> dict[str, torch.Tensor]:
-    """auto's `fresh` on the whole verified split: the initial weights fine-tuned on it at each learning-rate scale,
-    the run with the lowest inner held-out loss kept (`CandidateBuilder._fresh_finetune`); cached in `cache`."""
+    """auto's `fresh` on `verified`: the initial weights fine-tuned on it at each learning-rate scale, the run with
+    the lowest inner held-out loss kept (`CandidateBuilder._fresh_finetune`); cached in `cache`."""
     if cache.exists():
         return torch.load(cache)
-    learning_rate, split = finetune_learning_rate(config), split_verified(model, task.verified, config)
+    learning_rate, split = finetune_learning_rate(config), split_verified(model, verified, config)
     best_loss, best_state = float("inf"), None
     for scale in config.fresh_learning_rate_scales:
         load_weights(model, initial)
         scaled = dataclasses.replace(config, retention_learning_rate=learning_rate * scale)
         result = RetentionRepair(model, scaled, forward_fn=default_forward, collate_fn=None,
-                                 compute_metrics=None).run_on_verified(task.verified, split, config.fresh_epochs)
+                                 compute_metrics=None).run_on_verified(verified, split, config.fresh_epochs)
         if result.scores_after["loss"] < best_loss:
             best_loss, best_state = result.scores_after["loss"], {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(best_state, cache)

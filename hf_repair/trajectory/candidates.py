@@ -12,9 +12,9 @@ when it is finally run -- and builds weights from the trajectory with them alone
   each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them). It sees no noisy
   label: where the noise did more harm than the training set's size did good (a text model that memorised its noise, BENCHMARKS.md), this
   beats every point of the trajectory, and the harmful samples its refinements identify are judged by a
-  model that never learnt them. Its weights on every sample are the uniform average of the fold runs that
-  were judged (a soup of fine-tunes from one start), not one more fine-tune: on a few hundred samples one
-  fine-tune can land far from what its folds promised (measured, BENCHMARKS.md), their average does not;
+  model that never learnt them. Like each fold's, its weights on every sample average `runs_per_fold`
+  fine-tunes (a soup of fine-tunes from one start): on a few hundred samples one fine-tune can land far from
+  another (measured, BENCHMARKS.md), their average less so;
 - `<base>+head_refit`: the base procedure, then its head refitted on those samples (its strength chosen
   by inner folds of them);
 - `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples;
@@ -35,15 +35,19 @@ when it is finally run -- and builds weights from the trajectory with them alone
   so it does not depend on telling which labels are wrong, only on how often each class's are: where
   identification is weak (a text model's, BENCHMARKS.md) that is the better bet.
 
-Like fresh's, the weights erase and retrain end with are the uniform average of their fold runs, the ones the
-folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
-start lands above a single one (measured, BENCHMARKS.md). Only the best fine-tuning refinement judged so far
-keeps its fold runs (a float64 running sum of their trainable weights on CPU), so at most two such sums exist.
+On a trajectory base the weights erase and retrain end with are the uniform average of their fold runs, the ones
+the folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
+start lands above a single one (measured, BENCHMARKS.md). On `fresh` they are refitted instead: identified by
+`fresh` on every verified sample and averaged over `num_folds` runs on all of them. There the identifying model
+itself learnt the verified samples, so a fold's, which learnt two thirds of them, identifies worse (AUROC 0.02-0.05
+lower on text, where identification is the limit: measured, BENCHMARKS.md). Only the best fine-tuning refinement
+judged so far on a trajectory base keeps its fold runs (a float64 running sum of their trainable weights on CPU),
+so at most two such sums exist.
 With `runs_per_fold` > 1 (2 by default) each fold runs that many fine-tunes (own repair seeds) and predicts with
 their average, so what the folds judge is an average like the one adopted: one run lands below the average of three
 (measured, BENCHMARKS.md), and judging single runs hid gains the average has.
-An average must reach, on every verified sample, the pooled held-out accuracy its runs showed: each sample was
-learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
+An average of fold runs must reach, on every verified sample, the pooled held-out accuracy its runs showed: each
+sample was learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
 measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample replaces it.
 A LoRA adapter's runs are not averaged: measured, neither the mean of their factors A and B nor the rank-r factors
 of the mean of their updates B A ended above one more fine-tune on every verified sample, not even with the folds
@@ -169,19 +173,9 @@ class CandidateBuilder:
         return self._head_inputs[base]
 
     def _fresh_weights(self, fold: int | None) -> StateDict:
-        """The initial weights fine-tuned on the verified samples outside `fold` (one CPU copy per fold); for None,
-        the average of every fold's (for a LoRA adapter, or an average below its runs, one more fine-tune)."""
-        if fold is None and None not in self._fresh and not self.averages_fold_runs:
-            self._fresh[None] = self._fresh_finetune(self.verified)
-        elif fold is None and None not in self._fresh:
-            folds = [self._fresh_weights(f) for f in range(self.trajectory.num_folds)]
-            shared = self.trajectory.shared
-            self._fresh[None] = {key: value for key, value in average_weights(folds, latest=0).items()
-                                 if value is not shared.get(key)}
-            load_weights(self.model, {**shared, **self._fresh[None]})
-            if not self._average_holds("fresh"):
-                self._fresh[None] = self._fresh_finetune(self.verified)
-        elif fold not in self._fresh:
+        """The initial weights fine-tuned on the verified samples outside `fold` (all of them for None), the average
+        of `runs_per_fold` runs (one CPU copy per fold)."""
+        if fold not in self._fresh:
             runs = FoldRunSum()  # one float64 copy however many runs
             for run in range(self.runs_per_fold):
                 runs.add(self._fresh_finetune(self._outside(fold), run))
@@ -263,7 +257,7 @@ class CandidateBuilder:
     def _refine_outside(self, procedure: str, base: Base, fold: int) -> None:
         """Leave the model with a refinement of `base` run on the verified samples outside `fold`: for a fine-tuning
         refinement whose runs are averaged, the average of its `runs_per_fold` runs, each also added to the
-        procedure's sum of fold runs (what `apply` ends with)."""
+        procedure's sum of fold runs (what `apply` ends with on a trajectory base)."""
         refinement = procedure.partition("+")[2]
         outside = self._outside(fold)
         if refinement not in FINETUNING_REFINEMENTS or not self.averages_fold_runs:
@@ -276,7 +270,8 @@ class CandidateBuilder:
             self._refine(refinement, outside, (base, fold), run)
             state = self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
             fold_runs.add(state)
-            self._fold_runs.setdefault(procedure, FoldRunSum()).add(state)
+            if not isinstance(base, Fresh):  # a fresh base is refitted on every sample instead (`apply`)
+                self._fold_runs.setdefault(procedure, FoldRunSum()).add(state)
         if fold_runs.count > 1:
             load_weights(self.model, fold_runs.average(self.trajectory.shared))
 
@@ -294,12 +289,14 @@ class CandidateBuilder:
         self._kept = (procedure, accuracy)
 
     def apply(self, procedure: str) -> tuple[Points, ProjectionResult | None]:
-        """Leave the model with the procedure's weights on every verified sample (for erase and retrain, the average
-        of their judged fold runs); returns the trajectory points its base averages on them (none for "fresh")."""
+        """Leave the model with the procedure's weights on every verified sample (for erase and retrain on a trajectory
+        base, the average of their judged fold runs; on "fresh", of `num_folds` runs on every verified sample);
+        returns the trajectory points its base averages on them (none for "fresh")."""
         name, _, refinement = procedure.partition("+")
         base = self.base(name, None)
         points = () if isinstance(base, Fresh) else base
-        if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs:
+        refits = refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs and isinstance(base, Fresh)
+        if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs and not refits:
             runs = self._fold_runs.get(procedure)
             if runs is None or runs.count != self.trajectory.num_folds * self.runs_per_fold:
                 raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "
@@ -313,6 +310,13 @@ class CandidateBuilder:
             inputs, anchor = self.head_inputs(base)
             refit = fit_head(inputs.features, inputs.labels, anchor, self.config.num_folds, self.config.repair_seed)
             write_head(self._head, refit.weight)
+        elif refits:
+            runs = FoldRunSum()
+            for run in range(self.trajectory.num_folds):
+                self.load(base)
+                self._refine(refinement, self.verified, (base, None), run)
+                runs.add(self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
+            load_weights(self.model, runs.average(self.trajectory.shared))
         elif refinement:
             projection = self._refine(refinement, self.verified, (base, None))
         return points, projection

@@ -214,18 +214,19 @@ def test_fresh_fine_tunes_the_initial_weights_on_the_verified_samples_alone(data
 
 
 @needs_fashion_mnist
-def test_fresh_keeps_each_folds_lowest_loss_learning_rate_and_ends_with_their_average(data, run, monkeypatch):
-    """Each fold's fresh fine-tune runs at every learning rate scale and keeps the one with the lowest inner held-out
-    loss; the weights on every sample are the average of those judged fold runs, not one more fine-tune."""
+def test_fresh_keeps_each_runs_lowest_loss_learning_rate_and_ends_with_runs_on_every_sample(data, run, monkeypatch):
+    """Each fresh fine-tune runs at every learning rate scale and keeps the one with the lowest inner held-out loss;
+    the folds judge averages of runs_per_fold runs, and the weights on every sample average runs_per_fold more, on
+    every verified sample."""
     _, verified, _ = data
     _, _, _, output_dir, initial = run
-    runs = []  # (learning rate, inner held-out loss, weights) of every fresh fine-tune, in order
+    runs = []  # (learning rate, inner held-out loss, weights, verified samples) of every fresh fine-tune, in order
     run_on_verified = RetentionRepair.run_on_verified
 
-    def spy(self, *args, **kwargs):
-        result = run_on_verified(self, *args, **kwargs)
+    def spy(self, verified, *args, **kwargs):
+        result = run_on_verified(self, verified, *args, **kwargs)
         state = {key: value.clone() for key, value in self.model.state_dict().items()}
-        runs.append((self.config.retention_learning_rate, result.scores_after["loss"], state))
+        runs.append((self.config.retention_learning_rate, result.scores_after["loss"], state, len(verified)))
         return result
 
     monkeypatch.setattr(RetentionRepair, "run_on_verified", spy)
@@ -233,13 +234,15 @@ def test_fresh_keeps_each_folds_lowest_loss_learning_rate_and_ends_with_their_av
                                  retention_batch_size=64, fresh_learning_rate_scales=[1.0, 0.1])
     model = fresh_final_model(output_dir)
     assert Repairer(model, config).repair(verified, initial_weights=initial).metrics["chosen"] == "fresh"
-    finetunes = config.num_folds * config.runs_per_fold  # each at both learning rates
-    assert [learning_rate for learning_rate, _, _ in runs] == pytest.approx([3e-3, 3e-4] * finetunes)
-    kept = [min(runs[2 * i: 2 * i + 2], key=lambda r: r[1])[2] for i in range(finetunes)]
+    finetunes = (config.num_folds + 1) * config.runs_per_fold  # each at both learning rates
+    assert [learning_rate for learning_rate, _, _, _ in runs] == pytest.approx([3e-3, 3e-4] * finetunes)
+    on_every_sample = [size for _, _, _, size in runs].count(len(verified))
+    assert on_every_sample == 2 * config.runs_per_fold and all(size == len(verified) for *_, size in runs[-on_every_sample:])
+    kept = [min(runs[2 * i: 2 * i + 2], key=lambda r: r[1])[2] for i in range(finetunes)][-config.runs_per_fold:]
     for key, value in model.state_dict().items():
         expected = sum(state[key].double() for state in kept) / len(kept)
         torch.testing.assert_close(value, expected.to(value.dtype))
-    assert not any(torch.equal(model.state_dict()["head.weight"], state["head.weight"]) for _, _, state in runs)
+    assert not any(torch.equal(model.state_dict()["head.weight"], state["head.weight"]) for _, _, state, _ in runs)
 
 
 def record_finetunes(monkeypatch) -> list[dict[str, torch.Tensor]]:
@@ -333,6 +336,53 @@ def test_several_runs_per_fold_are_judged_by_their_average_and_all_are_averaged_
 
 
 @needs_fashion_mnist
+def test_a_refinement_of_fresh_is_refitted_on_every_verified_sample(data, run, monkeypatch):
+    """fresh+erase, once chosen, is identified again by fresh on every verified sample and ends with the average of
+    num_folds erase runs from it on all of them, not with its fold runs (whose fresh learnt two thirds of them)."""
+    train, verified, _ = data
+    _, _, _, output_dir, initial = run
+    starts, seeds, runs = [], [], []  # the head each erase fine-tune started from, its seed, its weights after
+    finetune, identify = candidates.repair_with_finetuning, candidates.identify_harmful
+    identified_on = []  # how many verified samples each identification's probe learnt
+
+    def spy_finetune(model, finetune_config, *args, **kwargs):
+        starts.append(model.state_dict()["head.weight"].clone())
+        seeds.append(finetune_config.repair_seed)
+        result = finetune(model, finetune_config, *args, **kwargs)
+        runs.append({key: value.clone() for key, value in model.state_dict().items()})
+        return result
+
+    def spy_identify(model, train_dataset, verified_samples, *args, **kwargs):
+        identified_on.append(len(verified_samples))
+        return identify(model, train_dataset, verified_samples, *args, **kwargs)
+
+    heldout_predictions = CandidateBuilder.heldout_predictions
+
+    def fresh_erase_wins(self, procedure, fold):  # the folds still run, but fresh+erase predicts every label
+        predicted = heldout_predictions(self, procedure, fold)
+        return self.trajectory.labels[self.trajectory.folds == fold] if procedure == "fresh+erase" else predicted
+
+    monkeypatch.setattr(candidates, "repair_with_finetuning", spy_finetune)
+    monkeypatch.setattr(candidates, "identify_harmful", spy_identify)
+    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", fresh_erase_wins)
+    config = dataclasses.replace(AUTO, auto_candidates=["fresh", "erase"], retention_learning_rate=3e-3,
+                                 retention_batch_size=64)
+    model = fresh_final_model(output_dir)
+    m = Repairer(model, config).repair(verified, train, initial_weights=initial).metrics
+    k, per_fold = config.num_folds, config.num_folds * config.runs_per_fold
+    assert m["chosen"] == "fresh+erase" and "fresh+erase" not in m.get("fold_run_averages", {})
+    assert len(runs) == 2 * per_fold + k  # final+erase's and fresh+erase's fold runs, then the refit
+    assert len(identified_on) == 2 * k + 1 and identified_on[-1] == len(verified) > max(identified_on[:-1])
+    refit = runs[-k:]
+    assert all(torch.equal(start, starts[-k]) for start in starts[-k:])  # every refit run starts from one fresh
+    assert not any(torch.equal(starts[-k], start) for start in starts[:-k])  # not a fold's fresh
+    assert seeds[-k:] == [config.repair_seed + 1000 * run for run in range(k)]  # each its own seed
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, (sum(state[key].double() for state in refit) / k).to(value.dtype),
+                                   rtol=0, atol=0)
+
+
+@needs_fashion_mnist
 def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fine_tune(data, run, monkeypatch):
     """Fold runs that do not average (a loss barrier between them): the average is checked on the verified samples
     and, below the runs' held-out accuracy, replaced by a fine-tune on every verified sample."""
@@ -373,11 +423,11 @@ def test_only_the_best_fine_tuning_refinement_judged_keeps_its_fold_runs():
     trajectory = Trajectory(torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1]), keep=1)
     trajectory.add(dataclasses.replace(point([0, 0, 0, 0]), final=True))
     builder = CandidateBuilder(None, trajectory, None, None, AUTO, None)
-    for procedure, accuracy in [("final+erase", 0.5), ("final+retrain", 0.5), ("fresh+erase", 0.75)]:
+    for procedure, accuracy in [("final+erase", 0.5), ("final+retrain", 0.5), ("average+erase", 0.75)]:
         builder._fold_runs[procedure] = candidates.FoldRunSum()
         builder.judged(procedure, accuracy)
         builder.judged("final+head_refit", 1.0)  # not a fine-tune: nothing kept, nothing dropped
-    assert list(builder._fold_runs) == ["fresh+erase"]  # a tie keeps the first, a better one replaces it
+    assert list(builder._fold_runs) == ["average+erase"]  # a tie keeps the first, a better one replaces it
     with pytest.raises(RuntimeError, match="were not kept"):
         builder.apply("final+retrain")
 
