@@ -87,7 +87,8 @@ class TrajectoryArguments:
         metadata={
             "help": "How many fine-tunes (repair seeds repair_seed, repair_seed + 1000, ...) 'fresh', 'erase', 'retrain' "
             "and 'forward' run on each verified fold's complement. The fold's held-out predictions come from the "
-            "average of its runs, and the weights auto ends with average all num_folds x runs_per_fold of them, so "
+            "average of its runs, and the weights auto ends with average runs too (erase and retrain of a trajectory "
+            "base: all num_folds x runs_per_fold fold runs; fresh: runs_per_fold more on every verified sample), so "
             "the folds judge an average as the one adopted, not a single run, which lands lower (BENCHMARKS.md). "
             "Costs runs_per_fold times those fine-tunes and holds one more float64 copy of the trainable weights "
             "while a fold runs. A LoRA adapter's runs are not averaged, so it runs one. Measured (BENCHMARKS.md): 2 "

@@ -16,9 +16,10 @@ weights:
 3. The candidate replaces the final weights only if its gain over them is significant (the config's
    `significance_test` on the same samples' pooled held-out predictions against the final weights'
    predictions, which nothing was selected on) at `auto_significance_level` and larger than `min_improvement`.
-4. The adopted procedure is then run once more on every verified sample, and its weights stay; erase, retrain
-   and fresh end with the average of their judged fold runs instead, where that average is at least as accurate
-   on the verified samples as its runs were held out (`candidates.py`).
+4. The adopted procedure is then run once more on every verified sample, and its weights stay (fresh and the
+   fine-tuning refinements on it: the average of several runs); erase, retrain and forward on a trajectory base
+   end with the average of their judged fold runs instead, where that average is at least as accurate on the
+   verified samples as its runs were held out (`candidates.py`).
 
 Step 2 still picks the best of a handful of procedures on the pooled held-out predictions that step 3
 tests, so the reported gain is slightly optimistic; the significance test and the small number of
