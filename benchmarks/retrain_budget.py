@@ -133,7 +133,8 @@ def main() -> None:
         runs = []
         for run_index in range(args.fresh_runs):
             run_config = dataclasses.replace(config, repair_seed=args.seed + 1000 * run_index)
-            runs.append(fresh_weights(base, initial, task.verified, run_config, fresh_cache(run_dir, run_config, f"s{args.seed}" + (f"_r{run_index}" if run_index else ""))))
+            key = f"s{args.seed}" + (f"_r{run_index}" if run_index else "")  # run 0: the cache of one fresh model
+            runs.append(fresh_weights(base, initial, task.verified, run_config, fresh_cache(run_dir, run_config, key)))
             load_weights(base, runs[-1])
             print(f"fresh run {run_index} on the verified split: {100 * accuracy(base):.2f}% on test")
         load_weights(base, average_weights(runs, latest=0))

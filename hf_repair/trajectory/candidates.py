@@ -47,8 +47,9 @@ With `runs_per_fold` > 1 (2 by default) each fold runs that many fine-tunes (own
 their average, so what the folds judge is an average like the one adopted: one run lands below the average of three
 (measured, BENCHMARKS.md), and judging single runs hid gains the average has.
 An average of fold runs must reach, on every verified sample, the pooled held-out accuracy its runs showed: each
-sample was learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in different basins:
-measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample replaces it.
+sample was learnt by all runs but one, so an average below that has lost what the runs learnt (they sit in
+different basins: measured on a text retrain, BENCHMARKS.md). Then one more fine-tune on every verified sample
+replaces it.
 A LoRA adapter's runs are not averaged: measured, neither the mean of their factors A and B nor the rank-r factors
 of the mean of their updates B A ended above one more fine-tune on every verified sample, not even with the folds
 judging averages of two runs (BENCHMARKS.md); fresh, erase and retrain end with that fine-tune there, one run per fold.

@@ -236,8 +236,8 @@ def test_fresh_keeps_each_runs_lowest_loss_learning_rate_and_ends_with_runs_on_e
     assert Repairer(model, config).repair(verified, initial_weights=initial).metrics["chosen"] == "fresh"
     finetunes = (config.num_folds + 1) * config.runs_per_fold  # each at both learning rates
     assert [learning_rate for learning_rate, _, _, _ in runs] == pytest.approx([3e-3, 3e-4] * finetunes)
-    on_every_sample = [size for _, _, _, size in runs].count(len(verified))
-    assert on_every_sample == 2 * config.runs_per_fold and all(size == len(verified) for *_, size in runs[-on_every_sample:])
+    on_every_sample = [size == len(verified) for *_, size in runs]  # the last runs_per_fold, at both learning rates
+    assert on_every_sample == [False] * (len(runs) - 2 * config.runs_per_fold) + [True] * 2 * config.runs_per_fold
     kept = [min(runs[2 * i: 2 * i + 2], key=lambda r: r[1])[2] for i in range(finetunes)][-config.runs_per_fold:]
     for key, value in model.state_dict().items():
         expected = sum(state[key].double() for state in kept) / len(kept)
