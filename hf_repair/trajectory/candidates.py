@@ -39,7 +39,7 @@ On a trajectory base the weights erase and retrain end with are the uniform aver
 the folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
 start lands above a single one (measured, BENCHMARKS.md). On `fresh` they are refitted instead: identified by
 `fresh` on every verified sample and averaged over `num_folds` runs on all of them. There the identifying model
-itself learnt the verified samples, so a fold's, which learnt two thirds of them, identifies worse (AUROC 0.02-0.05
+itself learnt the verified samples, so a fold's, which learnt two thirds of them, identifies worse (AUROC 0.02-0.06
 lower on text, where identification is the limit: measured, BENCHMARKS.md). Only the best fine-tuning refinement
 judged so far on a trajectory base keeps its fold runs (a float64 running sum of their trainable weights on CPU),
 so at most two such sums exist.
