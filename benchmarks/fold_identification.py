@@ -63,10 +63,11 @@ def main() -> None:
     labels, corrupted = column_array(task.test, "labels"), column_array(task.noisy, "is_corrupted").astype(bool)
 
     def averaged_fresh(verified, key: str) -> dict:
-        runs = [fresh_weights(model, initial, verified, replace_seed(config, args.seed + 1000 * r),
-                              fresh_cache(run_dir, replace_seed(config, args.seed + 1000 * r),
-                                          f"s{args.seed}" + (f"_r{r}" if r else "") + key))
-                for r in range(args.runs)]
+        runs = []
+        for run_index in range(args.runs):  # as auto's runs: repair seeds seed + 1000 r; run 0 shares retrain_budget's cache
+            run_config = dataclasses.replace(config, repair_seed=args.seed + 1000 * run_index)
+            name = f"s{args.seed}" + (f"_r{run_index}" if run_index else "") + key
+            runs.append(fresh_weights(model, initial, verified, run_config, fresh_cache(run_dir, run_config, name)))
         return average_weights(runs, latest=0)
 
     def row(name: str, state: dict, verified) -> list[str]:
@@ -86,10 +87,6 @@ def main() -> None:
     print(f"{task.name} {args.regime} seed {args.seed}: load {os.getloadavg()[0]:.1f}")
     print(markdown_table(["identifier", "verified samples it learnt and probes with", "its test %",
                           "flagged, precision, recall, AUROC on the known corruption"], rows))
-
-
-def replace_seed(config: RepairConfig, seed: int) -> RepairConfig:
-    return dataclasses.replace(config, repair_seed=seed)
 
 
 if __name__ == "__main__":

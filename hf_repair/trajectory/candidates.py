@@ -260,21 +260,28 @@ class CandidateBuilder:
         refinement whose runs are averaged, the average of its `runs_per_fold` runs, each also added to the
         procedure's sum of fold runs (what `apply` ends with on a trajectory base)."""
         refinement = procedure.partition("+")[2]
-        outside = self._outside(fold)
         if refinement not in FINETUNING_REFINEMENTS or not self.averages_fold_runs:
             self.load(base)
-            self._refine(refinement, outside, (base, fold))
+            self._refine(refinement, self._outside(fold), (base, fold))
             return
-        fold_runs = FoldRunSum()
-        for run in range(self.runs_per_fold):
+        fold_runs = self._refine_runs(procedure, base, fold, self.runs_per_fold)
+        if fold_runs.count > 1:
+            load_weights(self.model, fold_runs.average(self.trajectory.shared))
+
+    def _refine_runs(self, procedure: str, base: Base, fold: int | None, count: int) -> FoldRunSum:
+        """Run a fine-tuning refinement of `base` `count` times (own repair seeds) on the verified samples outside
+        `fold`; the sum of the runs. A fold's runs on a trajectory base are also added to the procedure's kept fold
+        runs (what `apply` ends with there); a fresh base is refitted on every sample instead."""
+        refinement, outside = procedure.partition("+")[2], self._outside(fold)
+        runs = FoldRunSum()
+        for run in range(count):
             self.load(base)
             self._refine(refinement, outside, (base, fold), run)
             state = self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
-            fold_runs.add(state)
-            if not isinstance(base, Fresh):  # a fresh base is refitted on every sample instead (`apply`)
+            runs.add(state)
+            if fold is not None and not isinstance(base, Fresh):
                 self._fold_runs.setdefault(procedure, FoldRunSum()).add(state)
-        if fold_runs.count > 1:
-            load_weights(self.model, fold_runs.average(self.trajectory.shared))
+        return runs
 
     def judged(self, procedure: str, accuracy: float) -> None:
         """A procedure's pooled held-out accuracy is known: keep the fold runs of the best fine-tuning refinement
@@ -296,8 +303,12 @@ class CandidateBuilder:
         name, _, refinement = procedure.partition("+")
         base = self.base(name, None)
         points = () if isinstance(base, Fresh) else base
-        refits = refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs and isinstance(base, Fresh)
-        if refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs and not refits:
+        averaged = refinement in FINETUNING_REFINEMENTS and self.averages_fold_runs
+        if averaged and isinstance(base, Fresh):  # refitted: fresh's fold runs identified with two thirds of the samples
+            runs = self._refine_runs(procedure, base, None, self.trajectory.num_folds)
+            load_weights(self.model, runs.average(self.trajectory.shared))
+            return points, None
+        if averaged:
             runs = self._fold_runs.get(procedure)
             if runs is None or runs.count != self.trajectory.num_folds * self.runs_per_fold:
                 raise RuntimeError(f"{procedure} ends with the average of its fold runs, and they were not kept: "
@@ -311,13 +322,6 @@ class CandidateBuilder:
             inputs, anchor = self.head_inputs(base)
             refit = fit_head(inputs.features, inputs.labels, anchor, self.config.num_folds, self.config.repair_seed)
             write_head(self._head, refit.weight)
-        elif refits:
-            runs = FoldRunSum()
-            for run in range(self.trajectory.num_folds):
-                self.load(base)
-                self._refine(refinement, self.verified, (base, None), run)
-                runs.add(self.trajectory.cpu_state(self.model.state_dict(), frozen=set()))
-            load_weights(self.model, runs.average(self.trajectory.shared))
         elif refinement:
             projection = self._refine(refinement, self.verified, (base, None))
         return points, projection
