@@ -58,6 +58,7 @@ from hf_repair import RepairConfig, Repairer
 from hf_repair.data import column_array
 from testbed.experiments import train_classifier
 from testbed.finetuning import (
+    Trajectory,
     average_checkpoints,
     fashion_mnist_classes,
     finetune,
@@ -197,6 +198,9 @@ def text_task(seed: int, sizes: Sizes, args: argparse.Namespace) -> Task:
                 verified=verified, test=encode(reviews["test"]), model_class=AutoModelForSequenceClassification,
                 new_model=new_model, repair_kwargs=dict(target_modules="all-linear", batch_size=32),
                 key=f"text_minilm_n{sizes.train}_v{sizes.verified}_len{args.max_length}_noise{args.noise}")
+
+
+TASKS: dict[str, Callable[[int, Sizes, argparse.Namespace], Task]] = {"vision": vision_task, "text": text_task}
 
 
 def epoch_seconds(model: torch.nn.Module, train: datasets.Dataset, recipe: Recipe, steps: int = 10) -> float:
@@ -400,6 +404,38 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, task: str = "vision") -> None:
+    """--task, --regime, --seed, --max-length and the cache arguments: the one cached noisy run a script studies."""
+    parser.add_argument("--task", default=task, choices=list(TASKS))
+    parser.add_argument("--regime", default="short", choices=["short", "long"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded), as the cached text runs.")
+    add_cache_arguments(parser)
+
+
+@dataclass
+class NoisyRun:
+    """One seed's noisy fine-tune and what built it, where the scripts that study `auto`'s parts start."""
+
+    task: Task
+    recipe: Recipe
+    run_dir: Path  # the setting's cache folder: every seed's noisy, clean and fresh runs
+    trajectory: Trajectory
+
+
+def noisy_run(args: argparse.Namespace, lora: bool = False) -> NoisyRun:
+    """The run `add_run_arguments` names (`lora`: its LoRA fine-tune), trained now unless this script cached it."""
+    sizes = FULL[args.task]
+    task, recipes = TASKS[args.task](args.seed, sizes, args), sizes.regimes
+    if lora:
+        task, recipes = with_lora(task, args.seed), LORA[args.task]
+    recipe = recipes[args.regime]
+    run_dir = Path(args.cache_dir) / run_name(task, args.regime, recipe)
+    trajectory = finetune(task.new_model(args.seed), task.noisy, task.verified, run_dir / f"noisy_s{args.seed}",
+                          recipe.epochs, recipe.lr, recipe.batch_size, args.seed)
+    return NoisyRun(task, recipe, run_dir, trajectory)
+
+
 def quiet_scoring(args: argparse.Namespace, level: int = logging.WARNING) -> None:
     """Full sizes, fixed torch threads and quiet libraries: how every script over the cached trajectories runs."""
     args.quick = False
@@ -434,7 +470,7 @@ def run_cached_settings(args: argparse.Namespace, run: Callable[..., dict[str, A
     for name in args.tasks:
         sizes = FULL[name]
         for seed in args.seeds:
-            task = (vision_task if name == "vision" else text_task)(seed, sizes, args)
+            task = TASKS[name](seed, sizes, args)
             recipes = LORA[name] if args.lora else sizes.regimes
             if args.lora:
                 task = with_lora(task, seed)
@@ -495,7 +531,7 @@ def main() -> None:
         sizes = replace(sizes, train=train_n or sizes.train, verified=verified_n or sizes.verified,
                         test=test_n or sizes.test)
         for seed in seeds:
-            task = (vision_task if name == "vision" else text_task)(seed, sizes, args)
+            task = TASKS[name](seed, sizes, args)
             if args.lora:
                 task = with_lora(task, seed)
             for regime in args.regimes:

@@ -29,7 +29,7 @@ from hf_repair.data import column_array, stratified_folds
 from hf_repair.identification import identify_harmful
 from hf_repair.trajectory.candidates import average_weights
 from hf_repair.trajectory.checkpoints import load_weights
-from testbed.finetuning import finetune, load_checkpoint, predictions
+from testbed.finetuning import load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
 from common import markdown_table
@@ -38,23 +38,15 @@ from retrain_budget import describe, fresh_cache, fresh_weights, positive_int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="text", choices=["vision", "text"])
-    parser.add_argument("--regime", default="short", choices=["short", "long"])
-    parser.add_argument("--seed", type=int, default=0)
+    regime_benchmark.add_run_arguments(parser, task="text")
     parser.add_argument("--runs", type=positive_int, default=2,
                         help="Fresh fine-tunes averaged per fold and on every sample (auto's runs_per_fold).")
-    parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded), as the cached text runs.")
-    regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
     regime_benchmark.quiet_scoring(args, logging.ERROR)
 
-    sizes = regime_benchmark.FULL[args.task]
-    task = (regime_benchmark.vision_task if args.task == "vision" else regime_benchmark.text_task)(args.seed, sizes, args)
-    recipe = sizes.regimes[args.regime]
-    run_dir = Path(args.cache_dir) / regime_benchmark.run_name(task, args.regime, recipe)
-    run = finetune(task.new_model(args.seed), task.noisy, task.verified, run_dir / f"noisy_s{args.seed}",
-                   recipe.epochs, recipe.lr, recipe.batch_size, args.seed)
-    model = load_checkpoint(task.model_class, run.final.path)
+    run = regime_benchmark.noisy_run(args)
+    task, recipe, run_dir = run.task, run.recipe, run.run_dir
+    model = load_checkpoint(task.model_class, run.trajectory.final.path)
     # auto's fine-tunes: the Trainer's learning rate and batch size, no gate of their own (`_finetune_config`)
     config = RepairConfig(method="erase", **task.repair_kwargs, repair_seed=args.seed, repair_disable_tqdm=True,
                           retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,

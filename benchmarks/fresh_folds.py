@@ -31,7 +31,7 @@ from hf_repair.retention import RetentionRepair
 from hf_repair.trajectory import CandidateBuilder
 from hf_repair.trajectory.candidates import average_weights
 from hf_repair.trajectory.checkpoints import load_weights
-from testbed.finetuning import finetune, load_checkpoint, predictions
+from testbed.finetuning import load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
 from common import markdown_table
@@ -39,23 +39,15 @@ from common import markdown_table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="vision", choices=["vision", "text"])
-    parser.add_argument("--regime", default="short", choices=["short", "long"])
-    parser.add_argument("--seed", type=int, default=0)
+    regime_benchmark.add_run_arguments(parser)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
                         help="Learning rate scales (of the run's learning rate) to measure, one at a time.")
-    parser.add_argument("--max-length", type=int, default=48)
-    regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
     regime_benchmark.quiet_scoring(args, logging.ERROR)
 
-    make_task = regime_benchmark.vision_task if args.task == "vision" else regime_benchmark.text_task
-    task = make_task(args.seed, regime_benchmark.FULL[args.task], args)
-    recipe = regime_benchmark.FULL[args.task].regimes[args.regime]
-    run_dir = Path(args.cache_dir) / regime_benchmark.run_name(task, args.regime, recipe)
-    run = finetune(task.new_model(args.seed), task.noisy, task.verified, run_dir / f"noisy_s{args.seed}",
-                   recipe.epochs, recipe.lr, recipe.batch_size, args.seed)
-    final = load_checkpoint(task.model_class, run.final.path)
+    run = regime_benchmark.noisy_run(args)
+    task, recipe = run.task, run.recipe
+    final = load_checkpoint(task.model_class, run.trajectory.final.path)
     labels = column_array(task.test, "labels")
     accuracy = lambda model: f"{100 * np.mean(predictions(model, task.test) == labels):.2f}"  # noqa: E731
 
@@ -76,7 +68,7 @@ def main() -> None:
                               retention_learning_rate=recipe.lr * scale, retention_batch_size=recipe.batch_size,
                               significance_test="none", auto_candidates=["fresh"], fresh_learning_rate_scales=[1.0])
         initial = task.new_model(args.seed).state_dict()
-        metrics = Repairer(copy.deepcopy(final), config).repair(task.verified, checkpoints=run.output_dir,
+        metrics = Repairer(copy.deepcopy(final), config).repair(task.verified, checkpoints=run.trajectory.output_dir,
                                                                  initial_weights=initial).metrics
         model = copy.deepcopy(final)
         folds = []

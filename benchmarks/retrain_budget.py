@@ -50,7 +50,7 @@ from hf_repair.identification import IdentificationResult, auroc, identify_harmf
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from hf_repair.trajectory.candidates import average_weights, through_the_noise
 from hf_repair.trajectory.checkpoints import load_weights
-from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
+from testbed.finetuning import Trajectory, average_states, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
 from common import add_config_overrides, markdown_table
@@ -71,10 +71,7 @@ def positive_int(value: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="vision", choices=["vision", "text"])
-    parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded), as the cached text runs.")
-    parser.add_argument("--regime", default="short", choices=["short", "long"])
-    parser.add_argument("--seed", type=int, default=0)
+    regime_benchmark.add_run_arguments(parser)
     parser.add_argument("--epochs", type=float, nargs="+", default=[3.0], help="retrain_epochs budgets to run.")
     parser.add_argument("--base", default="final", choices=["final", "early_stop", "trajectory", "fresh"],
                         help="The model that identifies (trajectory: every checkpoint; fresh: auto's, see above).")
@@ -96,7 +93,6 @@ def main() -> None:
     parser.add_argument("--from-base", action="store_true",
                         help="Fine-tune the identifying model without the flags (erase) instead of the initial weights.")
     add_config_overrides(parser, "small_loss_trim=0.1")
-    regime_benchmark.add_cache_arguments(parser)
     args = parser.parse_args()
     if args.base == "trajectory" and len(args.scores) > 1:
         parser.error("--base trajectory ranks by the mean probe score of every checkpoint; compare --scores on one model.")
@@ -111,15 +107,8 @@ def main() -> None:
                      "use --flagged identified with --rounds.")
     regime_benchmark.quiet_scoring(args, logging.ERROR)
 
-    sizes = regime_benchmark.FULL[args.task]
-    task = (regime_benchmark.vision_task if args.task == "vision" else regime_benchmark.text_task)(args.seed, sizes, args)
-    recipes = sizes.regimes
-    if args.lora:
-        task, recipes = regime_benchmark.with_lora(task, args.seed), regime_benchmark.LORA[args.task]
-    recipe = recipes[args.regime]
-    run_dir = Path(args.cache_dir) / regime_benchmark.run_name(task, args.regime, recipe)
-    run = finetune(task.new_model(args.seed), task.noisy, task.verified, run_dir / f"noisy_s{args.seed}",
-                   recipe.epochs, recipe.lr, recipe.batch_size, args.seed)
+    noisy = regime_benchmark.noisy_run(args, lora=args.lora)
+    task, recipe, run_dir, run = noisy.task, noisy.recipe, noisy.run_dir, noisy.trajectory
     labels = column_array(task.test, "labels")
     accuracy = lambda model: float(np.mean(predictions(model, task.test) == labels))  # noqa: E731
     base = load_checkpoint(task.model_class, run.best if args.base == "early_stop" else run.final.path)
