@@ -1,13 +1,16 @@
 """Trains under DDP with RepairCallback(method="auto"); run by tests/test_trajectory_distributed.py.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_auto.py OUT_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_auto.py OUT_DIR [fresh+REFINEMENT]
 
 Every process writes the weights it ends with and the repair's metrics to OUT_DIR/auto_rank{r}.*; the
 Trainer's checkpoints go to OUT_DIR/trainer for the single-process offline repair to choose from.
+With a refinement of fresh named, only fresh and that refinement are judged, and the judge is rigged so that
+the refinement wins: the run ends with its refit on every verified sample, which the folds never reach.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
@@ -19,12 +22,33 @@ from trajectory_setup import distributed_auto
 from transformers import Trainer, TrainingArguments
 
 from hf_repair import RepairCallback
+from hf_repair.trajectory.candidates import CandidateBuilder
+
+
+def rig_the_folds_for(winner: str) -> None:
+    """`winner` predicts every held-out label and fresh all but one of each fold's, so that fresh beats the final
+    weights, its refinements are judged, and `winner` is chosen; every other procedure predicts as it would."""
+    heldout_predictions = CandidateBuilder.heldout_predictions
+
+    def rigged(self: CandidateBuilder, procedure: str, fold: int):
+        predicted = heldout_predictions(self, procedure, fold)  # still run on every fold: its cost and collectives
+        if procedure not in ("fresh", winner):
+            return predicted
+        labels = self.trajectory.labels[self.trajectory.folds == fold].clone()
+        if procedure == "fresh":
+            labels[0] = (labels[0] + 1) % 10
+        return labels
+
+    CandidateBuilder.heldout_predictions = rigged
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
     out = sys.argv[1]
     model, train, verified, config, training = distributed_auto()
+    if len(sys.argv) > 2:
+        rig_the_folds_for(sys.argv[2])
+        config = dataclasses.replace(config, auto_candidates=["fresh", sys.argv[2].partition("+")[2]])
     args = TrainingArguments(output_dir=f"{out}/trainer", use_cpu=True, report_to="none", disable_tqdm=True, seed=0,
                              logging_strategy="no", **training)
     trainer = Trainer(model=model, args=args, train_dataset=train)
