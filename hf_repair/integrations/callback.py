@@ -26,10 +26,10 @@ Method "auto". The callback also records the training trajectory: at the end of 
 `trajectory_eval_steps` steps) it scores the model on the verified samples (one forward pass, eval mode,
 sharded over processes and gathered, so every process holds the same numbers) and keeps the weights of
 the points a selection procedure can still use on CPU (`hf_repair.trajectory.points` bounds them), and,
-for the fresh procedure and the retrain refinement, the weights training starts from. At train end
+for the fresh procedure and the retrain and forward refinements, the weights training starts from. At train end
 `Repairer.repair(verified, checkpoints=trajectory)` chooses among the final weights, the best point, weight
 averages, soups, a fresh fine-tune on the verified samples alone, and head refit / projection / erase /
-retrain on top, by nested held-out verified folds.
+retrain / forward on top, by nested held-out verified folds.
 
 Outputs. The main process writes `repair_results.json` (the layout `hf-repair` writes too) and the
 HTML report of `RepairResult.report` into `output_dir/repair_report/`, both replacing those of an
@@ -56,6 +56,7 @@ from ..evaluation import ForwardFn, MetricFn
 from ..modeling.sharding import weight_access_for
 from ..repairer import Repairer
 from ..results import RepairResult
+from ..trajectory.candidates import FINETUNING_REFINEMENTS, NEEDS_INITIAL_WEIGHTS
 from ..trajectory.points import Trajectory
 from ..trajectory.recorder import TrajectoryRecorder
 from ..utils.files import write_json
@@ -86,7 +87,7 @@ class RepairCallback(TrainerCallback):
         test_dataset: labelled held-out data, preprocessed like `verified_dataset`, that the report scores
             before and after the repair (per class, confusion matrices). The main process scores it
             alone, so it needs unsharded weights (not FSDP or ZeRO-3).
-        train_dataset: for the fine-tuning methods (and the erase refinement of "auto"): the training data to identify
+        train_dataset: for the fine-tuning methods (and the erase, retrain and forward refinements of "auto"): the training data to identify
             harmful samples in and fine-tune on. By default the dataset the
             `Trainer` trained on (after its unused-column removal), so it batches with its collator.
 
@@ -248,16 +249,17 @@ class RepairCallback(TrainerCallback):
         return self.trajectory
 
     def _restarts(self) -> bool:
-        """Whether "auto" weighs a procedure that starts again from the initial weights: "fresh", or "retrain"
-        (which needs the training data too)."""
-        candidates = self.config.auto_candidates
-        return "fresh" in candidates or ("retrain" in candidates and self._uses_training_data())
+        """Whether "auto" weighs a procedure that starts again from the initial weights: "fresh", or "retrain" or
+        "forward" (which need the training data too)."""
+        restarts = set(NEEDS_INITIAL_WEIGHTS) & set(self.config.auto_candidates)
+        return "fresh" in restarts or (bool(restarts) and self._uses_training_data())
 
     def _uses_training_data(self) -> bool:
-        """The fine-tuning methods need the training data; "auto" weighs its erase and retrain refinements when it has some."""
+        """The fine-tuning methods need the training data; "auto" weighs its erase, retrain and forward refinements when
+        it has some."""
         if self.config.method == "auto":
             dataset = self.train_dataset if self.train_dataset is not None else self._trainer_train_dataset
-            fine_tunes = {"erase", "retrain"} & set(self.config.auto_candidates)
+            fine_tunes = set(FINETUNING_REFINEMENTS) & set(self.config.auto_candidates)
             return bool(fine_tunes) and isinstance(dataset, datasets.Dataset)
         return self.config.method in FINETUNE_METHODS
 

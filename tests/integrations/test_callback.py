@@ -225,6 +225,19 @@ def test_fine_tuning_methods_use_the_trainers_training_set_and_collator(tmp_path
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-5)
 
 
+def test_auto_keeps_the_training_set_and_initial_weights_for_forward_alone(tmp_path):
+    """forward, like retrain, fine-tunes the initial weights on the training set: weighed alone, it gets both."""
+    train, verified = text_data(96, seed=1), text_data(60, seed=2)
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=12, per_device_train_batch_size=8),
+                      train_dataset=train, data_collator=PadCollator())
+    config = RepairConfig(method="auto", auto_candidates=["forward"], batch_size=16, retrain_epochs=1.0)
+    callback = RepairCallback(config, verified).attach(trainer)
+    trainer.train()
+    assert callback.error is None, callback.error
+    metrics = callback.result.metrics
+    assert "skipped" not in metrics and set(metrics["heldout_accuracy"]) == {"final", "final+forward"}
+
+
 def test_fine_tuning_method_without_a_training_dataset_fails_before_training(tmp_path):
     trainer = Trainer(model=tiny_vit(), args=training_args(tmp_path), train_dataset=image_data(48, seed=1).to_iterable_dataset())
     RepairCallback(RepairConfig(method="erase"), image_data(30, seed=2)).attach(trainer)

@@ -184,6 +184,44 @@ def test_forward_learns_every_training_label_through_the_estimated_noise_transit
 
 
 @needs_fashion_mnist
+def test_forward_on_fresh_learns_through_the_transition_fresh_fold_models_calibrate(data, run, monkeypatch):
+    """On `fresh`, whose probe reads features fitted to the verified samples, forward's transition is calibrated
+    instead by fresh's fold models on the folds they did not learn: one for every fold run and the refit, near the
+    true 0.6 on the diagonal, and recorded in the metrics."""
+    train, verified, _ = data
+    _, _, _, output_dir, initial = run
+    transitions = []  # the transition of every forward fine-tune
+    finetune = candidates.repair_with_finetuning
+
+    def spy(model, config, *args, noise_transition=None, **kwargs):
+        transitions.append(noise_transition)
+        return finetune(model, config, *args, noise_transition=noise_transition, **kwargs)
+
+    heldout_predictions = CandidateBuilder.heldout_predictions
+
+    def forward_on_fresh_wins(self, procedure, fold):  # fresh+forward predicts every label, fresh all but one a fold
+        predicted = heldout_predictions(self, procedure, fold)
+        if not procedure.startswith("fresh"):
+            return predicted
+        labels = self.trajectory.labels[self.trajectory.folds == fold].clone()
+        labels[0] += procedure == "fresh"
+        return labels
+
+    monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
+    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", forward_on_fresh_wins)
+    config = dataclasses.replace(AUTO, auto_candidates=["fresh", "forward"], retention_learning_rate=3e-3,
+                                 retention_batch_size=64, runs_per_fold=1)
+    m = Repairer(fresh_final_model(output_dir), config).repair(verified, train, initial_weights=initial).metrics
+    assert m["chosen"] == "fresh+forward"
+    calibrated = torch.tensor(m["fresh_noise_rate"]["transition"], dtype=torch.float32)
+    on_fresh = transitions[config.num_folds:]  # after final+forward's fold runs (the final model's own transition)
+    assert len(on_fresh) == 2 * config.num_folds  # its fold runs, then the refit on every verified sample
+    assert all(torch.equal(t, calibrated) for t in on_fresh)
+    assert not any(torch.equal(t, calibrated) for t in transitions[:config.num_folds])
+    assert abs(m["fresh_noise_rate"]["rate"] - 0.4) < 0.1 and abs(calibrated.diagonal().mean() - 0.6) < 0.1
+
+
+@needs_fashion_mnist
 def test_fresh_fine_tunes_the_initial_weights_on_the_verified_samples_alone(data, run):
     """"fresh" needs no training data and ignores the final weights: from two different final models it builds the
     same weights, and it is judged like every procedure, on held-out folds it was not fine-tuned on."""

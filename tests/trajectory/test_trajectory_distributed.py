@@ -15,7 +15,7 @@ from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT
 from helpers import launch_two_processes
 
 pytestmark = [
-    pytest.mark.slow,  # two processes launched, trained and repaired, twice: about 60 s
+    pytest.mark.slow,  # two processes launched, trained and repaired, three times: about 100 s
     pytest.mark.skipif(
         not os.path.exists(os.path.join(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")),
         reason="needs Fashion-MNIST: apt-get update && apt-get install -y dataset-fashion-mnist",
@@ -66,14 +66,17 @@ def test_the_trajectory_scores_match_a_single_process_from_the_checkpoints(launc
         assert offline["heldout_accuracy"][name] == metrics["heldout_accuracy"][name], name
 
 
-def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path):
-    """fresh+retrain, chosen (the script rigs the folds' verdict), ends with the refit the folds never reach: fresh
-    and its identification on every verified sample, then num_folds retrains averaged; the same on both processes."""
-    weights, metrics = launch(tmp_path, "fresh+retrain")
+@pytest.mark.parametrize("procedure", ["fresh+retrain", "fresh+forward"])
+def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path, procedure):
+    """A refinement of fresh, chosen (the script rigs the folds' verdict), ends with the refit the folds never reach:
+    fresh and its identification on every verified sample, then num_folds fine-tunes averaged; forward's transition
+    calibrated by fresh's fold models over both processes' shards of the training set. The same on both processes."""
+    weights, metrics = launch(tmp_path, procedure)
     assert_same_on_every_process(weights, metrics)
     m = metrics[0]
-    assert m["chosen"] == "fresh+retrain" and m["adopted"] and m["chosen_points"] == []
+    assert m["chosen"] == procedure and m["adopted"] and m["chosen_points"] == []
     assert "fold_run_averages" not in m  # refitted, not the average of its fold runs
+    assert ("fresh_noise_rate" in m) == (procedure == "fresh+forward")
     model, _, verified, _, _ = distributed_auto()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     final = read_checkpoint(list_checkpoints(tmp_path / "trainer")[-1])
@@ -83,4 +86,4 @@ def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path):
     with torch.no_grad():
         logits = model(every["pixel_values"]).logits
     accuracy = float((logits.argmax(-1) == every["labels"]).double().mean())
-    assert accuracy > m["accuracy_before"] + 0.1  # it learnt the verified samples the final weights got wrong
+    assert accuracy > m["accuracy_before"] + 0.05  # it learnt verified samples the final weights got wrong

@@ -1,0 +1,72 @@
+"""The noise transition `forward` learns through on `fresh`: calibrated by predictions held out from the whole model.
+
+Identification calibrates its noise rate by its probe's held-out confusion on the verified split: the probe is
+fitted on some verified samples and predicts the others. That is the confusion the probe has on unseen samples
+only where the network it reads never learnt the verified samples. `fresh` did: fine-tuned on them, its features
+fit them, the probe is more accurate on them than on the training samples, and the calibration over-estimates
+the noise (text: 0.43-0.45 for a true 0.40, BENCHMARKS.md). Forward correction is sensitive to that: a binary
+label kept with probability d carries a signal proportional to 2d - 1.
+
+`fresh`'s fold models give a confusion held out from the whole model: each was fine-tuned without its fold and
+predicts it. The same models predict every training sample (each process its shard), and black-box shift
+estimation solves for the joint distribution of (true, given) labels as identification's calibration does
+(`NoiseRateCalibration`: the same solve, interval and warnings).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RepairConfig
+from ..data import CollateFn, VerifiedSplit, pop_labels, training_batches
+from ..evaluation import ForwardFn, eval_mode, input_names_for, predict
+from ..identification.noise_rate import NoiseRateCalibration, NoiseRateEstimate
+from ..utils.distributed import process_info
+from .checkpoints import StateDict, load_weights
+
+logger = logging.getLogger(__name__)
+
+
+def heldout_transition(model: nn.Module, fold_weights: Callable[[int], StateDict], split: VerifiedSplit,
+                       train_dataset: Any, config: RepairConfig, forward_fn: ForwardFn,
+                       collate_fn: CollateFn | None) -> NoiseRateEstimate:
+    """The noise rate and transition P(given | true) calibrated by the models `fold_weights(f)`, each fine-tuned
+    without verified fold f: their pooled predictions on the folds they did not learn against their mean
+    prediction on the training samples by given label. Leaves the model with the last fold's weights.
+
+    Holds each fold model's log-probabilities on this process's shard of the training set (k x N / processes x C).
+    """
+    rank, world = process_info()
+    shard = np.arange(len(train_dataset), dtype=np.int64)[rank::world]
+    input_names = input_names_for(model, forward_fn)
+    heldout_log_probs, heldout_labels, training = [], [], []
+    with eval_mode(model), torch.no_grad():
+        for fold in range(split.num_folds):
+            load_weights(model, fold_weights(fold))
+            logits, labels = predict(model, split.batches(fold), forward_fn)
+            heldout_log_probs.append(logits.double().log_softmax(-1).cpu())
+            heldout_labels.append(labels.cpu())
+            for raw in training_batches(train_dataset, shard, config.label_column, input_names, collate_fn,
+                                        config.batch_size):
+                batch = dict(raw)
+                given = torch.as_tensor(pop_labels(batch, config.label_column)).reshape(-1).long()
+                inputs = {k: v.to(split.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                          if input_names is None or k in input_names}
+                training.append((forward_fn(model, inputs).double().log_softmax(-1).cpu(), given))
+    log_probs = torch.cat(heldout_log_probs)
+    calibration = NoiseRateCalibration("fresh_folds", log_probs, torch.cat(heldout_labels), log_probs.shape[-1])
+    for batch_log_probs, given in training:
+        calibration.update(batch_log_probs, given)
+    estimate = calibration.estimate(split.device, config.repair_seed)
+    problems = estimate.problems()
+    logger.info("method='auto': noise rate %.3f, interval [%.3f, %.3f], from fresh's fold models' held-out "
+                "predictions%s; forward on fresh learns through P(given = true | true) %s.", estimate.rate,
+                *estimate.interval, f" (not reliable: {'; '.join(problems)})" if problems else "",
+                [round(row[i], 3) for i, row in enumerate(estimate.transition)])
+    return estimate
