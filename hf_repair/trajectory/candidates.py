@@ -31,8 +31,9 @@ when it is finally run -- and builds weights from the trajectory with them alone
   measured within noise);
 - `<base>+forward`: the weights training started from fine-tuned on those samples and *every* training sample,
   each given label learnt through the noise transition P(given | true) that the base's identification
-  estimates (forward correction, Patrini et al. 2017; same budget and early stop as retrain). It drops nothing,
-  so it does not depend on telling which labels are wrong, only on how often each class's are: where
+  estimates, or on `fresh` its fold models (`transition.py`) (forward correction, Patrini et al. 2017; same
+  budget and early stop as retrain). It drops nothing, so it does not depend on telling which labels are
+  wrong, only on how often each class's are: where
   identification is weak (a text model's, BENCHMARKS.md) that is the better bet.
 
 On a trajectory base the weights erase and retrain end with are the uniform average of their fold runs, the ones
