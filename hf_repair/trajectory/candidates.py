@@ -83,7 +83,7 @@ from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, mixable, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
 from .points import Trajectory
-from .transition import heldout_transition
+from .transition import heldout_noise_rate, with_noise_rate
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class CandidateBuilder:
         self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
         self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
         self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
-        self.fresh_noise_rate: NoiseRateEstimate | None = None  # forward's transition on fresh (`_fresh_transition`)
+        self.fresh_noise_rate: NoiseRateEstimate | None = None  # what fresh's refinements flag by (`_calibrate_on_fresh`)
         self.averages_fold_runs = not has_lora_factors(model)
         self.runs_per_fold = config.runs_per_fold if self.averages_fold_runs else 1
         self._retrain_alpha: float | None = None  # retrain_mixup_alpha resolved once (`retrain_mixup_alpha`)
@@ -362,14 +362,17 @@ class CandidateBuilder:
             return project(self.model, dataclasses.replace(self.config, method="projection"), verified,
                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         if key not in self._identifications:
-            self._identifications[key] = identify_harmful(self.model, self.train_dataset, verified,
-                                                          self._finetune_config(), forward_fn=self.forward_fn,
-                                                          collate_fn=self.collate_fn)
+            on_fresh = isinstance(key[0], Fresh)
+            if on_fresh:
+                self._calibrate_on_fresh()
+                self.load(key[0])
+            identification = identify_harmful(self.model, self.train_dataset, verified, self._finetune_config(),
+                                              forward_fn=self.forward_fn, collate_fn=self.collate_fn)
+            self._identifications[key] = (with_noise_rate(identification, self.fresh_noise_rate, self.config)
+                                          if on_fresh else identification)
         identification, transition = self._identifications[key], None
         if refinement == "forward":
             identification, transition = through_the_noise(identification)
-            if isinstance(key[0], Fresh):
-                transition = self._fresh_transition()
         erase = self._finetune_config(run)
         if refinement in ("retrain", "forward"):
             load_weights(self.model, self.trajectory.initial_weights())
@@ -382,14 +385,13 @@ class CandidateBuilder:
                                forward_fn=self.forward_fn, collate_fn=self.collate_fn, noise_transition=transition)
         return None
 
-    def _fresh_transition(self) -> torch.Tensor:
-        """What forward learns through on `fresh`, calibrated once by fresh's fold models (`transition.py`): its
-        identification's probe reads features that fresh fitted to the verified samples, and over-estimates the noise.
-        One for every fold: the fold it judges adds its labels to a C x C confusion, not to the fine-tune."""
+    def _calibrate_on_fresh(self) -> None:
+        """The noise rate and transition of every refinement of `fresh`, calibrated once by fresh's fold models
+        (`transition.py`): fresh's own probe reads features fitted to the verified samples and over-estimates the
+        noise. One for every fold: the fold it judges adds its labels to a C x C confusion, not to a fine-tune."""
         if self.fresh_noise_rate is None:
-            self.fresh_noise_rate = heldout_transition(self.model, self._fresh_weights, self.split, self.train_dataset,
+            self.fresh_noise_rate = heldout_noise_rate(self.model, self._fresh_weights, self.split, self.train_dataset,
                                                        self.config, self.forward_fn, self.collate_fn)
-        return torch.tensor(self.fresh_noise_rate.transition, dtype=torch.float32)
 
     def retrain_mixup_alpha(self) -> float:
         """`retrain_mixup_alpha`, or where None: 1 for a model with a floating-point input (pixel values, features),

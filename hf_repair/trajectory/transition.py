@@ -1,11 +1,12 @@
-"""The noise transition `forward` learns through on `fresh`: calibrated by predictions held out from the whole model.
+"""The noise rate and transition of `fresh`'s refinements: calibrated by predictions held out from the whole model.
 
 Identification calibrates its noise rate by its probe's held-out confusion on the verified split: the probe is
 fitted on some verified samples and predicts the others. That is the confusion the probe has on unseen samples
 only where the network it reads never learnt the verified samples. `fresh` did: fine-tuned on them, its features
 fit them, the probe is more accurate on them than on the training samples, and the calibration over-estimates
-the noise (text: 0.43-0.45 for a true 0.40, BENCHMARKS.md). Forward correction is sensitive to that: a binary
-label kept with probability d carries a signal proportional to 2d - 1.
+the noise (text: 0.429-0.454 for a true 0.40, BENCHMARKS.md). Erase and retrain flag that share of the training
+set, and forward learns every label through the transition (a binary label kept with probability d carries a
+signal proportional to 2d - 1).
 
 `fresh`'s fold models give a confusion held out from the whole model: each was fine-tuned without its fold and
 predicts it. The same models predict every training sample (each process its shard), and black-box shift
@@ -15,6 +16,7 @@ estimation solves for the joint distribution of (true, given) labels as identifi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +26,9 @@ import torch
 from torch import nn
 
 from ..config import RepairConfig
-from ..data import CollateFn, VerifiedSplit, pop_labels, training_batches
+from ..data import CollateFn, VerifiedSplit, column_array, pop_labels, training_batches
 from ..evaluation import ForwardFn, eval_mode, input_names_for, predict
+from ..identification import IdentificationResult, flag_lowest
 from ..identification.noise_rate import NoiseRateCalibration, NoiseRateEstimate
 from ..utils.distributed import process_info
 from .checkpoints import StateDict, load_weights
@@ -33,7 +36,7 @@ from .checkpoints import StateDict, load_weights
 logger = logging.getLogger(__name__)
 
 
-def heldout_transition(model: nn.Module, fold_weights: Callable[[int], StateDict], split: VerifiedSplit,
+def heldout_noise_rate(model: nn.Module, fold_weights: Callable[[int], StateDict], split: VerifiedSplit,
                        train_dataset: Any, config: RepairConfig, forward_fn: ForwardFn,
                        collate_fn: CollateFn | None) -> NoiseRateEstimate:
     """The noise rate and transition P(given | true) calibrated by the models `fold_weights(f)`, each fine-tuned
@@ -60,13 +63,33 @@ def heldout_transition(model: nn.Module, fold_weights: Callable[[int], StateDict
                           if input_names is None or k in input_names}
                 training.append((forward_fn(model, inputs).double().log_softmax(-1).cpu(), given))
     log_probs = torch.cat(heldout_log_probs)
-    calibration = NoiseRateCalibration("fresh_folds", log_probs, torch.cat(heldout_labels), log_probs.shape[-1])
+    calibration = NoiseRateCalibration("fresh_fold_models", log_probs, torch.cat(heldout_labels), log_probs.shape[-1])
     for batch_log_probs, given in training:
         calibration.update(batch_log_probs, given)
     estimate = calibration.estimate(split.device, config.repair_seed)
     problems = estimate.problems()
     logger.info("method='auto': noise rate %.3f, interval [%.3f, %.3f], from fresh's fold models' held-out "
-                "predictions%s; forward on fresh learns through P(given = true | true) %s.", estimate.rate,
-                *estimate.interval, f" (not reliable: {'; '.join(problems)})" if problems else "",
+                "predictions%s; P(given = true | true) %s.", estimate.rate, *estimate.interval,
+                f" (not reliable: {'; '.join(problems)})" if problems else "",
                 [round(row[i], 3) for i, row in enumerate(estimate.transition)])
     return estimate
+
+
+def with_noise_rate(identification: IdentificationResult, estimate: NoiseRateEstimate,
+                    config: RepairConfig) -> IdentificationResult:
+    """The identification with `estimate` as its noise rate and transition, its flags cut again at that rate where
+    `flag_rule` is "noise_rate" (the scores and the other rules' flags do not depend on it)."""
+    problems = estimate.problems()
+    summary = {**identification.summary, "estimated_noise_rate": estimate.rate,
+               "estimated_noise_rate_interval": list(estimate.interval), "noise_rate_source": estimate.reference,
+               "noise_rate_warning": "; ".join(problems) or None, "noise_transition": estimate.transition}
+    if config.flag_rule != "noise_rate":
+        return dataclasses.replace(identification, summary=summary)
+    flagged, threshold = flag_lowest(column_array(identification.table, "score"), config, estimate.rate)
+    summary.update(num_flagged=int(flagged.sum()), threshold=threshold)
+    table = identification.table.remove_columns("flagged").add_column("flagged", flagged)
+    if "is_corrupted" in table.column_names:
+        corrupted = column_array(table, "is_corrupted").astype(bool)
+        summary["precision"] = float((flagged & corrupted).sum() / max(flagged.sum(), 1))
+        summary["recall"] = float((flagged & corrupted).sum() / max(corrupted.sum(), 1))
+    return IdentificationResult(table=table, summary=summary, flagged_indices=np.flatnonzero(flagged).astype(np.int64))

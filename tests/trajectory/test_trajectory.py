@@ -379,13 +379,15 @@ def test_a_refinement_of_fresh_is_refitted_on_every_verified_sample(data, run, m
     num_folds erase runs from it on all of them, not with its fold runs (whose fresh learnt two thirds of them)."""
     train, verified, _ = data
     _, _, _, output_dir, initial = run
-    starts, seeds, runs = [], [], []  # the head each erase fine-tune started from, its seed, its weights after
+    starts, seeds, runs, flags = [], [], [], []  # per erase fine-tune: the head it started from, its seed, its
+    # weights after, how many training samples it dropped
     finetune, identify = candidates.repair_with_finetuning, candidates.identify_harmful
     identified_on = []  # how many verified samples each identification's probe learnt
 
     def spy_finetune(model, finetune_config, *args, **kwargs):
         starts.append(model.state_dict()["head.weight"].clone())
         seeds.append(finetune_config.repair_seed)
+        flags.append(len(args[2].flagged_indices))
         result = finetune(model, finetune_config, *args, **kwargs)
         runs.append({key: value.clone() for key, value in model.state_dict().items()})
         return result
@@ -415,6 +417,8 @@ def test_a_refinement_of_fresh_is_refitted_on_every_verified_sample(data, run, m
     assert all(torch.equal(start, starts[-k]) for start in starts[-k:])  # every refit run starts from one fresh
     assert not any(torch.equal(starts[-k], start) for start in starts[:-k])  # not a fold's fresh
     assert seeds[-k:] == [config.repair_seed + 1000 * run for run in range(k)]  # each its own seed
+    # fresh's erase flags the share its fold models calibrate, the final model's its own identification's
+    assert set(flags[per_fold:]) == {round(m["fresh_noise_rate"]["rate"] * len(train))} != set(flags[:per_fold])
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, (sum(state[key].double() for state in refit) / k).to(value.dtype),
                                    rtol=0, atol=0)

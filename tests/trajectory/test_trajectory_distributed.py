@@ -69,14 +69,15 @@ def test_the_trajectory_scores_match_a_single_process_from_the_checkpoints(launc
 @pytest.mark.parametrize("procedure", ["fresh+retrain", "fresh+forward"])
 def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path, procedure):
     """A refinement of fresh, chosen (the script rigs the folds' verdict), ends with the refit the folds never reach:
-    fresh and its identification on every verified sample, then num_folds fine-tunes averaged; forward's transition
-    calibrated by fresh's fold models over both processes' shards of the training set. The same on both processes."""
+    fresh and its identification on every verified sample, then num_folds fine-tunes averaged; the noise rate and
+    transition calibrated by fresh's fold models over both processes' shards of the training set. The same on both
+    processes."""
     weights, metrics = launch(tmp_path, procedure)
     assert_same_on_every_process(weights, metrics)
     m = metrics[0]
     assert m["chosen"] == procedure and m["adopted"] and m["chosen_points"] == []
     assert "fold_run_averages" not in m  # refitted, not the average of its fold runs
-    assert ("fresh_noise_rate" in m) == (procedure == "fresh+forward")
+    assert 0 < m["fresh_noise_rate"]["rate"] < 1  # calibrated by fresh's fold models over both processes' shards
     model, _, verified, _, _ = distributed_auto()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     final = read_checkpoint(list_checkpoints(tmp_path / "trainer")[-1])
