@@ -14,7 +14,6 @@ fine-tunes on every verified sample (`--runs` of them averaged), with each model
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -33,7 +32,7 @@ from testbed.finetuning import load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
 from common import markdown_table
-from retrain_budget import describe, fresh_cache, fresh_weights, positive_int
+from retrain_budget import describe, fold_freshes, fresh_runs, positive_int
 
 
 def main() -> None:
@@ -54,28 +53,20 @@ def main() -> None:
     initial = task.new_model(args.seed).state_dict()
     labels, corrupted = column_array(task.test, "labels"), column_array(task.noisy, "is_corrupted").astype(bool)
 
-    def averaged_fresh(verified, key: str) -> dict:
-        runs = []
-        for run_index in range(args.runs):  # as auto's runs: repair seeds seed + 1000 r; run 0 shares retrain_budget's cache
-            run_config = dataclasses.replace(config, repair_seed=args.seed + 1000 * run_index)
-            name = f"s{args.seed}" + (f"_r{run_index}" if run_index else "") + key
-            runs.append(fresh_weights(model, initial, verified, run_config, fresh_cache(run_dir, run_config, name)))
-        return average_weights(runs, latest=0)
-
     def row(name: str, state: dict, verified) -> list[str]:
         load_weights(model, state)
         test = 100 * np.mean(predictions(model, task.test) == labels)
         return [name, str(len(verified)), f"{test:.2f}", describe(identify_harmful(model, task.noisy, verified, config), corrupted)]
 
     folds = stratified_folds(column_array(task.verified, "labels"), config.num_folds, args.seed)
-    rows, fold_states = [], []
-    for fold in range(config.num_folds):
+    fold_states = fold_freshes(model, initial, task.verified, config, run_dir, args.seed, args.runs)
+    rows = []
+    for fold, state in enumerate(fold_states):
         outside = task.verified.select(np.sort(np.concatenate([r for f, r in enumerate(folds) if f != fold])))
-        fold_states.append(averaged_fresh(outside, f"_fold{fold}"))
-        rows.append(row(f"fold {fold}'s fresh", fold_states[-1], outside))
+        rows.append(row(f"fold {fold}'s fresh", state, outside))
     rows.append(row("the average of the fold freshes", average_weights(fold_states, latest=0), task.verified))
-    rows.append(row(f"fresh on every verified sample ({args.runs} runs averaged)", averaged_fresh(task.verified, ""),
-                    task.verified))
+    every = average_weights(fresh_runs(model, initial, task.verified, config, run_dir, args.seed, args.runs), latest=0)
+    rows.append(row(f"fresh on every verified sample ({args.runs} runs averaged)", every, task.verified))
     print(f"{task.name} {args.regime} seed {args.seed}: load {os.getloadavg()[0]:.1f}")
     print(markdown_table(["identifier", "verified samples it learnt and probes with", "its test %",
                           "flagged, precision, recall, AUROC on the known corruption"], rows))

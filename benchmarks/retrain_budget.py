@@ -16,6 +16,8 @@ instead: nothing dropped, every training label learnt through the noise transiti
 as auto's runs per fold), and `--from-base` fine-tunes the identifying model itself without the flagged samples
 (auto's erase) instead of the initial weights: together, what a chosen fresh-based erase or retrain would end with if
 it were refitted on every verified sample (`fold_identification.py` shows what the nested folds' identifiers get).
+`--fold-calibrated` flags and forward-corrects by the noise rate fresh's fold models calibrate on the verified folds
+they did not learn, as `auto` does on fresh (the fold models cached beside the run as `fold_identification.py`'s).
 
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --base trajectory --repair-seeds 0 1 2
@@ -23,6 +25,7 @@ it were refitted on every verified sample (`fold_identification.py` shows what t
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --epochs 10 --set small_loss_trim=0.1
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --forward --repair-seeds 0 1 2
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --from-base --epochs 1 --repair-seeds 0 1000 2000
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --fold-calibrated --repair-seeds 0 1000 2000
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's testb
 
 from hf_repair import RepairConfig
 from hf_repair.config.identification import IDENTIFICATION_SCORES
-from hf_repair.data import column_array
+from hf_repair.data import column_array, stratified_folds
 from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from hf_repair.trajectory.candidates import average_weights, through_the_noise
 from hf_repair.trajectory.checkpoints import load_weights
+from hf_repair.trajectory.transition import heldout_noise_rate, with_noise_rate
 from testbed.finetuning import Trajectory, average_states, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
@@ -92,8 +96,13 @@ def main() -> None:
                         help="With --base fresh: the weight average of this many fresh fine-tunes (repair seeds seed + 1000 r).")
     parser.add_argument("--from-base", action="store_true",
                         help="Fine-tune the identifying model without the flags (erase) instead of the initial weights.")
+    parser.add_argument("--fold-calibrated", action="store_true",
+                        help="With --base fresh: flag and forward-correct by the noise rate fresh's fold models calibrate "
+                             "(auto's), not the rate fresh's own identification estimates.")
     add_config_overrides(parser, "small_loss_trim=0.1")
     args = parser.parse_args()
+    if args.fold_calibrated and args.base != "fresh":
+        parser.error("--fold-calibrated calibrates by fresh's fold models; use it with --base fresh.")
     if args.base == "trajectory" and len(args.scores) > 1:
         parser.error("--base trajectory ranks by the mean probe score of every checkpoint; compare --scores on one model.")
     if args.forward and (args.rounds > 1 or args.flagged != "identified"):
@@ -119,14 +128,12 @@ def main() -> None:
     config = dataclasses.replace(config, **dict(args.set))  # --set wins over the settings above
     initial = task.new_model(args.seed).state_dict()  # the seeded initialisation the noisy run started from
     if args.base == "fresh":
-        runs = []
-        for run_index in range(args.fresh_runs):
-            run_config = dataclasses.replace(config, repair_seed=args.seed + 1000 * run_index)
-            key = f"s{args.seed}" + (f"_r{run_index}" if run_index else "")  # run 0: the cache of one fresh model
-            runs.append(fresh_weights(base, initial, task.verified, run_config, fresh_cache(run_dir, run_config, key)))
-            load_weights(base, runs[-1])
+        runs = fresh_runs(base, initial, task.verified, config, run_dir, args.seed, args.fresh_runs)
+        for run_index, state in enumerate(runs):
+            load_weights(base, state)
             print(f"fresh run {run_index} on the verified split: {100 * accuracy(base):.2f}% on test")
-        load_weights(base, average_weights(runs, latest=0))
+        fresh = average_weights(runs, latest=0)
+        load_weights(base, fresh)
     corrupted = column_array(task.noisy, "is_corrupted").astype(bool)
     if args.base != "trajectory":
         for score in args.scores[1:]:
@@ -134,6 +141,15 @@ def main() -> None:
             print(f"score {score}: {describe(scored, corrupted)}")
     identification = (trajectory_identification(run, task, config) if args.base == "trajectory"
                       else identify_harmful(base, task.noisy, task.verified, config))
+    if args.fold_calibrated:
+        folds = fold_freshes(base, initial, task.verified, config, run_dir, args.seed, args.fresh_runs)
+        estimate = heldout_noise_rate(base, folds.__getitem__, split_verified(base, task.verified, config), task.noisy,
+                                      config, default_forward, None)
+        load_weights(base, fresh)
+        print(f"noise rate {corrupted.mean():.3f}: fresh's identification estimates "
+              f"{identification.summary['estimated_noise_rate']:.3f}, its fold models {estimate.rate:.3f} "
+              f"[{estimate.interval[0]:.3f}, {estimate.interval[1]:.3f}]")
+        identification = with_noise_rate(identification, estimate, config)
     if args.flagged != "identified":
         flagged = (np.flatnonzero(corrupted) if args.flagged == "corrupted"
                    else np.sort(np.argsort(column_array(identification.table, "score"))[:int(args.flagged)]))
@@ -203,6 +219,30 @@ def fresh_weights(model: torch.nn.Module, initial: dict[str, torch.Tensor], veri
             best_loss, best_state = result.scores_after["loss"], {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(best_state, cache)
     return best_state
+
+
+def fresh_runs(model: torch.nn.Module, initial: dict[str, torch.Tensor], verified: datasets.Dataset, config: RepairConfig,
+               run_dir: Path, seed: int, runs: int, key: str = "") -> list[dict[str, torch.Tensor]]:
+    """`runs` fresh fine-tunes on `verified` at repair seeds seed + 1000 r, as auto's runs (cached; `key` names the
+    verified subset: "" for all of it, "_fold{f}" for all but fold f)."""
+    states = []
+    for run_index in range(runs):
+        run_config = dataclasses.replace(config, repair_seed=seed + 1000 * run_index)
+        name = f"s{seed}" + (f"_r{run_index}" if run_index else "") + key  # run 0: the cache of one fresh model
+        states.append(fresh_weights(model, initial, verified, run_config, fresh_cache(run_dir, run_config, name)))
+    return states
+
+
+def fold_freshes(model: torch.nn.Module, initial: dict[str, torch.Tensor], verified: datasets.Dataset,
+                 config: RepairConfig, run_dir: Path, seed: int, runs: int) -> list[dict[str, torch.Tensor]]:
+    """auto's fold models of fresh: per verified fold, the average of `runs` fresh fine-tunes on the other folds."""
+    folds = stratified_folds(column_array(verified, "labels"), config.num_folds, seed)
+    states = []
+    for fold in range(config.num_folds):
+        outside = verified.select(np.sort(np.concatenate([rows for f, rows in enumerate(folds) if f != fold])))
+        states.append(average_weights(fresh_runs(model, initial, outside, config, run_dir, seed, runs, f"_fold{fold}"),
+                                      latest=0))
+    return states
 
 
 def trajectory_identification(run: Trajectory, task: regime_benchmark.Task, config: RepairConfig) -> IdentificationResult:
