@@ -53,7 +53,7 @@ from hf_repair.identification import IdentificationResult, auroc, identify_harmf
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from hf_repair.trajectory.candidates import average_weights, through_the_noise
 from hf_repair.trajectory.checkpoints import load_weights
-from hf_repair.trajectory.transition import heldout_noise_rate, with_noise_rate
+from hf_repair.trajectory.heldout_noise import heldout_noise_rate, with_noise_rate
 from testbed.finetuning import Trajectory, average_states, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark

@@ -87,9 +87,9 @@ class RepairCallback(TrainerCallback):
         test_dataset: labelled held-out data, preprocessed like `verified_dataset`, that the report scores
             before and after the repair (per class, confusion matrices). The main process scores it
             alone, so it needs unsharded weights (not FSDP or ZeRO-3).
-        train_dataset: for the fine-tuning methods (and the erase, retrain and forward refinements of "auto"): the training data to identify
-            harmful samples in and fine-tune on. By default the dataset the
-            `Trainer` trained on (after its unused-column removal), so it batches with its collator.
+        train_dataset: for the fine-tuning methods (and the erase, retrain and forward refinements of "auto"): the
+            training data to identify harmful samples in and fine-tune on. By default the dataset the `Trainer`
+            trained on (after its unused-column removal), so it batches with its collator.
 
     After training, `callback.result` holds the `RepairResult` (`result.undo()` restores the trained
     weights), or `callback.error` the exception that stopped the repair; the model is then exactly as

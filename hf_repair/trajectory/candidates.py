@@ -31,10 +31,13 @@ when it is finally run -- and builds weights from the trajectory with them alone
   measured within noise);
 - `<base>+forward`: the weights training started from fine-tuned on those samples and *every* training sample,
   each given label learnt through the noise transition P(given | true) that the base's identification
-  estimates, or on `fresh` its fold models (`transition.py`) (forward correction, Patrini et al. 2017; same
-  budget and early stop as retrain). It drops nothing, so it does not depend on telling which labels are
-  wrong, only on how often each class's are: where
+  estimates (forward correction, Patrini et al. 2017; same budget and early stop as retrain). It drops nothing,
+  so it does not depend on telling which labels are wrong, only on how often each class's are: where
   identification is weak (a text model's, BENCHMARKS.md) that is the better bet.
+
+On `fresh`, erase, retrain and forward flag by (and learn through) the noise rate and transition that fresh's fold
+models calibrate on the folds they did not learn (`heldout_noise.py`), not fresh's own identification's, whose
+probe reads features fitted to the verified samples and over-estimates the noise (measured, BENCHMARKS.md).
 
 On a trajectory base the weights erase and retrain end with are the uniform average of their fold runs, the ones
 the folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
@@ -82,8 +85,8 @@ from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, mixable, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
+from .heldout_noise import heldout_noise_rate, with_noise_rate
 from .points import Trajectory
-from .transition import heldout_noise_rate, with_noise_rate
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +390,7 @@ class CandidateBuilder:
 
     def _calibrate_on_fresh(self) -> None:
         """The noise rate and transition of every refinement of `fresh`, calibrated once by fresh's fold models
-        (`transition.py`): fresh's own probe reads features fitted to the verified samples and over-estimates the
+        (`heldout_noise.py`): fresh's own probe reads features fitted to the verified samples and over-estimates the
         noise. One for every fold: the fold it judges adds its labels to a C x C confusion, not to a fine-tune."""
         if self.fresh_noise_rate is None:
             self.fresh_noise_rate = heldout_noise_rate(self.model, self._fresh_weights, self.split, self.train_dataset,
