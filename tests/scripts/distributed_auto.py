@@ -18,28 +18,11 @@ import sys
 import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
-from trajectory_setup import distributed_auto
+from trajectory_setup import distributed_auto, rigged_heldout_predictions
 from transformers import Trainer, TrainingArguments
 
 from hf_repair import RepairCallback
-from hf_repair.trajectory.candidates import CandidateBuilder
-
-
-def rig_the_folds_for(winner: str) -> None:
-    """`winner` predicts every held-out label and fresh all but one of each fold's, so that fresh beats the final
-    weights, its refinements are judged, and `winner` is chosen; every other procedure predicts as it would."""
-    heldout_predictions = CandidateBuilder.heldout_predictions
-
-    def rigged(self: CandidateBuilder, procedure: str, fold: int):
-        predicted = heldout_predictions(self, procedure, fold)  # still run on every fold: its cost and collectives
-        if procedure not in ("fresh", winner):
-            return predicted
-        labels = self.trajectory.labels[self.trajectory.folds == fold].clone()
-        if procedure == "fresh":
-            labels[0] = (labels[0] + 1) % 10
-        return labels
-
-    CandidateBuilder.heldout_predictions = rigged
+from hf_repair.trajectory import CandidateBuilder
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
@@ -47,7 +30,7 @@ if __name__ == "__main__":
     out = sys.argv[1]
     model, train, verified, config, training = distributed_auto()
     if len(sys.argv) > 2:
-        rig_the_folds_for(sys.argv[2])
+        CandidateBuilder.heldout_predictions = rigged_heldout_predictions(sys.argv[2])
         config = dataclasses.replace(config, auto_candidates=["fresh", sys.argv[2].partition("+")[2]])
     args = TrainingArguments(output_dir=f"{out}/trainer", use_cpu=True, report_to="none", disable_tqdm=True, seed=0,
                              logging_strategy="no", **training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -10,6 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_repair import RepairConfig
+from hf_repair.trajectory import CandidateBuilder
 from testbed.noise import corrupt_dataset
 from testbed.offline_data import load_fashion_mnist
 
@@ -49,3 +51,21 @@ def distributed_auto() -> tuple[nn.Module, datasets.Dataset, datasets.Dataset, R
     training = dict(num_train_epochs=10, per_device_train_batch_size=32, learning_rate=3e-3,
                     lr_scheduler_type="constant", save_strategy="epoch")
     return MLP(), train, verified, config, training
+
+
+def rigged_heldout_predictions(winner: str) -> Callable[[CandidateBuilder, str, int], torch.Tensor]:
+    """A `CandidateBuilder.heldout_predictions` under which `winner`, a refinement of fresh, predicts every held-out
+    label and fresh all but one of each fold's: fresh beats the trajectory, its refinements are judged, and `winner`
+    is chosen. Every procedure still runs on every fold (its cost and collectives); the others predict as they would."""
+    heldout_predictions = CandidateBuilder.heldout_predictions
+
+    def rigged(builder: CandidateBuilder, procedure: str, fold: int) -> torch.Tensor:
+        predicted = heldout_predictions(builder, procedure, fold)
+        if procedure not in ("fresh", winner):
+            return predicted
+        labels = builder.trajectory.labels[builder.trajectory.folds == fold].clone()
+        if procedure == "fresh":
+            labels[0] = (labels[0] + 1) % 10
+        return labels
+
+    return rigged

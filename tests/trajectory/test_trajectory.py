@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from trajectory_setup import MLP, noisy_fashion_mnist  # noqa: E402
+from trajectory_setup import MLP, noisy_fashion_mnist, rigged_heldout_predictions  # noqa: E402
 from transformers import Trainer, TrainingArguments
 
 from hf_repair import RepairCallback, RepairConfig, Repairer
@@ -197,18 +197,8 @@ def test_forward_on_fresh_learns_through_the_transition_fresh_fold_models_calibr
         transitions.append(noise_transition)
         return finetune(model, config, *args, noise_transition=noise_transition, **kwargs)
 
-    heldout_predictions = CandidateBuilder.heldout_predictions
-
-    def forward_on_fresh_wins(self, procedure, fold):  # fresh+forward predicts every label, fresh all but one a fold
-        predicted = heldout_predictions(self, procedure, fold)
-        if not procedure.startswith("fresh"):
-            return predicted
-        labels = self.trajectory.labels[self.trajectory.folds == fold].clone()
-        labels[0] += procedure == "fresh"
-        return labels
-
     monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
-    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", forward_on_fresh_wins)
+    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", rigged_heldout_predictions("fresh+forward"))
     config = dataclasses.replace(AUTO, auto_candidates=["fresh", "forward"], retention_learning_rate=3e-3,
                                  retention_batch_size=64, runs_per_fold=1)
     m = Repairer(fresh_final_model(output_dir), config).repair(verified, train, initial_weights=initial).metrics
@@ -396,15 +386,9 @@ def test_a_refinement_of_fresh_is_refitted_on_every_verified_sample(data, run, m
         identified_on.append(len(verified_samples))
         return identify(model, train_dataset, verified_samples, *args, **kwargs)
 
-    heldout_predictions = CandidateBuilder.heldout_predictions
-
-    def fresh_erase_wins(self, procedure, fold):  # the folds still run, but fresh+erase predicts every label
-        predicted = heldout_predictions(self, procedure, fold)
-        return self.trajectory.labels[self.trajectory.folds == fold] if procedure == "fresh+erase" else predicted
-
     monkeypatch.setattr(candidates, "repair_with_finetuning", spy_finetune)
     monkeypatch.setattr(candidates, "identify_harmful", spy_identify)
-    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", fresh_erase_wins)
+    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", rigged_heldout_predictions("fresh+erase"))
     config = dataclasses.replace(AUTO, auto_candidates=["fresh", "erase"], retention_learning_rate=3e-3,
                                  retention_batch_size=64)
     model = fresh_final_model(output_dir)
