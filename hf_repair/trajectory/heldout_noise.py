@@ -43,29 +43,31 @@ def heldout_noise_rate(model: nn.Module, fold_weights: Callable[[int], StateDict
     without verified fold f: their pooled predictions on the folds they did not learn against their mean
     prediction on the training samples by given label. Leaves the model with the last fold's weights.
 
-    Holds each fold model's log-probabilities on this process's shard of the training set (k x N / processes x C).
+    Two passes over the fold models (the calibration needs every held-out prediction first), so the training set is
+    streamed: memory is one batch, not the training set's predictions.
     """
     rank, world = process_info()
     shard = np.arange(len(train_dataset), dtype=np.int64)[rank::world]
     input_names = input_names_for(model, forward_fn)
-    heldout_log_probs, heldout_labels, training = [], [], []
+    heldout_log_probs, heldout_labels = [], []
     with eval_mode(model), torch.no_grad():
         for fold in range(split.num_folds):
             load_weights(model, fold_weights(fold))
             logits, labels = predict(model, split.batches(fold), forward_fn)
             heldout_log_probs.append(logits.double().log_softmax(-1).cpu())
             heldout_labels.append(labels.cpu())
+        log_probs = torch.cat(heldout_log_probs)
+        calibration = NoiseRateCalibration("fresh_fold_models", log_probs, torch.cat(heldout_labels),
+                                           log_probs.shape[-1])
+        for fold in range(split.num_folds):
+            load_weights(model, fold_weights(fold))
             for raw in training_batches(train_dataset, shard, config.label_column, input_names, collate_fn,
                                         config.batch_size):
                 batch = dict(raw)
                 given = torch.as_tensor(pop_labels(batch, config.label_column)).reshape(-1).long()
                 inputs = {k: v.to(split.device) if torch.is_tensor(v) else v for k, v in batch.items()
                           if input_names is None or k in input_names}
-                training.append((forward_fn(model, inputs).double().log_softmax(-1).cpu(), given))
-    log_probs = torch.cat(heldout_log_probs)
-    calibration = NoiseRateCalibration("fresh_fold_models", log_probs, torch.cat(heldout_labels), log_probs.shape[-1])
-    for batch_log_probs, given in training:
-        calibration.update(batch_log_probs, given)
+                calibration.update(forward_fn(model, inputs).double().log_softmax(-1), given)
     estimate = calibration.estimate(split.device, config.repair_seed)
     problems = estimate.problems()
     logger.info("method='auto': noise rate %.3f, interval [%.3f, %.3f], from fresh's fold models' held-out "
