@@ -35,9 +35,11 @@ when it is finally run -- and builds weights from the trajectory with them alone
   so it does not depend on telling which labels are wrong, only on how often each class's are: where
   identification is weak (a text model's, BENCHMARKS.md) that is the better bet.
 
-On `fresh`, erase, retrain and forward flag by (and learn through) the noise rate and transition that fresh's fold
-models calibrate on the folds they did not learn (`heldout_noise.py`), not fresh's own identification's, whose
-probe reads features fitted to the verified samples and over-estimates the noise (measured, BENCHMARKS.md).
+A chosen erase, retrain or forward of `fresh`, refitted on every verified sample (below), flags by (and learns
+through) the noise rate and transition that fresh's fold models calibrate on the folds they did not learn
+(`heldout_noise.py`), not fresh's own identification's, whose probe reads features fitted to the verified samples
+and over-estimates the noise. The fold runs the folds judge keep their fold fresh's own identification: calibrated
+too, they made the folds prefer `fresh` itself over a refit that did better on test (measured, BENCHMARKS.md).
 
 On a trajectory base the weights erase and retrain end with are the uniform average of their fold runs, the ones
 the folds judged, not one more fine-tune on every sample: that saves a fine-tune, and averaging fine-tunes from one
@@ -138,7 +140,7 @@ class CandidateBuilder:
         self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
         self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
         self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
-        self.fresh_noise_rate: NoiseRateEstimate | None = None  # what fresh's refinements flag by (`_calibrate_on_fresh`)
+        self.fresh_noise_rate: NoiseRateEstimate | None = None  # what a refit of fresh's refinements flags by (`_calibrate_on_fresh`)
         self.averages_fold_runs = not has_lora_factors(model)
         self.runs_per_fold = config.runs_per_fold if self.averages_fold_runs else 1
         self._retrain_alpha: float | None = None  # retrain_mixup_alpha resolved once (`retrain_mixup_alpha`)
@@ -365,14 +367,14 @@ class CandidateBuilder:
             return project(self.model, dataclasses.replace(self.config, method="projection"), verified,
                            forward_fn=self.forward_fn, collate_fn=self.collate_fn)
         if key not in self._identifications:
-            on_fresh = isinstance(key[0], Fresh)
-            if on_fresh:
+            refit_on_fresh = isinstance(key[0], Fresh) and key[1] is None
+            if refit_on_fresh:
                 self._calibrate_on_fresh()
                 self.load(key[0])
             identification = identify_harmful(self.model, self.train_dataset, verified, self._finetune_config(),
                                               forward_fn=self.forward_fn, collate_fn=self.collate_fn)
             self._identifications[key] = (with_noise_rate(identification, self.fresh_noise_rate, self.config)
-                                          if on_fresh else identification)
+                                          if refit_on_fresh else identification)
         identification, transition = self._identifications[key], None
         if refinement == "forward":
             identification, transition = through_the_noise(identification)
@@ -389,9 +391,9 @@ class CandidateBuilder:
         return None
 
     def _calibrate_on_fresh(self) -> None:
-        """The noise rate and transition of every refinement of `fresh`, calibrated once by fresh's fold models
-        (`heldout_noise.py`): fresh's own probe reads features fitted to the verified samples and over-estimates the
-        noise. One for every fold: the fold it judges adds its labels to a C x C confusion, not to a fine-tune."""
+        """The noise rate and transition of a refinement of `fresh` refitted on every verified sample, calibrated once
+        by fresh's fold models on the folds they did not learn (`heldout_noise.py`): fresh's own probe reads features
+        fitted to the verified samples and over-estimates the noise."""
         if self.fresh_noise_rate is None:
             self.fresh_noise_rate = heldout_noise_rate(self.model, self._fresh_weights, self.split, self.train_dataset,
                                                        self.config, self.forward_fn, self.collate_fn)

@@ -81,7 +81,7 @@ def repair_from_trajectory(
     metrics = _metrics(choice, trajectory, points, projection, model, time.perf_counter() - start)
     if builder.average_checks:
         metrics["fold_run_averages"] = builder.average_checks  # kept, or replaced by one more fine-tune
-    if builder.fresh_noise_rate is not None:  # a refinement of fresh was judged
+    if builder.fresh_noise_rate is not None:  # a refinement of fresh was refitted
         estimate = builder.fresh_noise_rate
         metrics["fresh_noise_rate"] = {"rate": estimate.rate, "interval": list(estimate.interval),
                                        "transition": estimate.transition, "warning": "; ".join(estimate.problems()) or None}
