@@ -1,4 +1,4 @@
-"""The noise rate and transition of a refit of `fresh`'s refinements: calibrated by predictions held out from the model.
+"""The noise rate a refinement of `fresh` is refitted at: calibrated by predictions held out from the whole model.
 
 Identification calibrates its noise rate by its probe's held-out confusion on the verified split: the probe is
 fitted on some verified samples and predicts the others. That is the confusion the probe has on unseen samples
