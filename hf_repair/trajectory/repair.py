@@ -136,6 +136,8 @@ def _metrics(choice: TrajectoryChoice, trajectory: Trajectory, points: Points,
     }
     if choice.skipped:
         metrics["skipped"] = choice.skipped
+    if choice.fresh_over_candidate is not None:  # fresh led the folds, not significantly: its refinement was taken
+        metrics["fresh_over_candidate"] = choice.fresh_over_candidate.as_metrics()
     return metrics
 
 
