@@ -51,7 +51,9 @@ class TrajectoryArguments:
             "RepairCallback keeps), 'forward' (the weights training started from fine-tuned on every training sample, "
             "each label learnt through the noise transition that model's identification estimates, retrain_epochs of "
             "budget; not by default: measured, auto never chose it and on text it cost 2-2.8 times auto's epochs, BENCHMARKS.md). "
-            "Chosen by accuracy on held-out verified folds.",
+            "Chosen by accuracy on held-out verified folds; where 'fresh' itself leads, its best erase, retrain or "
+            "forward is taken if it passes the gate (the folds under-rate them: their refit identifies with 'fresh' on "
+            "every verified sample, BENCHMARKS.md).",
         },
     )
     retrain_epochs: Optional[float] = field(
