@@ -136,7 +136,7 @@ def _metrics(choice: TrajectoryChoice, trajectory: Trajectory, points: Points,
     }
     if choice.skipped:
         metrics["skipped"] = choice.skipped
-    if choice.fresh_over_candidate is not None:  # fresh led the folds, not significantly: its refinement was taken
+    if choice.fresh_over_candidate is not None:  # fresh led the folds and its refinement was taken instead
         metrics["fresh_over_candidate"] = choice.fresh_over_candidate.as_metrics()
     return metrics
 

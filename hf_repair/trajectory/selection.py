@@ -123,9 +123,10 @@ def choose(builder: CandidateBuilder, config: RepairConfig) -> TrajectoryChoice:
     candidate = max(order, key=lambda name: (accuracy(name), -order.index(name)))
     comparison, adopted = gate(candidate)
     fresh_over_candidate = None
-    refits = [name for name in order if name.startswith("fresh+") and name.split("+")[1] in FINETUNING_REFINEMENTS]
-    if candidate == "fresh" and refits:
-        refit = max(refits, key=lambda name: (accuracy(name), -order.index(name)))
+    fresh_finetunes = [name for name in order
+                       if name.startswith("fresh+") and name.split("+")[1] in FINETUNING_REFINEMENTS]
+    if candidate == "fresh" and fresh_finetunes:
+        refit = max(fresh_finetunes, key=lambda name: (accuracy(name), -order.index(name)))
         refit_comparison, refit_adopted = gate(refit)
         if refit_adopted:
             fresh_over_candidate = significance_gate(correct["fresh"], correct[refit], config,
