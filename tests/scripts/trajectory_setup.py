@@ -53,18 +53,21 @@ def distributed_auto() -> tuple[nn.Module, datasets.Dataset, datasets.Dataset, R
     return MLP(), train, verified, config, training
 
 
-def rigged_heldout_predictions(winner: str) -> Callable[[CandidateBuilder, str, int], torch.Tensor]:
+def rigged_heldout_predictions(winner: str, fresh_leads: bool = False
+                               ) -> Callable[[CandidateBuilder, str, int], torch.Tensor]:
     """A `CandidateBuilder.heldout_predictions` under which `winner`, a refinement of fresh, predicts every held-out
-    label and fresh all but one of each fold's: fresh beats the trajectory, its refinements are judged, and `winner`
-    is chosen. Every procedure still runs on every fold (its cost and collectives); the others predict as they would."""
+    label and fresh all but one of each fold's (or, with `fresh_leads`, the other way round): fresh beats the
+    trajectory, its refinements are judged, and `winner` is chosen. Every procedure still runs on every fold (its
+    cost and collectives); the others predict as they would."""
     heldout_predictions = CandidateBuilder.heldout_predictions
+    one_wrong = "fresh" if not fresh_leads else winner
 
     def rigged(builder: CandidateBuilder, procedure: str, fold: int) -> torch.Tensor:
         predicted = heldout_predictions(builder, procedure, fold)
         if procedure not in ("fresh", winner):
             return predicted
         labels = builder.trajectory.labels[builder.trajectory.folds == fold].clone()
-        if procedure == "fresh":
+        if procedure == one_wrong:
             labels[0] = (labels[0] + 1) % 10
         return labels
 

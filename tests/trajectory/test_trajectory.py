@@ -188,7 +188,7 @@ def test_forward_refitted_on_fresh_learns_through_the_transition_fresh_fold_mode
     """A chosen forward on `fresh`, refitted on every verified sample, learns through the transition fresh's fold
     models calibrate on the folds they did not learn (near the true 0.6 on the diagonal, recorded in the metrics),
     not fresh's own probe's, which reads features fitted to the verified samples; the judged fold runs keep their
-    fold fresh's own."""
+    fold fresh's own. Here fresh leads the folds by one sample each: its refinement is taken and its lead recorded."""
     train, verified, _ = data
     _, _, _, output_dir, initial = run
     transitions = []  # the transition of every forward fine-tune
@@ -199,11 +199,13 @@ def test_forward_refitted_on_fresh_learns_through_the_transition_fresh_fold_mode
         return finetune(model, config, *args, noise_transition=noise_transition, **kwargs)
 
     monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
-    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", rigged_heldout_predictions("fresh+forward"))
+    rigged = rigged_heldout_predictions("fresh+forward", fresh_leads=True)
+    monkeypatch.setattr(CandidateBuilder, "heldout_predictions", rigged)
     config = dataclasses.replace(AUTO, auto_candidates=["fresh", "forward"], retention_learning_rate=3e-3,
                                  retention_batch_size=64, runs_per_fold=1)
     m = Repairer(fresh_final_model(output_dir), config).repair(verified, train, initial_weights=initial).metrics
-    assert m["chosen"] == "fresh+forward"
+    assert m["chosen"] == "fresh+forward" and m["adopted"]
+    assert (m["fresh_over_candidate"]["wins"], m["fresh_over_candidate"]["losses"]) == (config.num_folds, 0)
     calibrated = torch.tensor(m["fresh_noise_rate"]["transition"], dtype=torch.float32)
     on_fresh = transitions[config.num_folds:]  # after final+forward's fold runs (the final model's own transition)
     assert len(on_fresh) == 2 * config.num_folds  # its fold runs, then the refit on every verified sample
