@@ -1,11 +1,12 @@
 """Trains under DDP with RepairCallback(method="auto"); run by tests/test_trajectory_distributed.py.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_auto.py OUT_DIR [fresh+REFINEMENT]
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_auto.py OUT_DIR [fresh+REFINEMENT [leads]]
 
 Every process writes the weights it ends with and the repair's metrics to OUT_DIR/auto_rank{r}.*; the
 Trainer's checkpoints go to OUT_DIR/trainer for the single-process offline repair to choose from.
 With a refinement of fresh named, only fresh and that refinement are judged, and the judge is rigged so that
-the refinement wins: the run ends with its refit on every verified sample, which the folds never reach.
+the refinement wins (or, with `leads`, fresh leads it by one sample a fold and the refinement is taken over it):
+the run ends with its refit on every verified sample, which the folds never reach.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ if __name__ == "__main__":
     out = sys.argv[1]
     model, train, verified, config, training = distributed_auto()
     if len(sys.argv) > 2:
-        CandidateBuilder.heldout_predictions = rigged_heldout_predictions(sys.argv[2])
+        CandidateBuilder.heldout_predictions = rigged_heldout_predictions(sys.argv[2], fresh_leads=sys.argv[3:] == ["leads"])
         config = dataclasses.replace(config, auto_candidates=["fresh", sys.argv[2].partition("+")[2]])
     args = TrainingArguments(output_dir=f"{out}/trainer", use_cpu=True, report_to="none", disable_tqdm=True, seed=0,
                              logging_strategy="no", **training)

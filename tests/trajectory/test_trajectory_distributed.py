@@ -66,17 +66,18 @@ def test_the_trajectory_scores_match_a_single_process_from_the_checkpoints(launc
         assert offline["heldout_accuracy"][name] == metrics["heldout_accuracy"][name], name
 
 
-@pytest.mark.parametrize("procedure", ["fresh+retrain", "fresh+forward"])
-def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path, procedure):
+@pytest.mark.parametrize("procedure, fresh_leads", [("fresh+retrain", False), ("fresh+forward", True)])
+def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path, procedure, fresh_leads):
     """A refinement of fresh, chosen (the script rigs the folds' verdict), ends with the refit the folds never reach:
     fresh and its identification on every verified sample, then num_folds fine-tunes averaged; the noise rate and
     transition calibrated by fresh's fold models over both processes' shards of the training set. The same on both
-    processes."""
-    weights, metrics = launch(tmp_path, procedure)
+    processes, also where fresh leads the folds and its refinement is taken over it."""
+    weights, metrics = launch(tmp_path, procedure, *(["leads"] if fresh_leads else []))
     assert_same_on_every_process(weights, metrics)
     m = metrics[0]
     assert m["chosen"] == procedure and m["adopted"] and m["chosen_points"] == []
     assert "fold_run_averages" not in m  # refitted, not the average of its fold runs
+    assert ("fresh_over_candidate" in m) == fresh_leads
     assert 0 < m["fresh_noise_rate"]["rate"] < 1  # calibrated by fresh's fold models over both processes' shards
     model, _, verified, _, _ = distributed_auto()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
