@@ -60,7 +60,7 @@ def rigged_heldout_predictions(winner: str, fresh_leads: bool = False
     trajectory, its refinements are judged, and `winner` is chosen. Every procedure still runs on every fold (its
     cost and collectives); the others predict as they would."""
     heldout_predictions = CandidateBuilder.heldout_predictions
-    one_wrong = "fresh" if not fresh_leads else winner
+    one_wrong = winner if fresh_leads else "fresh"  # the procedure that misses one held-out label a fold
 
     def rigged(builder: CandidateBuilder, procedure: str, fold: int) -> torch.Tensor:
         predicted = heldout_predictions(builder, procedure, fold)
