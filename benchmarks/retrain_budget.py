@@ -16,7 +16,10 @@ instead: nothing dropped, every training label learnt through the noise transiti
 as auto's runs per fold), and `--from-base` fine-tunes the identifying model itself without the flagged samples
 (auto's erase) instead of the initial weights: together, what a chosen fresh-based erase or retrain would end with if
 it were refitted on every verified sample (`fold_identification.py` shows what the nested folds' identifiers get).
-`--fold-calibrated` flags and forward-corrects by the noise rate fresh's fold models calibrate on the verified folds
+`--reweight` runs auto's reweight refinement instead: nothing dropped, every training
+sample's loss weighed by the probability that its label is right (the identifying probe's prediction through the
+estimated noise transition).
+`--fold-calibrated` flags, forward-corrects and reweighs by the noise rate fresh's fold models calibrate on the verified folds
 they did not learn, as `auto` does on fresh (the fold models cached beside the run as `fold_identification.py`'s).
 
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
@@ -26,6 +29,7 @@ they did not learn, as `auto` does on fresh (the fold models cached beside the r
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --forward --repair-seeds 0 1 2
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --from-base --epochs 1 --repair-seeds 0 1000 2000
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --fold-calibrated --repair-seeds 0 1000 2000
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --fold-calibrated --reweight --repair-seeds 0 1000 2000
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from hf_repair.data import column_array, stratified_folds
 from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
-from hf_repair.trajectory.candidates import average_weights, through_the_noise
+from hf_repair.trajectory.candidates import average_weights, through_the_noise, weighed_by_confidence
 from hf_repair.trajectory.checkpoints import load_weights
 from hf_repair.trajectory.heldout_noise import heldout_noise_rate, with_noise_rate
 from testbed.finetuning import Trajectory, average_states, load_checkpoint, predictions
@@ -92,6 +96,8 @@ def main() -> None:
                              "corruption), or a number K (the K samples with the lowest identification score).")
     parser.add_argument("--forward", action="store_true",
                         help="Drop nothing: learn every training label through the estimated noise transition.")
+    parser.add_argument("--reweight", action="store_true",
+                        help="Drop nothing: weigh every training sample's loss by the probability that its label is right.")
     parser.add_argument("--fresh-runs", type=positive_int, default=1,
                         help="With --base fresh: the weight average of this many fresh fine-tunes (repair seeds seed + 1000 r).")
     parser.add_argument("--from-base", action="store_true",
@@ -103,14 +109,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.fold_calibrated and args.base != "fresh":
         parser.error("--fold-calibrated calibrates by fresh's fold models; use it with --base fresh.")
+    if args.reweight and args.base == "trajectory":
+        parser.error("--reweight weighs by one identifying model's probe; use --base final, early_stop or fresh.")
     if args.base == "trajectory" and len(args.scores) > 1:
         parser.error("--base trajectory ranks by the mean probe score of every checkpoint; compare --scores on one model.")
-    if args.forward and (args.rounds > 1 or args.flagged != "identified"):
-        parser.error("--forward drops nothing and identifies once; leave --rounds and --flagged at their defaults.")
+    if args.forward and args.reweight:
+        parser.error("--forward and --reweight are two refinements; run one at a time.")
+    for option, given in (("--forward", args.forward), ("--reweight", args.reweight)):
+        if given and (args.rounds > 1 or args.flagged != "identified"):
+            parser.error(f"{option} drops nothing and identifies once; leave --rounds and --flagged at their defaults.")
     if args.fresh_runs > 1 and args.base != "fresh":
         parser.error("--fresh-runs averages fresh fine-tunes; use it with --base fresh.")
-    if args.from_base and (args.forward or args.rounds > 1):
-        parser.error("--from-base fine-tunes the identifying model once; leave --forward and --rounds at their defaults.")
+    if args.from_base and (args.forward or args.reweight or args.rounds > 1):
+        parser.error("--from-base fine-tunes the identifying model once; leave --forward, --reweight and --rounds at "
+                     "their defaults.")
     if args.rounds > 1 and args.flagged != "identified":
         parser.error(f"--rounds identifies again with each retrained model, which --flagged {args.flagged} would override; "
                      "use --flagged identified with --rounds.")
@@ -140,7 +152,8 @@ def main() -> None:
             scored = identify_harmful(base, task.noisy, task.verified, dataclasses.replace(config, score=score))
             print(f"score {score}: {describe(scored, corrupted)}")
     identification = (trajectory_identification(run, task, config) if args.base == "trajectory"
-                      else identify_harmful(base, task.noisy, task.verified, config))
+                      else identify_harmful(base, task.noisy, task.verified, config,
+                                            keep_reference_log_probs=args.reweight))
     if args.fold_calibrated:
         folds = fold_freshes(base, initial, task.verified, config, run_dir, args.seed, args.fresh_runs)
         estimate = heldout_noise_rate(base, folds.__getitem__, split_verified(base, task.verified, config), task.noisy,
@@ -154,7 +167,11 @@ def main() -> None:
         flagged = (np.flatnonzero(corrupted) if args.flagged == "corrupted"
                    else np.sort(np.argsort(column_array(identification.table, "score"))[:int(args.flagged)]))
         identification = dataclasses.replace(identification, flagged_indices=flagged)
-    transition = None
+    transition = weights = None
+    if args.reweight:
+        identification, weights = weighed_by_confidence(identification)
+        print(f"reweight: mean weight {weights[~corrupted].mean():.3f} on the clean labels, {weights[corrupted].mean():.3f} "
+              f"on the corrupted ones (AUROC {auroc(weights, corrupted):.3f})")
     if args.forward:
         identification, transition = through_the_noise(identification)
         print(f"forward: the estimated P(given = true | true) by class {np.round(transition.diagonal().numpy(), 3)}, "
@@ -175,7 +192,7 @@ def main() -> None:
                 load_weights(model, start_weights)
                 start = time.perf_counter()
                 m = repair_with_finetuning(model, retrain, task.verified, task.noisy, flags,
-                                           noise_transition=transition).metrics
+                                           noise_transition=transition, training_weights=weights).metrics
                 rows.append([f"{epochs:g}", str(repair_seed), str(round_), f"{100 * accuracy(model):.2f}",
                              describe(flags, corrupted), f"{m['steps']} of {m['max_steps']}",
                              m["stop_reason"], f"{time.perf_counter() - start:.0f}"])

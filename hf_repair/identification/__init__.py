@@ -2,6 +2,7 @@
 
 from .identify import identify_harmful
 from .influence import InfluenceModel, TrackedLayer
+from .posterior import label_confidence, label_posterior
 from .probes import HeadRefit, LinearProbe, fit_probe, refit_head
 from .ranking import auroc, average_ranks, flag_lowest
 from .result import IdentificationResult
@@ -17,5 +18,7 @@ __all__ = [
     "fit_probe",
     "flag_lowest",
     "identify_harmful",
+    "label_confidence",
+    "label_posterior",
     "refit_head",
 ]

@@ -26,6 +26,7 @@ the verified split's features for the probe and the refit), not by the training 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -58,6 +59,7 @@ def identify_harmful(
     *,
     forward_fn: ForwardFn | None = None,
     collate_fn: CollateFn | None = None,
+    keep_reference_log_probs: bool = False,
 ) -> IdentificationResult:
     """Score, rank and flag every training sample with the verified split; the model is left unchanged.
 
@@ -68,6 +70,8 @@ def identify_harmful(
         config: `score`, `flag_rule`, `influence_modules`, `damping`, ... (`RepairConfig()` by default).
         forward_fn: `forward_fn(model, inputs) -> logits` for models not called as `model(**inputs)`.
         collate_fn: batches samples of both datasets (e.g. `DataCollatorWithPadding(tokenizer)`).
+        keep_reference_log_probs: also return every class's log-probability under the reference that suggests
+            labels (`IdentificationResult.reference_log_probs`: one float32 per training sample and class).
     """
     start = time.perf_counter()
     config = config or RepairConfig()
@@ -93,12 +97,14 @@ def identify_harmful(
             projected = projected_reference(model, verified, config, forward_fn, collate_fn)
             timings["projection_repair_s"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        values, noise_rates = score_training_set(model, projected, train_dataset, scorer, config, forward_fn,
-                                                 collate_fn, input_names_for(model, forward_fn), split.device)
+        values, reference_log_probs, noise_rates = score_training_set(
+            model, projected, train_dataset, scorer, config, forward_fn, collate_fn, input_names_for(model, forward_fn),
+            split.device, keep_reference_log_probs)
         timings["train_pass_s"] = time.perf_counter() - tic
 
     timings["identify_time_s"] = time.perf_counter() - start
-    return build_result(values, noise_rates, labels, train_dataset, scorer, config, score, components, timings)
+    result = build_result(values, noise_rates, labels, train_dataset, scorer, config, score, components, timings)
+    return dataclasses.replace(result, reference_log_probs=reference_log_probs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class IdentificationResult:
     table: datasets.Dataset
     summary: dict[str, Any]
     flagged_indices: np.ndarray
+    # (samples, classes) log-probabilities under the reference that suggests labels, when asked for
+    # (`identify_harmful(keep_reference_log_probs=True)`): what `label_posterior` weighs the given labels by
+    reference_log_probs: np.ndarray | None = None
 
     def __repr__(self) -> str:
         s = self.summary

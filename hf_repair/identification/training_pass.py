@@ -54,9 +54,12 @@ def score_training_set(
     collate_fn: CollateFn | None,
     input_names: set[str] | None,
     device: torch.device,
-) -> tuple[np.ndarray, dict[str, NoiseRateEstimate]]:
-    """(N, len(FIELDS)) per-sample values in dataset order, and the noise rate calibrated by each clean
-    reference (probe, refit); both identical on every process."""
+    keep_reference_log_probs: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, NoiseRateEstimate]]:
+    """(N, len(FIELDS)) per-sample values in dataset order, with `keep_reference_log_probs` the (N, classes)
+    log-probabilities of the reference that suggests labels (the probe, else the refit, the projection or the
+    model, as `build_result` picks), and the noise rate calibrated by each clean reference (probe, refit); all
+    identical on every process."""
     rank, world = process_info()
     indices = np.arange(len(dataset), dtype=np.int64)[rank::world]
     influence = scorer.influence
@@ -67,6 +70,7 @@ def score_training_set(
         name: NoiseRateCalibration(name, reference.heldout_log_probs, scorer.verified_labels, scorer.num_classes)
         for name, reference in references.items() if reference is not None
     }
+    width = len(FIELDS) + (scorer.num_classes if keep_reference_log_probs else 0)  # the distribution after the fields
     rows: list[torch.Tensor] = []
     progress = tqdm(total=len(indices), desc="hf_repair: scoring training samples", unit="sample",
                     disable=config.repair_disable_tqdm or not is_main_process())
@@ -83,11 +87,12 @@ def score_training_set(
                 logits = forward_fn(model, inputs)
             per_class = influence.class_influence(capture, logits, labels).cpu()
             given = labels.cpu()
-            out = torch.full((n, len(FIELDS)), math.nan, dtype=torch.float64)
+            out = torch.full((n, width), math.nan, dtype=torch.float64)
             out[:, FIELDS.index("index")] = torch.as_tensor(indices[offset : offset + n], dtype=torch.float64)
             out[:, FIELDS.index("influence")] = aggregate(per_class, weights, scorer.blind_classes)
             out[:, FIELDS.index("influence_mean")] = _aggregate_mean(per_class, weights, scorer.blind_classes)
-            _put(out, "loss", "prediction", logits.detach().double().log_softmax(-1).cpu(), given)
+            reference = logits.detach().double().log_softmax(-1).cpu()
+            _put(out, "loss", "prediction", reference, given)
             if scorer.refit is not None:
                 head_rows = scorer.head.input_rows(capture.inputs[scorer.head.name], n, torch.float64)
                 refit_log_probs = scorer.refit.log_probs(head_rows[:, 0].cpu())
@@ -101,14 +106,20 @@ def score_training_set(
                 with torch.no_grad():
                     projected_log_probs = forward_fn(projected, inputs).double().log_softmax(-1).cpu()
                 _put(out, "projection", "projection_prediction", projected_log_probs, given)
+            if keep_reference_log_probs:
+                out[:, len(FIELDS):] = (probe_log_probs if scorer.probe is not None else refit_log_probs
+                                        if scorer.refit is not None else projected_log_probs
+                                        if projected is not None else reference)
             rows.append(out)
             offset += n
             progress.update(n)
     progress.close()
-    local = torch.cat(rows) if rows else torch.zeros(0, len(FIELDS), dtype=torch.float64)
+    local = torch.cat(rows) if rows else torch.zeros(0, width, dtype=torch.float64)
     gathered = gather_uneven(local.to(device)).cpu().numpy()
+    gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
     noise_rates = {name: calibration.estimate(device, config.repair_seed) for name, calibration in calibrations.items()}
-    return gathered[np.argsort(gathered[:, 0], kind="stable")], noise_rates
+    reference_log_probs = gathered[:, len(FIELDS):].astype(np.float32) if keep_reference_log_probs else None
+    return gathered[:, :len(FIELDS)], reference_log_probs, noise_rates
 
 
 def _put(out: torch.Tensor, score: str, prediction: str, log_probs: torch.Tensor, given: torch.Tensor) -> None:

@@ -249,8 +249,8 @@ class RepairCallback(TrainerCallback):
         return self.trajectory
 
     def _restarts(self) -> bool:
-        """Whether "auto" weighs a procedure that starts again from the initial weights: "fresh", or "retrain" or
-        "forward" (which need the training data too)."""
+        """Whether "auto" weighs a procedure that starts again from the initial weights: "fresh", or "retrain",
+        "forward" or "reweight" (which need the training data too)."""
         restarts = set(NEEDS_INITIAL_WEIGHTS) & set(self.config.auto_candidates)
         return "fresh" in restarts or (bool(restarts) and self._uses_training_data())
 

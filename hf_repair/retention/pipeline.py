@@ -48,10 +48,12 @@ def repair_with_finetuning(
     collate_fn: CollateFn | None = None,
     compute_metrics: Any | None = None,
     noise_transition: torch.Tensor | None = None,
+    training_weights: np.ndarray | None = None,
 ) -> RepairResult:
     """`Repairer.repair` for the fine-tuning methods: identify, (project,) separate and retain, in place.
 
-    `noise_transition`: learn the unflagged training samples through it (`RetentionRepair.run`).
+    `noise_transition`: learn the unflagged training samples through it; `training_weights`: weigh each training
+    sample's loss by its entry (`RetentionRepair.run`).
     """
     start = time.perf_counter()
     check_materialized(model)
@@ -80,7 +82,7 @@ def repair_with_finetuning(
         outcome = RetentionRepair(model, config, forward_fn=forward_fn, collate_fn=collate_fn,
                                   compute_metrics=compute_metrics).run(
             verified, split, train_dataset, identification, projected=projection is not None and projection.adopted,
-            noise_transition=noise_transition)
+            noise_transition=noise_transition, training_weights=training_weights)
     except BaseException:
         snapshot.restore()
         raise

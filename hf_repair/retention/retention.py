@@ -114,12 +114,16 @@ class RetentionRepair:
 
     def run(self, verified: datasets.Dataset, split: VerifiedSplit, train_dataset: datasets.Dataset,
             identification: IdentificationResult, projected: bool = False,
-            noise_transition: torch.Tensor | None = None) -> RetentionResult:
+            noise_transition: torch.Tensor | None = None,
+            training_weights: np.ndarray | None = None) -> RetentionResult:
         """Fine-tune in place; `projected`: the model was just projected (so it needs no warm-up).
 
         `noise_transition`: learn the unflagged training samples through this (true, given) transition of their
         labels (forward correction, `GATE_FORWARD`) instead of taking their labels as true; with no sample
         flagged, every training sample is (method "auto"'s "forward").
+        `training_weights`: one weight per training sample in [0, 1], its loss multiplied by it (the probability
+        that its label is right, `label_confidence`); with no sample flagged, every training sample trains, weighed
+        (method "auto"'s "reweight"). Verified samples keep weight 1.
         """
         config = self.config
         if noise_transition is not None and config.small_loss_trim > 0:
@@ -151,7 +155,16 @@ class RetentionRepair:
         total_steps = max(1, math.ceil(config.retention_epochs * len(train_dataset) / (batch_size * world)))
         outcome = RetentionResult(method=config.method, num_train=len(train_dataset), num_flagged=int(flagged.size),
                                    num_trusted=len(verified_rows) + len(unflagged), total_steps=total_steps)
-        if flagged.size == 0 and noise_transition is None:
+        if training_weights is not None:
+            training_weights = np.asarray(training_weights, dtype=np.float32)
+            if training_weights.shape != (len(train_dataset),):
+                raise ValueError(f"training_weights needs one weight per training sample ({len(train_dataset)}), got "
+                                 f"shape {training_weights.shape}.")
+            bad = np.flatnonzero(~np.isfinite(training_weights) | (training_weights < 0) | (training_weights > 1))
+            if bad.size:
+                raise ValueError(f"training_weights must lie in [0, 1] (a probability that the label is right); {bad.size} "
+                                 f"do not, e.g. {training_weights[bad[0]]} for training sample {bad[0]}.")
+        if flagged.size == 0 and noise_transition is None and training_weights is None:
             outcome.skipped = ("identification flagged no training sample, so there is nothing to erase or retain; "
                                "the model is left as it is (flag more, e.g. flag_rule='budget' with flag_fraction)")
             logger.warning("hf_repair %s: %s.", config.method, outcome.skipped)
@@ -165,9 +178,11 @@ class RetentionRepair:
         # Rows: the verified training folds (part 0), then every training sample (part 1), read in place.
         with_labels = columns + [config.label_column]  # collators may expect the label; batches drop it again
         parts = [verified.select_columns(with_labels), train_dataset.select_columns(with_labels)]
+        weights = None if training_weights is None else np.concatenate(
+            [np.ones(len(verified_rows), dtype=np.float32), training_weights])
         table = FinetuneSet(parts, np.repeat([0, 1], [len(verified_rows), len(labels)]),
                             np.concatenate([verified_rows, np.arange(len(labels))]),
-                            np.concatenate([verified_labels, labels]), label_column=config.label_column)
+                            np.concatenate([verified_labels, labels]), weights=weights, label_column=config.label_column)
         offset = len(verified_rows)
         trusted_rows = np.concatenate([np.arange(offset), offset + unflagged])
         # the unflagged training rows may still hold corruption that identification missed; verified rows may not

@@ -33,9 +33,14 @@ when it is finally run -- and builds weights from the trajectory with them alone
   each given label learnt through the noise transition P(given | true) that the base's identification
   estimates (forward correction, Patrini et al. 2017; same budget and early stop as retrain). It drops nothing,
   so it does not depend on telling which labels are wrong, only on how often each class's are: where
-  identification is weak (a text model's, BENCHMARKS.md) that is the better bet.
+  identification is weak (a text model's, BENCHMARKS.md) that is the better bet;
+- `<base>+reweight`: as retrain (same start, budget, mixup and early stop), but on *every* training sample, its
+  loss weighed by the probability that its given label is right: the identifying model's prediction (its probe's)
+  weighed against the noise transition it estimates (`identification/posterior.py`). Where identification is
+  weak, a hard cut drops many clean samples and keeps many corrupted ones; a weight keeps each at the strength
+  the identification believes it (measured on text, BENCHMARKS.md).
 
-A chosen erase, retrain or forward of `fresh`, refitted on every verified sample (below), flags by (and learns
+A chosen erase, retrain, forward or reweight of `fresh`, refitted on every verified sample (below), flags by (and learns
 through) the noise rate and transition that fresh's fold models calibrate on the folds they did not learn
 (`heldout_noise.py`), not fresh's own identification's, whose probe reads features fitted to the verified samples
 and over-estimates the noise. The fold runs the folds judge keep their fold fresh's own identification: calibrated
@@ -77,10 +82,10 @@ import torch
 from torch import nn
 
 from ..config import RepairConfig
-from ..data import CollateFn, VerifiedSplit, stratified_folds
+from ..data import CollateFn, VerifiedSplit, column_array, stratified_folds
 from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_verified
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
-from ..identification import IdentificationResult, identify_harmful
+from ..identification import IdentificationResult, identify_harmful, label_confidence
 from ..identification.influence import TrackedLayer
 from ..identification.noise_rate import NoiseRateEstimate
 from ..modeling.lora import has_lora_factors
@@ -93,11 +98,12 @@ from .points import Trajectory
 logger = logging.getLogger(__name__)
 
 BASE_PROCEDURES = ("final", "best", "average", "soup", "fresh")
-REFINEMENTS = ("head_refit", "projection", "erase", "retrain", "forward")
+REFINEMENTS = ("head_refit", "projection", "erase", "retrain", "forward", "reweight")
 # run on each fold's complement as a datasets.Dataset
-DATASET_PROCEDURES = ("fresh", "projection", "erase", "retrain", "forward")
-NEEDS_INITIAL_WEIGHTS = ("fresh", "retrain", "forward")
-FINETUNING_REFINEMENTS = ("erase", "retrain", "forward")  # they end with the average of their judged fold runs
+DATASET_PROCEDURES = ("fresh", "projection", "erase", "retrain", "forward", "reweight")
+NEEDS_INITIAL_WEIGHTS = ("fresh", "retrain", "forward", "reweight")
+# they end with the average of their judged fold runs
+FINETUNING_REFINEMENTS = ("erase", "retrain", "forward", "reweight")
 
 Points = tuple[int, ...]  # trajectory points whose uniform weight average a procedure builds
 
@@ -372,22 +378,26 @@ class CandidateBuilder:
                 self._calibrate_on_fresh()
                 self.load(key[0])
             identification = identify_harmful(self.model, self.train_dataset, verified, self._finetune_config(),
-                                              forward_fn=self.forward_fn, collate_fn=self.collate_fn)
+                                              forward_fn=self.forward_fn, collate_fn=self.collate_fn,
+                                              keep_reference_log_probs="reweight" in self.config.auto_candidates)
             self._identifications[key] = (with_noise_rate(identification, self.fresh_noise_rate, self.config)
                                           if refit_on_fresh else identification)
-        identification, transition = self._identifications[key], None
+        identification, transition, weights = self._identifications[key], None, None
         if refinement == "forward":
             identification, transition = through_the_noise(identification)
+        if refinement == "reweight":
+            identification, weights = weighed_by_confidence(identification)
         erase = self._finetune_config(run)
-        if refinement in ("retrain", "forward"):
+        if refinement in ("retrain", "forward", "reweight"):
             load_weights(self.model, self.trajectory.initial_weights())
-            retrain = refinement == "retrain"
+            retrain = refinement != "forward"
             alpha = self.retrain_mixup_alpha() if retrain else 0.0
             erase = dataclasses.replace(erase, retention_epochs=retrain_budget(self.config, alpha),
                                         small_loss_trim=self.config.retrain_small_loss_trim if retrain else 0.0,
                                         mixup_alpha=alpha)
         repair_with_finetuning(self.model, erase, verified, self.train_dataset, identification,
-                               forward_fn=self.forward_fn, collate_fn=self.collate_fn, noise_transition=transition)
+                               forward_fn=self.forward_fn, collate_fn=self.collate_fn, noise_transition=transition,
+                               training_weights=weights)
         return None
 
     def _calibrate_on_fresh(self) -> None:
@@ -483,6 +493,17 @@ def through_the_noise(identification: IdentificationResult) -> tuple[Identificat
     estimated, which every training label is then learnt through."""
     transition = torch.tensor(identification.summary["noise_transition"], dtype=torch.float32)
     return dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64)), transition
+
+
+def weighed_by_confidence(identification: IdentificationResult) -> tuple[IdentificationResult, np.ndarray]:
+    """What "reweight" fine-tunes with: the identification with nothing flagged, and each training sample's
+    probability that its given label is right under the identifying reference and the noise transition it estimated."""
+    if identification.reference_log_probs is None:
+        raise ValueError("reweight weighs each training label by the identifying reference's class probabilities; "
+                         "identify with keep_reference_log_probs=True.")
+    confidence = label_confidence(identification.reference_log_probs, column_array(identification.table, "given_label"),
+                                  identification.summary["noise_transition"])
+    return dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64)), confidence
 
 
 def average_weights(states: list[StateDict], latest: int) -> StateDict:

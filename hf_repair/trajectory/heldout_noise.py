@@ -94,4 +94,5 @@ def with_noise_rate(identification: IdentificationResult, estimate: NoiseRateEst
         corrupted = column_array(table, "is_corrupted").astype(bool)
         summary["precision"] = float((flagged & corrupted).sum() / max(flagged.sum(), 1))
         summary["recall"] = float((flagged & corrupted).sum() / max(corrupted.sum(), 1))
-    return IdentificationResult(table=table, summary=summary, flagged_indices=np.flatnonzero(flagged).astype(np.int64))
+    return dataclasses.replace(identification, table=table, summary=summary,
+                               flagged_indices=np.flatnonzero(flagged).astype(np.int64))

@@ -14,7 +14,7 @@ of the model's state dict; since the rankings mostly agree, usually little more 
 that stay frozen and unchanged (a LoRA's base model, a frozen backbone) are held once for all points
 (`Trajectory.shared`), so a LoRA fine-tune costs one copy of the model plus keep + 1 adapters. Points
 read from checkpoint folders keep only the folder's path. The weights training started from (`initial`,
-for "fresh", "retrain" and "forward") are one more copy of the trainable weights (of a LoRA: its adapter and head); at
+for "fresh", "retrain", "forward" and "reweight") are one more copy of the trainable weights (of a LoRA: its adapter and head); at
 train end "fresh" holds num_folds + 1 more while `auto` chooses, and erase and retrain at most two float64 sums of
 them (four copies' worth: the fold runs being judged and the best judged so far).
 """
@@ -113,7 +113,7 @@ class Trajectory:
         """The weights training started from, on CPU, with the frozen ones `shared` holds."""
         if self.initial is None:
             raise RuntimeError("The trajectory has no initial weights: RepairCallback keeps them when 'fresh', "
-                               "'retrain' or 'forward' is among auto_candidates; offline, pass initial_weights=.")
+                               "'retrain', 'forward' or 'reweight' is among auto_candidates; offline, pass initial_weights=.")
         return {**self.shared, **self.initial} if self.shared else self.initial
 
     def cpu_state(self, state: StateDict, frozen: set[str]) -> StateDict:

@@ -50,10 +50,11 @@ def repair_from_trajectory(
         checkpoints: the trajectory: a `Trainer` output_dir with `checkpoint-*` folders, a list of checkpoint
             folders or state dicts in training order, or the `Trajectory` `RepairCallback` recorded. None: the
             final weights alone (the candidates are then the refinements on top of them).
-        train_dataset: the training data, for the "erase", "retrain" and "forward" refinements (left out without it).
+        train_dataset: the training data, for the "erase", "retrain", "forward" and "reweight" refinements (left out
+            without it).
         initial_weights: the weights training started from (a checkpoint folder, read once into CPU memory, or a
-            state dict), for the "fresh" procedure and the "retrain" and "forward" refinements; `RepairCallback`
-            keeps them in its trajectory.
+            state dict), for the "fresh" procedure and the "retrain", "forward" and "reweight" refinements;
+            `RepairCallback` keeps them in its trajectory.
     """
     start = time.perf_counter()
     check_materialized(model)

@@ -516,14 +516,22 @@ def test_config_rejects_bad_identification_settings():
 
 
 def test_two_processes_give_the_same_table_as_one(subsets, tmp_path):
+    """...and the same log-probabilities of every class under the reference that suggests labels (kept on request):
+    distributions whose arg-max is the suggested label."""
     from identification_setup import distributed_case
 
     model, train, verified, config = distributed_case()
     launch_two_processes("distributed_identify.py", tmp_path)
 
-    single = identify_harmful(model, train, verified, config).table.with_format("numpy")
+    identification = identify_harmful(model, train, verified, config, keep_reference_log_probs=True)
+    single, reference = identification.table.with_format("numpy"), identification.reference_log_probs
+    assert reference.shape == (len(train), 10) and reference.dtype == np.float32
+    np.testing.assert_allclose(np.exp(reference).sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(reference.argmax(1), single["suggested_label"])
+    assert identify_harmful(model, train, verified, config).reference_log_probs is None  # not kept unless asked
     for rank in range(2):
         found = np.load(tmp_path / f"rank{rank}.npz")
+        np.testing.assert_allclose(found["reference_log_probs"], reference, atol=1e-5)
         assert found["index"].tolist() == list(range(len(train)))
         for column in ("score", "influence", "refit", "probe", "loss"):
             np.testing.assert_allclose(found[column], single[column], rtol=1e-5, atol=1e-9, err_msg=column)

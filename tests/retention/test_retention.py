@@ -472,6 +472,43 @@ def test_forward_rows_score_their_label_against_the_distribution_passed_through_
         retention_terms(logits, batch, power=1.0)
 
 
+def test_a_training_sample_weighed_zero_teaches_nothing_and_every_weight_counts(small):
+    """With `training_weights` every training sample trains, its loss times its weight: the labels of samples weighed
+    0 do not change the fine-tuned weights, while the same change at weight 0.5 does."""
+    train, verified = small
+    config = RepairConfig(method="erase", flag_rule="budget", flag_top_k=0, retention_epochs=0.5,
+                          significance_test="none", min_improvement=-1.0, **CHEAP)
+    relabelled = np.asarray(train["labels"]).copy()
+    relabelled[:100] = (relabelled[:100] + 1) % 10
+    other_labels = train.remove_columns("labels").add_column("labels", relabelled.tolist()).cast(train.features)
+
+    def repaired(dataset, weight_of_the_changed):
+        weights = np.ones(len(train), dtype=np.float32)
+        weights[:100] = weight_of_the_changed
+        model = _tiny()
+        result = repair_with_finetuning(model, config, verified, dataset, training_weights=weights)
+        assert result.adopted and result.metrics["num_flagged"] == 0 and result.metrics["steps"] > 0
+        return _state(model)
+
+    zero, zero_relabelled = repaired(train, 0.0), repaired(other_labels, 0.0)
+    assert all(torch.equal(zero[k], zero_relabelled[k]) for k in zero)
+    half, half_relabelled = repaired(train, 0.5), repaired(other_labels, 0.5)
+    assert not all(torch.equal(half[k], half_relabelled[k]) for k in half)
+
+
+@pytest.mark.parametrize("weights, message", [(np.ones(3), "one weight per training sample"),
+                                              (np.full(300, 1.5), r"must lie in \[0, 1\]"),
+                                              (np.full(300, np.nan), "e.g. nan for training sample 0")])
+def test_bad_training_weights_are_refused_before_any_change(small, weights, message):
+    train, verified = small
+    model = _tiny()
+    start = _state(model)
+    config = RepairConfig(method="erase", flag_rule="budget", flag_top_k=0, **CHEAP)
+    with pytest.raises(ValueError, match=message):
+        repair_with_finetuning(model, config, verified, train, training_weights=weights)
+    assert _same_state(model, start)
+
+
 @pytest.mark.parametrize("trim, transition, message", [(0.1, torch.eye(10), "small_loss_trim"),
                                                        (0.0, torch.eye(2), "predicts 10 classes")])
 def test_a_bad_noise_transition_is_refused_before_any_change(small, trim, transition, message):

@@ -3,7 +3,8 @@
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_identify.py OUT_DIR
 
 Every process shards the training set (indices[rank::world]) and the verified split, and writes
-the gathered table it ends with to OUT_DIR/rank{r}.npz for the test to compare with one process.
+the gathered table it ends with, and the reference's log-probabilities of every class, to OUT_DIR/rank{r}.npz for
+the test to compare with one process.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def main(out_dir: str) -> None:
     state = PartialState(cpu=True)
     assert state.num_processes == 2, state
     model, train, verified, config = distributed_case()
-    table = identify_harmful(model, train, verified, config).table.with_format("numpy")
-    np.savez(os.path.join(out_dir, f"rank{state.process_index}.npz"), **{c: np.asarray(table[c]) for c in table.column_names})
+    identification = identify_harmful(model, train, verified, config, keep_reference_log_probs=True)
+    table = identification.table.with_format("numpy")
+    np.savez(os.path.join(out_dir, f"rank{state.process_index}.npz"), **{c: np.asarray(table[c]) for c in table.column_names},
+             reference_log_probs=identification.reference_log_probs)
     state.wait_for_everyone()  # leave the gloo group together, after DDP let go of it: otherwise a rank can abort at exit
     gc.collect()
     state.destroy_process_group()

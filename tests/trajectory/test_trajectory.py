@@ -184,6 +184,30 @@ def test_forward_learns_every_training_label_through_the_estimated_noise_transit
 
 
 @needs_fashion_mnist
+def test_reweight_learns_every_training_label_at_the_probability_that_it_is_right(data, run, monkeypatch):
+    """"reweight" drops no sample: it retrains from the initial weights on all of them, each weighed by the probability
+    that its label is right under the identifying probe and the estimated noise transition. Those weights are far
+    lower on the corrupted labels than on the clean ones, and the repair ends far above the memorising model."""
+    train, _, _ = data
+    weights = []
+    finetune = candidates.repair_with_finetuning
+
+    def spy(model, config, *args, training_weights=None, **kwargs):
+        weights.append(training_weights)
+        return finetune(model, config, *args, training_weights=training_weights, **kwargs)
+
+    monkeypatch.setattr(candidates, "repair_with_finetuning", spy)
+    repairs_from_the_initial_weights("reweight", data, run)
+    clean = load_fashion_mnist("train").select(range(len(train)))["labels"]  # noisy_fashion_mnist's first rows
+    corrupted = np.asarray(train["labels"]) != np.asarray(clean)
+    assert abs(corrupted.mean() - 0.4) < 0.05
+    assert weights and all(w is not None and w.shape == (len(train),) for w in weights)
+    for w in weights:
+        assert 0.0 <= w.min() and w.max() <= 1.0
+        assert w[~corrupted].mean() > w[corrupted].mean() + 0.3, (w[~corrupted].mean(), w[corrupted].mean())
+
+
+@needs_fashion_mnist
 def test_forward_refitted_on_fresh_learns_through_the_transition_fresh_fold_models_calibrate(data, run, monkeypatch):
     """A chosen forward on `fresh`, refitted on every verified sample, learns through the transition fresh's fold
     models calibrate on the folds they did not learn (near the true 0.6 on the diagonal, recorded in the metrics),

@@ -66,7 +66,8 @@ def test_the_trajectory_scores_match_a_single_process_from_the_checkpoints(launc
         assert offline["heldout_accuracy"][name] == metrics["heldout_accuracy"][name], name
 
 
-@pytest.mark.parametrize("procedure, fresh_leads", [("fresh+retrain", False), ("fresh+forward", True)])
+@pytest.mark.parametrize("procedure, fresh_leads", [("fresh+retrain", False), ("fresh+forward", True),
+                                                     ("fresh+reweight", False)])
 def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path, procedure, fresh_leads):
     """A refinement of fresh, chosen (the script rigs the folds' verdict), ends with the refit the folds never reach:
     fresh and its identification on every verified sample, then num_folds fine-tunes averaged; the noise rate and
