@@ -54,8 +54,8 @@ class TrajectoryArguments:
             "each label learnt through the noise transition that model's identification estimates, retrain_epochs of "
             "budget; not by default: measured, auto never chose it and on text it cost 2-2.8 times auto's epochs, BENCHMARKS.md), "
             "'reweight' (as 'retrain', on every training sample, its loss weighed by the probability that its label is "
-            "right under that model's prediction and estimated noise transition; not by default: measured on text "
-            "only, BENCHMARKS.md). "
+            "right under that model's prediction and estimated noise transition; on request: measured on text "
+            "only, within noise of retrain and erase, BENCHMARKS.md). "
             "Chosen by accuracy on held-out verified folds; where 'fresh' itself leads, its best erase, retrain, "
             "forward or reweight is taken if it passes the gate (the folds under-rate them: their refit identifies with 'fresh' on "
             "every verified sample, BENCHMARKS.md).",

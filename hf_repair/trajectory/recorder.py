@@ -41,8 +41,9 @@ class TrajectoryRecorder:
         return logits.argmax(-1).cpu()
 
     def record_initial(self) -> None:
-        """Keep a CPU copy of the weights as they are now, before training, for "fresh", "retrain" and
-        "forward" (frozen parameters held once with the points'; the first call scores the model to set up the trajectory)."""
+        """Keep a CPU copy of the weights as they are now, before training, for "fresh", "retrain", "forward" and
+        "reweight" (frozen parameters held once with the points'; the first call scores the model to set up the
+        trajectory)."""
         if self.trajectory is None:
             self.predictions()
         frozen = {name for name, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
