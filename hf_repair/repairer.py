@@ -92,7 +92,8 @@ class Repairer:
                 `Trajectory` that `RepairCallback` records. The model itself is taken as the final weights.
             initial_weights: method "auto" only: the weights training started from (a checkpoint folder or a state
                 dict; e.g. the pretrained model with its new head, saved before `trainer.train()`), for the
-                "fresh" procedure and the "retrain", "forward" and "reweight" refinements. `RepairCallback` keeps them itself.
+                "fresh" procedure and the "retrain", "forward" and "reweight" refinements. `RepairCallback` keeps
+                them itself.
         """
         for name, value in (("checkpoints", checkpoints), ("initial_weights", initial_weights)):
             if value is not None and self.config.method != "auto":

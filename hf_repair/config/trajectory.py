@@ -52,22 +52,21 @@ class TrajectoryArguments:
             "on the rest, retrain_epochs of budget; needs the training data and the initial weights, which "
             "RepairCallback keeps), 'forward' (the weights training started from fine-tuned on every training sample, "
             "each label learnt through the noise transition that model's identification estimates, retrain_epochs of "
-            "budget; not by default: measured, auto never chose it and on text it cost 2-2.8 times auto's epochs, BENCHMARKS.md), "
-            "'reweight' (as 'retrain', on every training sample, its loss weighed by the probability that its label is "
-            "right under that model's prediction and estimated noise transition; on request: measured on text "
-            "only, within noise of retrain and erase, BENCHMARKS.md). "
-            "Chosen by accuracy on held-out verified folds; where 'fresh' itself leads, its best erase, retrain, "
-            "forward or reweight is taken if it passes the gate (the folds under-rate them: their refit identifies with 'fresh' on "
-            "every verified sample, BENCHMARKS.md).",
+            "budget; not by default: measured, auto never chose it and on text it cost 2-2.8 times auto's epochs, "
+            "BENCHMARKS.md), 'reweight' (as 'retrain', on every training sample, its loss weighed by the probability "
+            "that its label is right under that model's prediction and estimated noise transition; on request: "
+            "measured on text only, level with retrain and erase, BENCHMARKS.md). Chosen by accuracy on held-out "
+            "verified folds; where 'fresh' itself leads, its best erase, retrain, forward or reweight is taken if it "
+            "passes the gate (the folds under-rate them: their refit identifies with 'fresh' on every verified sample, "
+            "BENCHMARKS.md).",
         },
     )
     retrain_epochs: Optional[float] = field(
         default=None,
         metadata={
             "help": "The 'retrain' refinement's budget in epochs of the training set (and 'forward''s and "
-            "'reweight''s); its fine-tune "
-            "stops early at its lowest held-out verified loss, with the learning rate and batch size of erase and "
-            "retention. None: 10 where the fine-tune mixes its batches (retrain_mixup_alpha), 3 where it does not: "
+            "'reweight''s); its fine-tune stops early at its lowest held-out verified loss, with the learning rate "
+            "and batch size of erase and retention. None: 10 where the fine-tune mixes its batches (retrain_mixup_alpha), 3 where it does not: "
             "mixed batches keep a longer fine-tune from fitting the corruption identification missed, while "
             "unmixed ones fit it (measured, BENCHMARKS.md)."
         },
@@ -93,11 +92,11 @@ class TrajectoryArguments:
     runs_per_fold: int = field(
         default=2,
         metadata={
-            "help": "How many fine-tunes (repair seeds repair_seed, repair_seed + 1000, ...) 'fresh', 'erase', 'retrain', "
-            "'forward' and 'reweight' run on each verified fold's complement. The fold's held-out predictions come from the "
-            "average of its runs, and the weights auto ends with average runs too (erase and retrain of a trajectory "
-            "base: all num_folds x runs_per_fold fold runs; fresh: runs_per_fold more on every verified sample), so "
-            "the folds judge an average as the one adopted, not a single run, which lands lower (BENCHMARKS.md). "
+            "help": "How many fine-tunes (repair seeds repair_seed, repair_seed + 1000, ...) 'fresh', 'erase', "
+            "'retrain', 'forward' and 'reweight' run on each verified fold's complement. The fold's held-out "
+            "predictions come from the average of its runs, and the weights auto ends with average runs too (erase "
+            "and retrain of a trajectory base: all num_folds x runs_per_fold fold runs; fresh: runs_per_fold more on "
+            "every verified sample), so the folds judge an average as the one adopted, not a single run, which lands lower (BENCHMARKS.md). "
             "Costs runs_per_fold times those fine-tunes and holds one more float64 copy of the trainable weights "
             "while a fold runs. A LoRA adapter's runs are not averaged, so it runs one. Measured (BENCHMARKS.md): 2 "
             "lifted a ViT fine-tune's auto from 23 to 37 percent of the gap to a clean one, above early stopping on "

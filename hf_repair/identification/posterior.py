@@ -5,8 +5,9 @@ says how labels go wrong. Bayes' rule gives the true class given the sample *and
 P(true = c | x, g) is proportional to p(c | x) T[c, g]. Where labels are rarely wrong the given label outweighs a
 reference that doubts it; where they often are, the reference weighs more. Its value at c = g, the probability
 that the given label is right, is what method "auto"'s "reweight" weighs each training sample's loss by: a weak
-reference (a text model's, BENCHMARKS.md) tells corrupted labels apart too poorly for a hard cut to drop the right
-ones, and a weight keeps what it is unsure of at the strength it is unsure.
+reference (a text model's) tells corrupted labels apart too poorly for a hard cut to drop the right ones, and a
+weight keeps what it is unsure of at the strength it is unsure (measured on text: level with the hard cut,
+BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -91,8 +91,8 @@ def score_training_set(
             out[:, FIELDS.index("index")] = torch.as_tensor(indices[offset : offset + n], dtype=torch.float64)
             out[:, FIELDS.index("influence")] = aggregate(per_class, weights, scorer.blind_classes)
             out[:, FIELDS.index("influence_mean")] = _aggregate_mean(per_class, weights, scorer.blind_classes)
-            reference = logits.detach().double().log_softmax(-1).cpu()
-            _put(out, "loss", "prediction", reference, given)
+            own_log_probs = logits.detach().double().log_softmax(-1).cpu()
+            _put(out, "loss", "prediction", own_log_probs, given)
             if scorer.refit is not None:
                 head_rows = scorer.head.input_rows(capture.inputs[scorer.head.name], n, torch.float64)
                 refit_log_probs = scorer.refit.log_probs(head_rows[:, 0].cpu())
@@ -109,7 +109,7 @@ def score_training_set(
             if keep_reference_log_probs:
                 out[:, len(FIELDS):] = (probe_log_probs if scorer.probe is not None else refit_log_probs
                                         if scorer.refit is not None else projected_log_probs
-                                        if projected is not None else reference)
+                                        if projected is not None else own_log_probs)
             rows.append(out)
             offset += n
             progress.update(n)

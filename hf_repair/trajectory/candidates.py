@@ -38,10 +38,10 @@ when it is finally run -- and builds weights from the trajectory with them alone
   loss weighed by the probability that its given label is right: the identifying model's prediction (its probe's)
   weighed against the noise transition it estimates (`identification/posterior.py`). Where identification is
   weak, a hard cut drops many clean samples and keeps many corrupted ones; a weight keeps each at the strength
-  the identification believes it (measured on text, BENCHMARKS.md).
+  the identification believes it (measured on text: level with retrain and erase, BENCHMARKS.md).
 
-A chosen erase, retrain, forward or reweight of `fresh`, refitted on every verified sample (below), flags by (and learns
-through) the noise rate and transition that fresh's fold models calibrate on the folds they did not learn
+A chosen erase, retrain, forward or reweight of `fresh`, refitted on every verified sample (below), flags by (and
+learns through) the noise rate and transition that fresh's fold models calibrate on the folds they did not learn
 (`heldout_noise.py`), not fresh's own identification's, whose probe reads features fitted to the verified samples
 and over-estimates the noise. The fold runs the folds judge keep their fold fresh's own identification: calibrated
 too, they made the folds prefer `fresh` itself over a refit that did better on test (measured, BENCHMARKS.md).
