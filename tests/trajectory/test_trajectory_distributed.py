@@ -15,7 +15,7 @@ from testbed.offline_data import DEFAULT_FASHION_MNIST_ROOT
 from helpers import launch_two_processes
 
 pytestmark = [
-    pytest.mark.slow,  # two processes launched, trained and repaired, three times: about 100 s
+    pytest.mark.slow,  # two processes launched, trained and repaired, four times: about 130 s
     pytest.mark.skipif(
         not os.path.exists(os.path.join(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")),
         reason="needs Fashion-MNIST: apt-get update && apt-get install -y dataset-fashion-mnist",
