@@ -16,11 +16,11 @@ instead: nothing dropped, every training label learnt through the noise transiti
 as auto's runs per fold), and `--from-base` fine-tunes the identifying model itself without the flagged samples
 (auto's erase) instead of the initial weights: together, what a chosen fresh-based erase or retrain would end with if
 it were refitted on every verified sample (`fold_identification.py` shows what the nested folds' identifiers get).
-`--reweight` runs auto's reweight refinement instead: nothing dropped, every training
-sample's loss weighed by the probability that its label is right (the identifying probe's prediction through the
-estimated noise transition).
-`--fold-calibrated` flags, forward-corrects and reweighs by the noise rate fresh's fold models calibrate on the verified folds
-they did not learn, as `auto` does on fresh (the fold models cached beside the run as `fold_identification.py`'s).
+`--reweight` runs auto's reweight refinement instead: nothing dropped, every training sample's loss weighed by the
+probability that its label is right (the identifying probe's prediction through the estimated noise transition).
+`--fold-calibrated` flags, forward-corrects and reweighs by the noise rate fresh's fold models calibrate on the
+verified folds they did not learn, as `auto` does on fresh (the fold models cached beside the run as
+`fold_identification.py`'s).
 
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --regime short --seed 0 --epochs 3 10
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --base trajectory --repair-seeds 0 1 2
