@@ -65,15 +65,16 @@ class Repairer:
         """The verified samples as this process's folds of batches, on the model's device; checks the columns."""
         return split_verified(self.model, verified, self.config, self.forward_fn, self.collate_fn)
 
-    def identify(self, train_dataset: Any, verified: Any) -> IdentificationResult:
+    def identify(self, train_dataset: Any, verified: Any, *, keep_reference_log_probs: bool = False) -> IdentificationResult:
         """Score, rank and flag the training samples that hurt the model; the model is not changed.
 
         See `hf_repair.identification.identify.identify_harmful`; `config.score` and `config.flag_rule` choose how.
+        `keep_reference_log_probs`: also keep every class's log-probability under the reference that suggests labels,
+        from which `hf_repair.identification.label_posterior` gives each sample's probability of every true class.
         """
         check_materialized(self.model)
-        return identify_harmful(
-            self.model, train_dataset, verified, self.config, forward_fn=self.forward_fn, collate_fn=self.collate_fn
-        )
+        return identify_harmful(self.model, train_dataset, verified, self.config, forward_fn=self.forward_fn,
+                                collate_fn=self.collate_fn, keep_reference_log_probs=keep_reference_log_probs)
 
     def repair(self, verified: Any, train_dataset: Any = None, *,
                identification: IdentificationResult | None = None,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_repair import IdentificationResult, RepairConfig, Repairer, identify_harmful
+from hf_repair.identification import label_confidence
 from hf_repair.identification.influence import InfluenceModel, TrackedLayer, _solve_kfac
 from hf_repair.identification.ranking import auroc, average_ranks, flag_lowest
 from hf_repair.modeling.hooks import LayerCapture
@@ -158,6 +159,19 @@ def test_memorised_probe_features_make_the_noise_rate_estimate_warn(symmetric40,
     assert s["estimated_noise_rate"] < 0.2  # ...but the probe agrees with most memorised labels
     assert "sees training samples differently from held-out ones" in s["noise_rate_warning"]
     assert any("is not reliable" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_the_probability_that_a_label_is_right_tells_the_corrupted_ones(symmetric40):
+    """Repairer.identify keeps the probe's class probabilities on request; through the estimated noise transition they
+    give each sample's probability that its label is right, low on the corrupted labels and high on the clean ones."""
+    model, train, verified = symmetric40
+    train = train.select(range(1000))
+    ident = Repairer(model, RepairConfig(**QUIET)).identify(train, verified, keep_reference_log_probs=True)
+    confidence = label_confidence(ident.reference_log_probs, np.asarray(train["labels"]),
+                                  ident.summary["noise_transition"])
+    corrupted = np.asarray(train["is_corrupted"], dtype=bool)
+    assert auroc(confidence, corrupted) > 0.9
+    assert confidence[~corrupted].mean() > 0.8 and confidence[corrupted].mean() < 0.3
 
 
 def test_influence_beats_loss_baseline_and_columns_hold_what_they_say(symmetric40, default_identification):
