@@ -46,7 +46,7 @@ def test_every_posterior_is_a_distribution_and_more_belief_in_a_label_raises_its
     posterior = label_posterior(log_probs, given_labels, transition)
     assert np.all(np.isfinite(posterior)) and np.all(posterior >= 0)
     np.testing.assert_allclose(posterior.sum(1), 1.0)
-    surer = log_probs.copy()  # the reference more sure of each given label, the other classes in proportion
+    # the reference more sure of each given label, the other classes lowered in proportion
     rows = np.arange(len(given_labels))
     p = np.exp(log_probs)
     boosted = (p[rows, given_labels] + 1) / 2
