@@ -176,17 +176,24 @@ def vision_task(seed: int, sizes: Sizes, args: argparse.Namespace) -> Task:
                 key=f"vision_{backbone.name}_n{sizes.train}_v{sizes.verified}_noise{args.noise}")
 
 
+def text_reviews(seed: int, sizes: Sizes) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Rotten Tomatoes split into the fixed test set and, shuffled per seed, the pool the task takes its reviews from."""
+    reviews = load_rotten_tomatoes().train_test_split(test_size=sizes.test, seed=0)
+    return reviews["train"].shuffle(seed=seed), reviews["test"]
+
+
+def encode_reviews(part: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """MiniLM's token ids for `part`, padded to `max_length`."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    tokens = part.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length, padding="max_length"),
+                      batched=True)
+    return tokens.remove_columns("text").with_format("torch")
+
+
 def text_task(seed: int, sizes: Sizes, args: argparse.Namespace) -> Task:
     """MiniLM on Rotten Tomatoes: a fixed test set, and per seed a training set and a disjoint verified split."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
-    reviews = load_rotten_tomatoes().train_test_split(test_size=sizes.test, seed=0)
-    pool = reviews["train"].shuffle(seed=seed)
-
-    def encode(part: datasets.Dataset) -> datasets.Dataset:
-        tokens = part.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length,
-                                              padding="max_length"), batched=True)
-        return tokens.remove_columns("text").with_format("torch")
-
+    pool, test = text_reviews(seed, sizes)
+    encode = functools.partial(encode_reviews, max_length=args.max_length)
     clean = encode(pool.select(range(sizes.train)))
     verified = encode(pool.select(range(sizes.train, sizes.train + sizes.verified)))
 
@@ -195,7 +202,7 @@ def text_task(seed: int, sizes: Sizes, args: argparse.Namespace) -> Task:
         return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
     return Task(name="text", noisy=corrupt_dataset(clean, "symmetric", args.noise, seed=seed), clean=clean,
-                verified=verified, test=encode(reviews["test"]), model_class=AutoModelForSequenceClassification,
+                verified=verified, test=encode(test), model_class=AutoModelForSequenceClassification,
                 new_model=new_model, repair_kwargs=dict(target_modules="all-linear", batch_size=32),
                 key=f"text_minilm_n{sizes.train}_v{sizes.verified}_len{args.max_length}_noise{args.noise}")
 

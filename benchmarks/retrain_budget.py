@@ -7,7 +7,10 @@ with the final (or early-stopped) model as erase does, loads the seeded initial 
 from, and runs the erase fine-tune from them for each budget. `--base trajectory` identifies with every
 checkpoint of the run instead: the mean of their probe scores ranks the samples, and the first checkpoint's
 flag count (the model that memorised least) says how many to drop; `--base fresh` identifies with auto's `fresh`
-model (the initial weights fine-tuned on the verified split alone, cached beside the run under its settings). `--repair-seeds` runs
+model (the initial weights fine-tuned on the verified split alone, cached beside the run under its settings); `--base outside`
+(text) with a model fine-tuned on `--outside-size` clean reviews that are in neither the training set, the verified
+split nor test: a reference no repair has, to show what a better identifying model would buy (by the run's recipe;
+`--outside-fresh`: as `fresh` is built, on those reviews instead of the verified split). `--repair-seeds` runs
 each budget once per seed and adds the uniform average of those runs' weights. `--scores` prints how well each
 identification score tells the known corruption (the first one flags); `--rounds N` identifies again with each
 retrained model and retrains from the initial weights, N times in all. `--forward` runs auto's forward refinement
@@ -30,6 +33,7 @@ verified folds they did not learn, as `auto` does on fresh (the fold models cach
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --from-base --epochs 1 --repair-seeds 0 1000 2000
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --fold-calibrated --repair-seeds 0 1000 2000
     OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base fresh --fresh-runs 2 --fold-calibrated --reweight --repair-seeds 0 1000 2000
+    OMP_NUM_THREADS=1 nice python3 benchmarks/retrain_budget.py --task text --base outside --outside-size 1000 --repair-seeds 0 1000 2000
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_
 from hf_repair.trajectory.candidates import average_weights, through_the_noise, weighed_by_confidence
 from hf_repair.trajectory.checkpoints import load_weights
 from hf_repair.trajectory.heldout_noise import heldout_noise_rate, with_noise_rate
-from testbed.finetuning import Trajectory, average_states, load_checkpoint, predictions
+from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
 from common import add_config_overrides, markdown_table
@@ -81,8 +85,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     regime_benchmark.add_run_arguments(parser)
     parser.add_argument("--epochs", type=float, nargs="+", default=[3.0], help="retrain_epochs budgets to run.")
-    parser.add_argument("--base", default="final", choices=["final", "early_stop", "trajectory", "fresh"],
-                        help="The model that identifies (trajectory: every checkpoint; fresh: auto's, see above).")
+    parser.add_argument("--base", default="final", choices=["final", "early_stop", "trajectory", "fresh", "outside"],
+                        help="The model that identifies (trajectory: every checkpoint; fresh: auto's; outside: one trained "
+                             "on other clean reviews; see above).")
+    parser.add_argument("--outside-size", type=positive_int, default=1000,
+                        help="With --base outside: how many clean reviews outside the task it is fine-tuned on.")
+    parser.add_argument("--outside-fresh", action="store_true",
+                        help="With --base outside: build it as auto builds fresh (--fresh-runs runs averaged), not by "
+                             "the run's recipe.")
     parser.add_argument("--scores", nargs="+", default=["auto"], choices=IDENTIFICATION_SCORES,
                         help="Identification scores to compare on the known corruption; the first one flags.")
     parser.add_argument("--rounds", type=positive_int, default=1,
@@ -118,8 +128,12 @@ def main() -> None:
     for option, given in (("--forward", args.forward), ("--reweight", args.reweight)):
         if given and (args.rounds > 1 or args.flagged != "identified"):
             parser.error(f"{option} drops nothing and identifies once; leave --rounds and --flagged at their defaults.")
-    if args.fresh_runs > 1 and args.base != "fresh":
-        parser.error("--fresh-runs averages fresh fine-tunes; use it with --base fresh.")
+    if args.fresh_runs > 1 and not (args.base == "fresh" or args.outside_fresh):
+        parser.error("--fresh-runs averages fresh fine-tunes; use it with --base fresh or --outside-fresh.")
+    if args.base == "outside" and (args.task != "text" or args.lora):
+        parser.error("--base outside takes clean reviews from outside the text task; use --task text without --lora.")
+    if args.outside_fresh and args.base != "outside":
+        parser.error("--outside-fresh builds the outside reference; use it with --base outside.")
     if args.from_base and (args.forward or args.reweight or args.rounds > 1):
         parser.error("--from-base fine-tunes the identifying model once; leave --forward, --reweight and --rounds at "
                      "their defaults.")
@@ -146,6 +160,9 @@ def main() -> None:
             print(f"fresh run {run_index} on the verified split: {100 * accuracy(base):.2f}% on test")
         fresh = average_weights(runs, latest=0)
         load_weights(base, fresh)
+    if args.base == "outside":
+        load_weights(base, outside_reference(base, initial, args, noisy, config))
+        print(f"the reference on {args.outside_size} clean reviews outside the task: {100 * accuracy(base):.2f}% on test")
     corrupted = column_array(task.noisy, "is_corrupted").astype(bool)
     if args.base != "trajectory":
         for score in args.scores[1:]:
@@ -260,6 +277,25 @@ def fold_freshes(model: torch.nn.Module, initial: dict[str, torch.Tensor], verif
         states.append(average_weights(fresh_runs(model, initial, outside, config, run_dir, seed, runs, f"_fold{fold}"),
                                       latest=0))
     return states
+
+
+def outside_reference(model: torch.nn.Module, initial: dict[str, torch.Tensor], args: argparse.Namespace,
+                      noisy: regime_benchmark.NoisyRun, config: RepairConfig) -> dict[str, torch.Tensor]:
+    """A model fine-tuned on clean reviews of the pool after the training set and the verified split (cached)."""
+    sizes = regime_benchmark.FULL["text"]
+    pool, _ = regime_benchmark.text_reviews(args.seed, sizes)
+    start = sizes.train + sizes.verified
+    if start + args.outside_size > len(pool):
+        raise SystemExit(f"--outside-size: the pool has {len(pool) - start} reviews outside the task.")
+    outside = regime_benchmark.encode_reviews(pool.select(range(start, start + args.outside_size)), args.max_length)
+    key = f"_outside{args.outside_size}"
+    if args.outside_fresh:
+        return average_weights(fresh_runs(model, initial, outside, config, noisy.run_dir, args.seed, args.fresh_runs, key),
+                               latest=0)
+    recipe, output_dir = noisy.recipe, noisy.run_dir / f"outside{args.outside_size}_s{args.seed}"
+    run = finetune(noisy.task.new_model(args.seed), outside, noisy.task.verified, output_dir, recipe.epochs, recipe.lr,
+                   recipe.batch_size, args.seed)
+    return load_checkpoint(noisy.task.model_class, run.final.path).state_dict()
 
 
 def trajectory_identification(run: Trajectory, task: regime_benchmark.Task, config: RepairConfig) -> IdentificationResult:
