@@ -182,9 +182,15 @@ def text_reviews(seed: int, sizes: Sizes) -> tuple[datasets.Dataset, datasets.Da
     return reviews["train"].shuffle(seed=seed), reviews["test"]
 
 
+@functools.cache
+def minilm_tokenizer() -> transformers.PreTrainedTokenizerBase:
+    """MiniLM's tokenizer, loaded once for every part a script encodes."""
+    return transformers.AutoTokenizer.from_pretrained(minilm_path())
+
+
 def encode_reviews(part: datasets.Dataset, max_length: int) -> datasets.Dataset:
     """MiniLM's token ids for `part`, padded to `max_length`."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = minilm_tokenizer()
     tokens = part.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length, padding="max_length"),
                       batched=True)
     return tokens.remove_columns("text").with_format("torch")
