@@ -66,8 +66,8 @@ class TrajectoryArguments:
         metadata={
             "help": "The 'retrain' refinement's budget in epochs of the training set (and 'forward''s and "
             "'reweight''s); its fine-tune stops early at its lowest held-out verified loss, with the learning rate "
-            "and batch size of erase and retention. None: 10 where the fine-tune mixes its batches (retrain_mixup_alpha), 3 where it does not: "
-            "mixed batches keep a longer fine-tune from fitting the corruption identification missed, while "
+            "and batch size of erase and retention. None: 10 where the fine-tune mixes its batches "
+            "(retrain_mixup_alpha), 3 where it does not: mixed batches keep a longer fine-tune from fitting the corruption identification missed, while "
             "unmixed ones fit it (measured, BENCHMARKS.md)."
         },
     )
@@ -96,7 +96,8 @@ class TrajectoryArguments:
             "'retrain', 'forward' and 'reweight' run on each verified fold's complement. The fold's held-out "
             "predictions come from the average of its runs, and the weights auto ends with average runs too (erase "
             "and retrain of a trajectory base: all num_folds x runs_per_fold fold runs; fresh: runs_per_fold more on "
-            "every verified sample), so the folds judge an average as the one adopted, not a single run, which lands lower (BENCHMARKS.md). "
+            "every verified sample), so the folds judge an average as the one adopted, not a single run, which "
+            "lands lower (BENCHMARKS.md). "
             "Costs runs_per_fold times those fine-tunes and holds one more float64 copy of the trainable weights "
             "while a fold runs. A LoRA adapter's runs are not averaged, so it runs one. Measured (BENCHMARKS.md): 2 "
             "lifted a ViT fine-tune's auto from 23 to 37 percent of the gap to a clean one, above early stopping on "

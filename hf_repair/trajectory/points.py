@@ -14,9 +14,9 @@ of the model's state dict; since the rankings mostly agree, usually little more 
 that stay frozen and unchanged (a LoRA's base model, a frozen backbone) are held once for all points
 (`Trajectory.shared`), so a LoRA fine-tune costs one copy of the model plus keep + 1 adapters. Points
 read from checkpoint folders keep only the folder's path. The weights training started from (`initial`,
-for "fresh", "retrain", "forward" and "reweight") are one more copy of the trainable weights (of a LoRA: its adapter and head); at
-train end "fresh" holds num_folds + 1 more while `auto` chooses, and erase and retrain at most two float64 sums of
-them (four copies' worth: the fold runs being judged and the best judged so far).
+for "fresh", "retrain", "forward" and "reweight") are one more copy of the trainable weights (of a LoRA: its
+adapter and head); at train end "fresh" holds num_folds + 1 more while `auto` chooses, and erase and retrain at
+most two float64 sums of them (four copies' worth: the fold runs being judged and the best judged so far).
 """
 
 from __future__ import annotations
