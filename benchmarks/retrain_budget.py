@@ -61,7 +61,7 @@ from hf_repair.identification import IdentificationResult, auroc, identify_harmf
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
 from hf_repair.trajectory.candidates import average_weights, through_the_noise, weighed_by_confidence
 from hf_repair.trajectory.checkpoints import load_weights
-from hf_repair.trajectory.heldout_noise import heldout_noise_rate, with_noise_rate
+from hf_repair.trajectory.heldout_noise import calibrate_on_fold_models, with_noise_rate
 from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
@@ -173,13 +173,14 @@ def main() -> None:
                                             keep_reference_log_probs=args.reweight))
     if args.fold_calibrated:
         folds = fold_freshes(base, initial, task.verified, config, run_dir, args.seed, args.fresh_runs)
-        estimate = heldout_noise_rate(base, folds.__getitem__, split_verified(base, task.verified, config), task.noisy,
-                                      config, default_forward, None)
+        calibration = calibrate_on_fold_models(base, folds.__getitem__, split_verified(base, task.verified, config),
+                                               task.noisy, config, default_forward, None)
         load_weights(base, fresh)
+        estimate = calibration.noise
         print(f"noise rate {corrupted.mean():.3f}: fresh's identification estimates "
               f"{identification.summary['estimated_noise_rate']:.3f}, its fold models {estimate.rate:.3f} "
               f"[{estimate.interval[0]:.3f}, {estimate.interval[1]:.3f}]")
-        identification = with_noise_rate(identification, estimate, config)
+        identification = with_noise_rate(identification, calibration, config)
     if args.flagged != "identified":
         flagged = (np.flatnonzero(corrupted) if args.flagged == "corrupted"
                    else np.sort(np.argsort(column_array(identification.table, "score"))[:int(args.flagged)]))
@@ -226,8 +227,13 @@ def describe(identification: IdentificationResult, corrupted: np.ndarray) -> str
     flagged = identification.flagged_indices
     precision = corrupted[flagged].mean() if len(flagged) else float("nan")
     score_auroc = auroc(column_array(identification.table, "score"), corrupted)
-    return (f"{len(flagged)}, precision {precision:.3f}, recall {corrupted[flagged].sum() / corrupted.sum():.3f}, "
-            f"AUROC of the score {score_auroc:.3f}")
+    summary, estimated = identification.summary, ""
+    if "estimated_flag_precision" in summary:  # what the identification says of its flags without the truth
+        low, high = summary["estimated_flag_precision_interval"]
+        estimated = (f" (estimated {summary['estimated_flag_precision']:.3f} [{low:.3f}, {high:.3f}] by "
+                     f"{summary['flag_precision_source']})")
+    recall = corrupted[flagged].sum() / corrupted.sum()
+    return f"{len(flagged)}, precision {precision:.3f}{estimated}, recall {recall:.3f}, AUROC of the score {score_auroc:.3f}"
 
 
 def fresh_cache(run_dir: Path, config: RepairConfig, key: str) -> Path:

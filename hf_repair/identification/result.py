@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import RepairConfig
 from ..data import column_array
+from .flag_precision import estimate_flag_precision
 from .noise_rate import NoiseRateEstimate, summarise_noise_rate
 from .ranking import auroc, average_ranks, flag_lowest
 from .training_pass import FIELDS
@@ -32,7 +33,9 @@ class IdentificationResult:
     `noise_rate_warning` (None, or why the estimate should not be trusted), the estimated label noise
     `noise_transition[true][given]` = P(given | true) (method "auto"'s "forward" learns through it), the
     classes the verified split lacks (`blind_classes`), timings, and precision / recall / AUROC when the
-    training set has `is_corrupted`.
+    training set has `is_corrupted`. Without it, `estimated_flag_precision` (with its interval and
+    `estimated_flag_recall`, `flag_precision.py`) says what share of the flags are likely wrong labels, where the
+    score is a clean reference's (the probe or the refit).
 
     Example:
         >>> ident = Repairer(model, RepairConfig()).identify(train_dataset, verified)
@@ -55,6 +58,8 @@ class IdentificationResult:
         )
         if s.get("noise_rate_warning"):
             text += " (unreliable)"
+        if "estimated_flag_precision" in s:
+            text += f", estimated_flag_precision={s['estimated_flag_precision']:.4f}"
         if "auroc" in s:
             text += f", precision={s['precision']:.4f}, recall={s['recall']:.4f}, auroc={s['auroc']:.4f}"
         return text + ")"
@@ -134,6 +139,11 @@ def build_result(values: np.ndarray, noise_rates: dict[str, NoiseRateEstimate], 
     if scorer.refit is not None:
         summary["refit_prox"] = scorer.refit.prox
         summary["refit_heldout_accuracy"] = scorer.refit.heldout_accuracy
+    reference = {"probe": scorer.probe, "refit": scorer.refit}.get(score_name)
+    if reference is not None:  # a score that is a clean reference's log-likelihood: its held-out predictions say more
+        estimate = estimate_flag_precision(reference.heldout_log_probs, scorer.verified_labels, noise.transition,
+                                           threshold, score_name, config.repair_seed)
+        summary.update(estimate.summary() if estimate else {})
     if corrupted is not None:
         hits = int((flagged & corrupted).sum())
         summary["precision"] = hits / int(flagged.sum()) if flagged.any() else 0.0

@@ -34,6 +34,12 @@ NOISE_ESTIMATES = {
     "negative_influence": "the share of samples with harmful influence",
     "probe_disagreement": "the probe's disagreement with the given labels",
     "refit_disagreement": "the refitted head's disagreement with the given labels",
+    "fresh_fold_models": "fresh's fold models, calibrated on the verified folds they did not learn",
+}
+FLAG_PRECISION_SOURCES = {
+    "probe": "the probe's predictions on held-out verified samples",
+    "refit": "the refitted head's predictions on held-out verified samples",
+    "fresh_fold_models": "fresh's fold models' predictions on the verified folds they did not learn",
 }
 PRECONDITIONERS = {"exact": "exact", "kfac": "K-FAC", "identity": "none"}
 
@@ -116,7 +122,9 @@ FIELD_GROUPS: list[tuple[str, dict[str, tuple[str, Callable[[Any], str]]]]] = [
     }),
 ]
 FLAG_KEYS = {"num_samples", "num_flagged", "flag_rule", "threshold", "score", "blind_classes"}
-NOISE_KEYS = {"estimated_noise_rate", "noise_rate_source", "noise_rate_estimates", "noise_transition"}
+NOISE_KEYS = {"estimated_noise_rate", "noise_rate_source", "noise_rate_estimates", "noise_transition",
+              "estimated_flag_precision", "estimated_flag_precision_interval", "estimated_flag_recall",
+              "flag_precision_source"}
 KNOWN_KEYS = FLAG_KEYS | NOISE_KEYS | {key for _, fields in FIELD_GROUPS for key in fields}
 
 
@@ -164,6 +172,20 @@ def _noise_rows(summary: dict[str, Any], class_names: list[str] | None) -> Rows:
     if transition:
         rows.append(("Estimated share of right labels, by true class",
                      ", ".join(f"{class_name(class_names, c)} {pct(row[c])}" for c, row in enumerate(transition))))
+    return rows + _flag_precision_rows(summary)
+
+
+def _flag_precision_rows(summary: dict[str, Any]) -> Rows:
+    """What share of the flags are likely wrong labels, estimated without the truth (`flag_precision.py`)."""
+    precision, source = summary.get("estimated_flag_precision"), summary.get("flag_precision_source")
+    if not _known(precision):
+        return []
+    low, high = summary.get("estimated_flag_precision_interval") or (math.nan, math.nan)
+    interval = f" (interval {pct(low)} to {pct(high)})" if _known(low) and _known(high) else ""
+    origin = f", from {_named(FLAG_PRECISION_SOURCES)(source)}" if _known(source) else ""
+    rows = [("Estimated share of the flags that are wrong labels", pct(precision) + interval + origin)]
+    if _known(summary.get("estimated_flag_recall")):
+        rows.append(("Estimated share of the wrong labels flagged", pct(summary["estimated_flag_recall"])))
     return rows
 
 

@@ -85,6 +85,11 @@ def summary_text(numbers: dict[str, Any]) -> str:
                    if metrics.get(f"identification_{k}") is not None]
         if quality:
             lines.append("  its flags against the known corruption: " + ", ".join(quality))
+        lines += estimated_precision_lines(metrics, "identification_")
+    fresh = metrics.get("fresh_identification")
+    if fresh:  # method "auto" refitted a refinement of fresh
+        lines.append(f"fresh's identification: {fresh['num_flagged']} of {fresh['num_samples']} training samples flagged")
+        lines += estimated_precision_lines(fresh)
     layers = numbers["layers"]
     if layers:
         largest = max(layers, key=lambda layer: layer["relative_change"])
@@ -104,10 +109,21 @@ def summary_text(numbers: dict[str, Any]) -> str:
         quality = [f"{k} {fmt(summary[k])}" for k in ("precision", "recall", "auroc") if summary.get(k) is not None]
         if quality:
             lines.append("  against the known corruption: " + ", ".join(quality))
+        lines += estimated_precision_lines(summary)
         lines.append(f"  {FLAGGED_CSV} lists every flagged sample, most suspect first.")
     if numbers.get("missing"):
         lines += ["", "not shown:"] + [f"  - {m['item']}: {m['reason']}" for m in numbers["missing"]]
     return "\n".join(lines)
+
+
+def estimated_precision_lines(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """The flags' precision and recall as identification estimated them without the truth (none if it did not)."""
+    precision = values.get(f"{prefix}estimated_flag_precision")
+    if precision is None:
+        return []
+    low, high = values.get(f"{prefix}estimated_flag_precision_interval") or (None, None)
+    return [f"  estimated without the truth: {pct(precision)} of the flags are wrong labels (interval {pct(low)} to "
+            f"{pct(high)}), {pct(values.get(f'{prefix}estimated_flag_recall'))} of the wrong labels are flagged"]
 
 
 def finetune_line(metrics: dict[str, Any]) -> str:

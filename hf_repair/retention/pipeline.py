@@ -27,6 +27,7 @@ from ..evaluation import (
     split_verified,
 )
 from ..identification import IdentificationResult, identify_harmful
+from ..identification.flag_precision import FLAG_PRECISION_KEYS
 from ..modeling.weights import ModelSnapshot
 from ..projection.pipeline import ProjectionResult, check_materialized, project
 from ..results import RepairResult
@@ -142,7 +143,7 @@ def _metrics(outcome: RetentionResult, projection: ProjectionResult | None, iden
     if projection is not None:
         metrics["alpha"] = projection.metrics.get("alpha")
         metrics["projection_adopted"] = projection.adopted
-    for key in ("precision", "recall", "auroc"):
+    for key in ("precision", "recall", "auroc", *FLAG_PRECISION_KEYS):
         if key in identification.summary:
             metrics[f"identification_{key}"] = identification.summary[key]
     return metrics

@@ -87,12 +87,11 @@ from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_v
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification import IdentificationResult, identify_harmful, label_confidence
 from ..identification.influence import TrackedLayer
-from ..identification.noise_rate import NoiseRateEstimate
 from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, mixable, repair_with_finetuning
 from .checkpoints import StateDict, load_weights
-from .heldout_noise import heldout_noise_rate, with_noise_rate
+from .heldout_noise import FoldCalibration, calibrate_on_fold_models, with_noise_rate
 from .points import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -146,10 +145,15 @@ class CandidateBuilder:
         self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
         self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
         self.average_checks: dict[str, dict[str, Any]] = {}  # fold-run averages checked against their held-out accuracy
-        self.fresh_noise_rate: NoiseRateEstimate | None = None  # what a refit of fresh's refinements flags by (`_calibrate_on_fresh`)
+        self.fresh_calibration: FoldCalibration | None = None  # what a refit of fresh's refinements flags by (`_calibrate_on_fresh`)
         self.averages_fold_runs = not has_lora_factors(model)
         self.runs_per_fold = config.runs_per_fold if self.averages_fold_runs else 1
         self._retrain_alpha: float | None = None  # retrain_mixup_alpha resolved once (`retrain_mixup_alpha`)
+
+    @property
+    def fresh_identification(self) -> IdentificationResult | None:
+        """What a refinement of fresh refitted on every verified sample flagged by (None where none was)."""
+        return self._identifications.get((Fresh(None), None))
 
     # ------------------------------------------------------------------------------------------
     # weights and predictions of a base
@@ -380,7 +384,7 @@ class CandidateBuilder:
             identification = identify_harmful(self.model, self.train_dataset, verified, self._finetune_config(),
                                               forward_fn=self.forward_fn, collate_fn=self.collate_fn,
                                               keep_reference_log_probs="reweight" in self.config.auto_candidates)
-            self._identifications[key] = (with_noise_rate(identification, self.fresh_noise_rate, self.config)
+            self._identifications[key] = (with_noise_rate(identification, self.fresh_calibration, self.config)
                                           if refit_on_fresh else identification)
         identification, transition, weights = self._identifications[key], None, None
         if refinement == "forward":
@@ -404,9 +408,10 @@ class CandidateBuilder:
         """The noise rate and transition of a refinement of `fresh` refitted on every verified sample, calibrated once
         by fresh's fold models on the folds they did not learn (`heldout_noise.py`): fresh's own probe reads features
         fitted to the verified samples and over-estimates the noise."""
-        if self.fresh_noise_rate is None:
-            self.fresh_noise_rate = heldout_noise_rate(self.model, self._fresh_weights, self.split, self.train_dataset,
-                                                       self.config, self.forward_fn, self.collate_fn)
+        if self.fresh_calibration is None:
+            self.fresh_calibration = calibrate_on_fold_models(self.model, self._fresh_weights, self.split,
+                                                              self.train_dataset, self.config, self.forward_fn,
+                                                              self.collate_fn)
 
     def retrain_mixup_alpha(self) -> float:
         """`retrain_mixup_alpha`, or where None: 1 for a model with a floating-point input (pixel values, features),

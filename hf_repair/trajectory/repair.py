@@ -12,6 +12,7 @@ from torch import nn
 from ..config import RepairConfig
 from ..data import CollateFn, VerifiedSplit
 from ..evaluation import ForwardFn, default_forward, split_verified
+from ..identification.flag_precision import FLAG_PRECISION_KEYS
 from ..modeling.sharding import weight_access_for
 from ..modeling.weights import ModelSnapshot
 from ..projection.pipeline import ProjectionResult, check_materialized
@@ -31,6 +32,10 @@ from .recorder import TrajectoryRecorder
 from .selection import TrajectoryChoice, choose
 
 logger = logging.getLogger(__name__)
+
+# What `metrics["fresh_identification"]` keeps of the identification a refit of fresh's refinement flagged by
+# (precision and recall only where the training set has `is_corrupted`).
+FRESH_IDENTIFICATION_KEYS = ("num_samples", "num_flagged", *FLAG_PRECISION_KEYS, "precision", "recall")
 
 
 def repair_from_trajectory(
@@ -82,10 +87,13 @@ def repair_from_trajectory(
     metrics = _metrics(choice, trajectory, points, projection, model, time.perf_counter() - start)
     if builder.average_checks:
         metrics["fold_run_averages"] = builder.average_checks  # kept, or replaced by one more fine-tune
-    if builder.fresh_noise_rate is not None:  # a refinement of fresh was refitted
-        estimate = builder.fresh_noise_rate
+    if builder.fresh_calibration is not None:  # a refinement of fresh was refitted
+        estimate = builder.fresh_calibration.noise
         metrics["fresh_noise_rate"] = {"rate": estimate.rate, "interval": list(estimate.interval),
                                        "transition": estimate.transition, "warning": "; ".join(estimate.problems()) or None}
+    if builder.fresh_identification is not None:  # what it flagged, and the share of its flags likely wrong labels
+        summary = builder.fresh_identification.summary
+        metrics["fresh_identification"] = {key: summary[key] for key in FRESH_IDENTIFICATION_KEYS if key in summary}
     return RepairResult.from_repair(config, metrics, snapshot, projection)
 
 

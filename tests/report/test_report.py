@@ -621,6 +621,8 @@ IDENTIFY_SUMMARY = {  # the keys Repairer.identify writes, with the values of a 
     "precision": 0.8, "recall": 0.75, "auroc": 0.91, "auroc_by_score": {"influence": 0.8, "loss": 0.85},
     "suggested_label_accuracy_on_corrupted": float("nan"), "refit_prox": None,
     "noise_transition": [[0.7 if i == j else 0.3 / 9 for j in range(10)] for i in range(10)],
+    "estimated_flag_precision": 0.78, "estimated_flag_precision_interval": [0.71, 0.84], "estimated_flag_recall": 0.74,
+    "flag_precision_source": "probe",
 }
 
 
@@ -642,7 +644,13 @@ def test_identification_card_is_written_for_a_person(image_task, tmp_path):
                          ("Training samples per second, overall", "11.9 samples/s"),
                          ("Flagged samples whose label was wrong (precision)", "80.00%"),
                          ("Classes with no verified sample (harm to them is not seen)", "Ankle boot"),
-                         ("Layers the influence reads", "2: fc1, classifier")]:
+                         ("Layers the influence reads", "2: fc1, classifier"),
+                         ("Estimated share of the flags that are wrong labels", "78.00% (interval 71.00% to 84.00%), "
+                          "from the probe's predictions on held-out verified samples"),
+                         ("Estimated share of the wrong labels flagged", "74.00%")]:
         assert re.search(rf"<td>{re.escape(html.escape(label))}</td><td>{re.escape(html.escape(value))}", card), label
     numbers = json.loads((tmp_path / "report" / "report.json").read_text())
     assert numbers["identification"]["summary"]["verified_pass_s"] == 1.234  # report.json keeps the keys
+    summary = (tmp_path / "report" / "summary.txt").read_text()
+    assert ("estimated without the truth: 78.00% of the flags are wrong labels (interval 71.00% to 84.00%), "
+            "74.00% of the wrong labels are flagged") in summary

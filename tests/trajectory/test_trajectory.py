@@ -393,18 +393,19 @@ def test_several_runs_per_fold_are_judged_by_their_average_and_all_are_averaged_
 @needs_fashion_mnist
 def test_a_refinement_of_fresh_is_refitted_on_every_verified_sample(data, run, monkeypatch):
     """fresh+erase, once chosen, is identified again by fresh on every verified sample and ends with the average of
-    num_folds erase runs from it on all of them, not with its fold runs (whose fresh learnt two thirds of them)."""
+    num_folds erase runs from it on all of them, not with its fold runs (whose fresh learnt two thirds of them).
+    The metrics say what share of the refit's flags are likely wrong labels, as fresh's fold models estimate it."""
     train, verified, _ = data
     _, _, _, output_dir, initial = run
     starts, seeds, runs, flags = [], [], [], []  # per erase fine-tune: the head it started from, its seed, its
-    # weights after, how many training samples it dropped
+    # weights after, the training samples it dropped
     finetune, identify = candidates.repair_with_finetuning, candidates.identify_harmful
     identified_on = []  # how many verified samples each identification's probe learnt
 
     def spy_finetune(model, finetune_config, *args, **kwargs):
         starts.append(model.state_dict()["head.weight"].clone())
         seeds.append(finetune_config.repair_seed)
-        flags.append(len(args[2].flagged_indices))
+        flags.append(args[2].flagged_indices)
         result = finetune(model, finetune_config, *args, **kwargs)
         runs.append({key: value.clone() for key, value in model.state_dict().items()})
         return result
@@ -429,8 +430,15 @@ def test_a_refinement_of_fresh_is_refitted_on_every_verified_sample(data, run, m
     assert not any(torch.equal(starts[-k], start) for start in starts[:-k])  # not a fold's fresh
     assert seeds[-k:] == [config.repair_seed + 1000 * run for run in range(k)]  # each its own seed
     # the refit flags the share fresh's fold models calibrate; the judged fold runs their own identification's
-    assert set(flags[-k:]) == {round(m["fresh_noise_rate"]["rate"] * len(train))}
-    assert round(m["fresh_noise_rate"]["rate"] * len(train)) not in flags[:-k]
+    assert {len(f) for f in flags[-k:]} == {round(m["fresh_noise_rate"]["rate"] * len(train))}
+    assert round(m["fresh_noise_rate"]["rate"] * len(train)) not in {len(f) for f in flags[:-k]}
+    clean = load_fashion_mnist("train").select(range(len(train)))["labels"]  # noisy_fashion_mnist's first rows
+    corrupted = np.asarray(train["labels"]) != np.asarray(clean)
+    estimated = m["fresh_identification"]
+    assert estimated["flag_precision_source"] == "fresh_fold_models" and estimated["num_flagged"] == len(flags[-1])
+    low, high = estimated["estimated_flag_precision_interval"]
+    assert low <= estimated["estimated_flag_precision"] <= high
+    assert abs(estimated["estimated_flag_precision"] - corrupted[flags[-1]].mean()) < 0.1, corrupted[flags[-1]].mean()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, (sum(state[key].double() for state in refit) / k).to(value.dtype),
                                    rtol=0, atol=0)

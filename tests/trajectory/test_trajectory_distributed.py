@@ -80,6 +80,8 @@ def test_a_refinement_of_fresh_is_refitted_alike_on_every_process(tmp_path, proc
     assert "fold_run_averages" not in m  # refitted, not the average of its fold runs
     assert ("fresh_over_candidate" in m) == fresh_leads
     assert 0 < m["fresh_noise_rate"]["rate"] < 1  # calibrated by fresh's fold models over both processes' shards
+    estimated = m["fresh_identification"]  # fold models' scores of both shards: a cut missing one would skew it
+    assert estimated["flag_precision_source"] == "fresh_fold_models" and 0.5 < estimated["estimated_flag_precision"]
     model, _, verified, _, _ = distributed_auto()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     final = read_checkpoint(list_checkpoints(tmp_path / "trainer")[-1])
