@@ -183,7 +183,8 @@ def _flag_precision_rows(summary: dict[str, Any]) -> Rows:
     low, high = summary.get("estimated_flag_precision_interval") or (math.nan, math.nan)
     interval = f" (interval {pct(low)} to {pct(high)})" if _known(low) and _known(high) else ""
     origin = f", from {_named(FLAG_PRECISION_SOURCES)(source)}" if _known(source) else ""
-    rows = [("Estimated share of the flags that are wrong labels", pct(precision) + interval + origin)]
+    unreliable = " (unreliable, as the noise rate: see its warning)" if summary.get("noise_rate_warning") else ""
+    rows = [("Estimated share of the flags that are wrong labels", pct(precision) + interval + origin + unreliable)]
     if _known(summary.get("estimated_flag_recall")):
         rows.append(("Estimated share of the wrong labels flagged", pct(summary["estimated_flag_recall"])))
     return rows

@@ -122,8 +122,11 @@ def estimated_precision_lines(values: dict[str, Any], prefix: str = "") -> list[
     if precision is None:
         return []
     low, high = values.get(f"{prefix}estimated_flag_precision_interval") or (None, None)
+    warned = values.get(f"{prefix}noise_rate_warning")
+    unreliable = "; unreliable, as the noise rate: see its warning" if warned else ""
     return [f"  estimated without the truth: {pct(precision)} of the flags are wrong labels (interval {pct(low)} to "
-            f"{pct(high)}), {pct(values.get(f'{prefix}estimated_flag_recall'))} of the wrong labels are flagged"]
+            f"{pct(high)}), {pct(values.get(f'{prefix}estimated_flag_recall'))} of the wrong labels are flagged"
+            + unreliable]
 
 
 def finetune_line(metrics: dict[str, Any]) -> str:

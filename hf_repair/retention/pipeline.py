@@ -143,7 +143,7 @@ def _metrics(outcome: RetentionResult, projection: ProjectionResult | None, iden
     if projection is not None:
         metrics["alpha"] = projection.metrics.get("alpha")
         metrics["projection_adopted"] = projection.adopted
-    for key in ("precision", "recall", "auroc", *FLAG_PRECISION_KEYS):
+    for key in ("precision", "recall", "auroc", *FLAG_PRECISION_KEYS, "noise_rate_warning"):
         if key in identification.summary:
             metrics[f"identification_{key}"] = identification.summary[key]
     return metrics

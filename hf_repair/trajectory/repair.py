@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 # What `metrics["fresh_identification"]` keeps of the identification a refit of fresh's refinement flagged by
 # (precision and recall only where the training set has `is_corrupted`).
-FRESH_IDENTIFICATION_KEYS = ("num_samples", "num_flagged", *FLAG_PRECISION_KEYS, "precision", "recall")
+FRESH_IDENTIFICATION_KEYS = ("num_samples", "num_flagged", *FLAG_PRECISION_KEYS, "noise_rate_warning", "precision",
+                             "recall")
 
 
 def repair_from_trajectory(

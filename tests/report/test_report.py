@@ -22,6 +22,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from hf_repair import RepairConfig, Repairer
 from hf_repair.report import before_after_table
 from hf_repair.report.figures import encode_png, image_to_uint8
+from hf_repair.report.summary import estimated_precision_lines
 
 FIGURES = ("accuracy", "per_class", "selection", "spectra", "weight_change", "confusion", "scores")
 ALPHAS = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5]
@@ -654,3 +655,15 @@ def test_identification_card_is_written_for_a_person(image_task, tmp_path):
     summary = (tmp_path / "report" / "summary.txt").read_text()
     assert ("estimated without the truth: 78.00% of the flags are wrong labels (interval 71.00% to 84.00%), "
             "74.00% of the wrong labels are flagged") in summary
+
+
+def test_an_estimated_flag_precision_is_marked_unreliable_where_the_noise_rate_warns():
+    values = {"identification_estimated_flag_precision": 0.3, "identification_estimated_flag_recall": 0.28,
+              "identification_estimated_flag_precision_interval": [0.2, 0.4]}
+    (line,) = estimated_precision_lines(values, "identification_")
+    assert line.endswith("30.00% of the flags are wrong labels (interval 20.00% to 40.00%), 28.00% of the wrong labels "
+                         "are flagged")
+    values["identification_noise_rate_warning"] = "the probe is more confident on training samples"
+    (line,) = estimated_precision_lines(values, "identification_")
+    assert line.endswith("are flagged; unreliable, as the noise rate: see its warning")
+    assert estimated_precision_lines({"num_flagged": 3}) == []  # nothing estimated, nothing said
