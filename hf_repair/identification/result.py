@@ -155,5 +155,7 @@ def build_result(values: np.ndarray, noise_rates: dict[str, NoiseRateEstimate], 
             if "clean_labels" in dataset.column_names and corrupted.any() else math.nan
         )
     flagged_indices = np.flatnonzero(flagged).astype(np.int64)
-    logger.info("Flagged %d of %d training samples (%s).", len(flagged_indices), n, config.flag_rule)
+    estimated = summary.get("estimated_flag_precision")
+    logger.info("Flagged %d of %d training samples (%s)%s.", len(flagged_indices), n, config.flag_rule,
+                f"; an estimated {estimated:.0%} of them are wrong labels" if estimated is not None else "")
     return IdentificationResult(table=datasets.Dataset.from_dict(table), summary=summary, flagged_indices=flagged_indices)
