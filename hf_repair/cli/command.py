@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from ..config import FINETUNE_METHODS, RepairConfig
 from ..integrations.callback import REPORT_DIR, RESULTS_NAME, repair_results
 from ..repairer import Repairer
+from ..report.summary import estimated_precision_lines
 from ..report.writer import REPORT_JSON, before_after_table, write_report
 from ..results import RepairResult
 from ..utils.files import atomic_directory, check_output_directory, read_json, write_json
@@ -185,10 +186,13 @@ def format_table(result: RepairResult, numbers: dict[str, Any], model_name: str,
         what = f"{result.config.method}, {m['num_flagged']} of {m['num_train']} training samples flagged, {m['steps']} steps"
     else:
         what = result.config.method + (f", chosen: {m['chosen']}" if m.get("chosen") else "")
-    lines = [
-        f"hf-repair: {model_name}, {m['num_verified']} verified samples, {what}, {m['repair_time_s']:.1f}s",
-        before_after_table(numbers),
-    ]
+        if m.get("fresh_identification"):  # a refinement of fresh was refitted on the samples fresh flagged
+            fresh = m["fresh_identification"]
+            what += f" (fresh flagged {fresh['num_flagged']} of {fresh['num_samples']} training samples)"
+    lines = [f"hf-repair: {model_name}, {m['num_verified']} verified samples, {what}, {m['repair_time_s']:.1f}s"]
+    # how many of the flags are likely wrong labels: the sign, on a low figure, to verify more labels
+    lines += estimated_precision_lines(m, "identification_") + estimated_precision_lines(m.get("fresh_identification") or {})
+    lines.append(before_after_table(numbers))
     metric = result.config.metric_for_selection
     if metric != "accuracy":
         lines.append(f"held-out {metric}: {m[f'{metric}_before']:.4f} -> {m[f'{metric}_after']:.4f}")

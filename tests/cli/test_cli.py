@@ -30,7 +30,7 @@ from transformers import (
 
 from hf_repair import RepairConfig, RepairResult
 from hf_repair.cli.arguments import CLIArguments, build_parser, parse_arguments
-from hf_repair.cli.command import main
+from hf_repair.cli.command import format_table, main
 from hf_repair.cli.loading import prepare_labels
 from hf_repair.config import ARGUMENT_GROUPS
 from hf_repair.integrations.callback import REPORT_DIR
@@ -232,6 +232,25 @@ def test_fine_tuning_method_reads_the_training_data(workdir, tmp_path, capsys):
     assert f"erase, {NUM_TEXTS // 4} of {NUM_TEXTS} training samples flagged" in printed
     repaired = AutoModelForSequenceClassification.from_pretrained(out)
     assert same_weights(repaired, AutoModelForSequenceClassification.from_pretrained(model_dir)) != metrics["adopted"]
+
+
+@pytest.mark.parametrize("method", ["erase", "auto"])
+def test_the_printed_summary_gives_the_estimated_share_of_flags_that_are_wrong_labels(method, tmp_path):
+    """A fine-tune's identification, or auto's refit of fresh, prints its estimate; marked where the noise rate warned."""
+    estimate = {"estimated_flag_precision": 0.66, "estimated_flag_precision_interval": [0.6, 0.73],
+                "estimated_flag_recall": 0.65, "noise_rate_warning": "the interval is wide"}
+    metrics = {"num_verified": 300, "repair_time_s": 1.0, "accuracy_before": 0.6, "accuracy_after": 0.7,
+               "heldout_accuracy": {}, "alpha": None}
+    if method == "erase":
+        metrics |= {"num_flagged": 400, "num_train": 1000, "steps": 30} | {f"identification_{k}": v for k, v in estimate.items()}
+    else:
+        metrics |= {"chosen": "fresh+erase", "fresh_identification": {"num_flagged": 400, "num_samples": 1000, **estimate}}
+    printed = format_table(RepairResult(RepairConfig(method=method), metrics), {"metrics": metrics}, "Bert", tmp_path)
+    assert "66.00% of the flags are wrong labels (interval 60.00% to 73.00%), 65.00% of the wrong labels are flagged" in printed
+    assert "unreliable, as the noise rate" in printed and "400 of 1000 training samples" in printed
+    del metrics["identification_estimated_flag_precision" if method == "erase" else "fresh_identification"]
+    assert "wrong labels" not in format_table(RepairResult(RepairConfig(method=method), metrics), {"metrics": metrics},
+                                              "Bert", tmp_path)
 
 
 def test_image_folder_checkpoint_with_test_data(workdir, tmp_path, capsys):
