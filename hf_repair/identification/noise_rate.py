@@ -75,7 +75,7 @@ class NoiseRateEstimate:
         """Why the estimate should not be trusted (empty when nothing says so)."""
         ref = self.reference
         found = []
-        shifted = abs(self.confidence_shift_z) > _normal_quantile(CONSISTENCY_LEVEL)
+        shifted = abs(self.confidence_shift_z) > normal_quantile(CONSISTENCY_LEVEL)
         if shifted and abs(self.raw - self.confidence_matched) > CONSISTENCY_MARGIN:
             found.append(
                 f"the {ref} is {'more' if self.confidence_shift_z > 0 else 'less'} confident on training samples "
@@ -195,7 +195,7 @@ def summarise_noise_rate(calibrated: dict[str, NoiseRateEstimate], influence_mea
                                    estimates=estimates, warning="; ".join(problems) if problems else None,
                                    transition=probe.transition)
     else:
-        half = _normal_quantile(INTERVAL_LEVEL) * math.sqrt(negative * (1 - negative) / max(len(influence_mean), 1))
+        half = normal_quantile(INTERVAL_LEVEL) * math.sqrt(negative * (1 - negative) / max(len(influence_mean), 1))
         summary = NoiseRateSummary(
             rate=negative, source="negative_influence", interval=(_clip(negative - half), _clip(negative + half)),
             estimates=estimates,
@@ -278,7 +278,8 @@ def _quantiles(values: torch.Tensor, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _normal_quantile(level: float) -> float:
+def normal_quantile(level: float) -> float:
+    """The two-sided standard normal quantile: P(|Z| <= z) = level."""
     return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)))
 
 

@@ -142,7 +142,7 @@ def build_result(values: np.ndarray, noise_rates: dict[str, NoiseRateEstimate], 
     reference = {"probe": scorer.probe, "refit": scorer.refit}.get(score_name)
     if reference is not None:  # a score that is a clean reference's log-likelihood: its held-out predictions say more
         estimate = estimate_flag_precision(reference.heldout_log_probs, scorer.verified_labels, noise.transition,
-                                           threshold, score_name, config.repair_seed)
+                                           threshold, score_name, config.repair_seed, noise.rate, noise.interval)
         summary.update(estimate.summary() if estimate else {})
     if corrupted is not None:
         hits = int((flagged & corrupted).sum())

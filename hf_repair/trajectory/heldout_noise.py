@@ -57,7 +57,8 @@ class FoldCalibration:
             return None
         cuts = self.training_scores.sort(dim=1).values[:, min(num_flagged, self.training_scores.shape[1]) - 1]
         return estimate_flag_precision(self.heldout_log_probs, self.heldout_labels, self.noise.transition,
-                                       cuts[self.heldout_folds], "fresh_fold_models", seed)
+                                       cuts[self.heldout_folds], "fresh_fold_models", seed, self.noise.rate,
+                                       self.noise.interval)
 
 
 def calibrate_on_fold_models(model: nn.Module, fold_weights: Callable[[int], StateDict], split: VerifiedSplit,

@@ -43,10 +43,11 @@ def test_nothing_flagged_gives_no_estimate_and_clean_labels_give_no_recall():
     assert estimate.precision == 0.0 and math.isnan(estimate.recall)  # every flag a right label
 
 
-def test_the_estimate_finds_the_precision_of_flags_on_data_it_never_saw():
+def _three_gaussian_classes():
     """A fixed reference on three overlapping Gaussian classes: 6,000 training samples with 30% symmetric noise
     flagged by the noise rate's share of lowest given-label log-probabilities, 600 clean verified samples from the
-    same distribution. The estimate from the verified ones lands on the training flags' true precision and recall."""
+    same distribution. Returns the verified log-probabilities and labels, the cut, and the flags' true precision and
+    recall."""
     generator = np.random.default_rng(0)
     means = np.array([[0.0, 0.0], [1.5, 0.0], [0.0, 1.5]])
 
@@ -61,25 +62,44 @@ def test_the_estimate_finds_the_precision_of_flags_on_data_it_never_saw():
     given_labels = np.where(wrong, (clean + generator.integers(1, 3, 6000)) % 3, clean)
     scores = train_log_probs[np.arange(6000), given_labels].numpy()
     flagged = np.argsort(scores, kind="stable")[: round(0.3 * 6000)]
-    transition = np.full((3, 3), 0.15) + np.eye(3) * 0.55
     verified_log_probs, verified_labels = draw(600)
-    estimate = estimate_flag_precision(verified_log_probs, torch.tensor(verified_labels), transition.tolist(),
-                                       float(scores[flagged].max()), "probe", seed=0)
-    true_precision, true_recall = wrong[flagged].mean(), wrong[flagged].sum() / wrong.sum()
+    return (verified_log_probs, torch.tensor(verified_labels), float(scores[flagged].max()), wrong[flagged].mean(),
+            wrong[flagged].sum() / wrong.sum())
+
+
+def _symmetric(rate):
+    return (np.full((3, 3), rate / 2) + np.eye(3) * (1 - 1.5 * rate)).tolist()
+
+
+def test_the_estimate_finds_the_precision_of_flags_on_data_it_never_saw():
+    log_probs, labels, cut, true_precision, true_recall = _three_gaussian_classes()
+    estimate = estimate_flag_precision(log_probs, labels, _symmetric(0.3), cut, "probe", seed=0)
     assert abs(estimate.precision - true_precision) < 0.03, (estimate, true_precision)
     assert abs(estimate.recall - true_recall) < 0.03, (estimate, true_recall)
     low, high = estimate.interval
     assert low < true_precision < high and high - low < 0.15  # 600 verified samples: about +-0.05
+    # a noise rate known exactly adds nothing to the interval
+    assert estimate_flag_precision(log_probs, labels, _symmetric(0.3), cut, "probe", 0, 0.3, (0.3, 0.3)) == estimate
+
+
+def test_the_noise_rates_uncertainty_widens_the_interval_to_cover_a_rate_estimated_low():
+    """At a noise rate estimated at 0.24 for a true 0.30, fewer labels seem wrong and the flags seem less precise:
+    the interval at that rate alone misses the truth; with the rate's interval, [0.19, 0.31], it covers it."""
+    log_probs, labels, cut, true_precision, _ = _three_gaussian_classes()
+    at_the_rate = estimate_flag_precision(log_probs, labels, _symmetric(0.24), cut, "probe", seed=0)
+    widened = estimate_flag_precision(log_probs, labels, _symmetric(0.24), cut, "probe", 0, 0.24, (0.19, 0.31))
+    assert at_the_rate.interval[1] < true_precision < widened.interval[1]
+    assert widened.interval[0] < at_the_rate.interval[0] and widened.precision == at_the_rate.precision
 
 
 @settings(max_examples=40, deadline=None)
 @given(logits=arrays(np.float64, (8, 3), elements=st.floats(-20, 20)),
        labels=arrays(np.int64, (8,), elements=st.integers(0, 2)),
-       kept=st.floats(0.0, 1.0), cut=st.floats(-30, 0))
-def test_any_estimate_is_a_share_with_an_ordered_interval(logits, labels, kept, cut):
+       kept=st.floats(0.0, 1.0), cut=st.floats(-30, 0), rate_interval=st.tuples(st.floats(0, 1), st.floats(0, 1)))
+def test_any_estimate_is_a_share_with_an_ordered_interval(logits, labels, kept, cut, rate_interval):
     transition = np.full((3, 3), (1 - kept) / 2) + np.eye(3) * (kept - (1 - kept) / 2)
-    estimate = estimate_flag_precision(torch.tensor(logits).log_softmax(-1), torch.tensor(labels),
-                                       transition.tolist(), cut, "probe", seed=0)
+    estimate = estimate_flag_precision(torch.tensor(logits).log_softmax(-1), torch.tensor(labels), transition.tolist(),
+                                       cut, "probe", 0, 1 - kept, tuple(sorted(rate_interval)))
     if estimate is not None:
         assert 0.0 <= estimate.interval[0] <= estimate.interval[1] <= 1.0
         assert 0.0 <= estimate.precision <= 1.0
