@@ -29,7 +29,7 @@ from hf_repair.data import column_array
 from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.retention import RetentionRepair
 from hf_repair.trajectory import CandidateBuilder
-from hf_repair.trajectory.candidates import average_weights
+from hf_repair.trajectory.averaging import average_weights
 from hf_repair.trajectory.checkpoints import load_weights
 from testbed.finetuning import load_checkpoint, predictions
 

@@ -59,7 +59,8 @@ from hf_repair.data import column_array, stratified_folds
 from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.identification import IdentificationResult, auroc, identify_harmful
 from hf_repair.retention import RetentionRepair, finetune_learning_rate, repair_with_finetuning
-from hf_repair.trajectory.candidates import average_weights, through_the_noise, weighed_by_confidence
+from hf_repair.trajectory.averaging import average_weights
+from hf_repair.trajectory.candidates import through_the_noise, weighed_by_confidence
 from hf_repair.trajectory.checkpoints import load_weights
 from hf_repair.trajectory.heldout_noise import calibrate_on_fold_models, with_noise_rate
 from testbed.finetuning import Trajectory, average_states, finetune, load_checkpoint, predictions

@@ -90,6 +90,7 @@ from ..identification.influence import TrackedLayer
 from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, mixable, repair_with_finetuning
+from .averaging import FoldRunSum, average_weights
 from .checkpoints import StateDict, load_weights
 from .heldout_noise import FoldCalibration, calibrate_on_fold_models, with_noise_rate
 from .points import Trajectory
@@ -457,42 +458,6 @@ def retrain_budget(config: RepairConfig, mixup_alpha: float) -> float:
     return 10.0 if mixup_alpha > 0 else 3.0
 
 
-class FoldRunSum:
-    """The running float64 sum of a procedure's fold runs (CPU states without the keys `Trajectory.shared` holds
-    with equal values); `average` equals `average_weights` of the runs, one copy of the weights instead of k."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.totals: StateDict = {}
-        self.counts: dict[str, int] = {}  # runs each key was in (a run omits a key it holds as `shared` has it)
-        self.dtypes: dict[str, torch.dtype] = {}
-
-    def add(self, state: StateDict) -> None:
-        self.count += 1
-        for key, value in state.items():
-            self.counts[key] = self.counts.get(key, 0) + 1
-            if not value.is_floating_point():
-                self.totals[key] = value  # step counters, integer buffers: the latest run's
-                continue
-            self.dtypes[key] = value.dtype
-            if key in self.totals:
-                self.totals[key].add_(value)  # float32 -> float64 is exact: the sum average_weights takes
-            else:
-                self.totals[key] = value.double()
-
-    def average(self, shared: StateDict) -> StateDict:
-        averaged = dict(shared)
-        for key, total in self.totals.items():
-            if key not in self.dtypes:
-                averaged[key] = total
-                continue
-            missing = self.count - self.counts[key]
-            if missing:
-                total = total + missing * shared[key].double()
-            averaged[key] = (total / self.count).to(self.dtypes[key])
-        return averaged
-
-
 def through_the_noise(identification: IdentificationResult) -> tuple[IdentificationResult, torch.Tensor]:
     """What "forward" fine-tunes with: the identification with nothing flagged, and the noise transition it
     estimated, which every training label is then learnt through."""
@@ -509,17 +474,3 @@ def weighed_by_confidence(identification: IdentificationResult) -> tuple[Identif
     confidence = label_confidence(identification.reference_log_probs, column_array(identification.table, "given_label"),
                                   identification.summary["noise_transition"])
     return dataclasses.replace(identification, flagged_indices=np.zeros(0, dtype=np.int64)), confidence
-
-
-def average_weights(states: list[StateDict], latest: int) -> StateDict:
-    """The uniform average of state dicts' floating tensors (accumulated in float64); other tensors (step counters,
-    integer buffers) from `states[latest]`, and tensors all the states share as they are."""
-    averaged = {}
-    for key, value in states[latest].items():
-        if all(state[key] is value for state in states):
-            averaged[key] = value  # one tensor shared by every state (frozen weights held once): nothing to average
-        elif value.is_floating_point():
-            averaged[key] = (sum(state[key].double() for state in states) / len(states)).to(value.dtype)
-        else:
-            averaged[key] = value
-    return averaged

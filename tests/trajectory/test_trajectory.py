@@ -17,6 +17,7 @@ from hf_repair.trajectory import (
     CandidateBuilder,
     Trajectory,
     TrajectoryPoint,
+    averaging,
     candidates,
     list_checkpoints,
     read_checkpoint,
@@ -451,12 +452,12 @@ def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fin
     train, verified, _ = data
     _, _, _, output_dir, initial = run
     runs = record_finetunes(monkeypatch)
-    average = candidates.FoldRunSum.average
+    average = averaging.FoldRunSum.average
 
     def broken(self, shared):  # an average that lost what the runs learnt: its head predicts one class
         return {**average(self, shared), "head.weight": torch.zeros(10, 64), "head.bias": torch.arange(10.0)}
 
-    monkeypatch.setattr(candidates.FoldRunSum, "average", broken)
+    monkeypatch.setattr(averaging.FoldRunSum, "average", broken)
     # one run per fold: a fold's own average would break too, and the folds must still judge erase well
     config = dataclasses.replace(AUTO, auto_candidates=["erase"], retention_learning_rate=3e-3, retention_batch_size=64,
                                  runs_per_fold=1)
@@ -468,25 +469,12 @@ def test_an_average_below_its_runs_held_out_accuracy_is_replaced_by_one_more_fin
     assert_same_state(model.state_dict(), runs[-1])  # the fine-tune on every verified sample
 
 
-def test_a_fold_run_sum_averages_as_average_weights_with_the_shared_keys_a_run_omits():
-    shared = {"base": torch.tensor([1.0, 2.0])}
-    runs = [{"a": torch.tensor([1.0, 3.0]), "step": torch.tensor(1)},
-            {"a": torch.tensor([2.0, 5.0]), "base": torch.tensor([4.0, 2.0]), "step": torch.tensor(2)}]
-    total = candidates.FoldRunSum()
-    for state in runs:
-        total.add(state)
-    average = total.average(shared)
-    expected = candidates.average_weights([{**shared, **state} for state in runs], latest=1)
-    assert average.keys() == expected.keys() and all(torch.equal(average[k], expected[k]) for k in expected)
-    assert torch.equal(average["base"], torch.tensor([2.5, 2.0])) and int(average["step"]) == 2
-
-
 def test_only_the_best_fine_tuning_refinement_judged_keeps_its_fold_runs():
     trajectory = Trajectory(torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1]), keep=1)
     trajectory.add(dataclasses.replace(point([0, 0, 0, 0]), final=True))
     builder = CandidateBuilder(None, trajectory, None, None, AUTO, None)
     for procedure, accuracy in [("final+erase", 0.5), ("final+retrain", 0.5), ("average+erase", 0.75)]:
-        builder._fold_runs[procedure] = candidates.FoldRunSum()
+        builder._fold_runs[procedure] = averaging.FoldRunSum()
         builder.judged(procedure, accuracy)
         builder.judged("final+head_refit", 1.0)  # not a fine-tune: nothing kept, nothing dropped
     assert list(builder._fold_runs) == ["average+erase"]  # a tie keeps the first, a better one replaces it
