@@ -108,11 +108,14 @@ def contrastive_encoder(verified: datasets.Dataset, seed: int, iterations: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     regime_benchmark.add_run_arguments(parser, task="text")
-    parser.add_argument("--iterations", type=int, default=20, help="Pairs per verified review, twice (SetFit's default).")
-    parser.add_argument("--pair-learning-rate", type=float, default=2e-5)
-    parser.add_argument("--pair-batch-size", type=int, default=16)
-    parser.add_argument("--repair-seeds", type=int, nargs="+", default=[0, 1000, 2000])
-    parser.add_argument("--retrain-epochs", type=float, default=3.0)
+    parser.add_argument("--iterations", type=int, default=20,
+                        help="Rounds of pair sampling, each one same-label and one other-label partner per verified "
+                             "review (SetFit's default: 20).")
+    parser.add_argument("--pair-learning-rate", type=float, default=2e-5, help="AdamW's peak learning rate.")
+    parser.add_argument("--pair-batch-size", type=int, default=16, help="Pairs per step.")
+    parser.add_argument("--repair-seeds", type=int, nargs="+", default=[0, 1000, 2000],
+                        help="One retrain per seed, then their uniform average.")
+    parser.add_argument("--retrain-epochs", type=float, default=3.0, help="The retrain's budget (auto's unmixed default).")
     args = parser.parse_args()
     if args.task != "text":
         parser.error("the contrastive reference is built on the MiniLM sentence encoder: --task text only.")
