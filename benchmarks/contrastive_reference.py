@@ -148,13 +148,16 @@ def main() -> None:
     Repairer(reference, dataclasses.replace(config, method="head_refit")).repair(task.verified)
     identification = identify_harmful(reference, task.noisy, task.verified, config)
     summary, flagged = identification.summary, identification.flagged_indices
-    low, high = summary["estimated_flag_precision_interval"]
+    estimated = "none: nothing flagged"
+    if summary.get("estimated_flag_precision") is not None:
+        low, high = summary["estimated_flag_precision_interval"]
+        estimated = f"{summary['estimated_flag_precision']:.3f} [{low:.3f}, {high:.3f}]"
     rows.append(["contrastive, in the task's model: its head refitted by hf_repair",
                  f"{100 * np.mean(predictions(reference, task.test) == test_labels):.2f}",
                  f"{auroc(column_array(identification.table, 'score'), corrupted):.3f}",
                  f"{len(flagged)} (noise rate {summary['estimated_noise_rate']:.3f} for {corrupted.mean():.3f})",
-                 f"{corrupted[flagged].mean():.3f} (estimated {summary['estimated_flag_precision']:.3f} "
-                 f"[{low:.3f}, {high:.3f}])", f"{corrupted[flagged].sum() / corrupted.sum():.3f}"])
+                 f"{corrupted[flagged].mean() if len(flagged) else float('nan'):.3f} (estimated {estimated})",
+                 f"{corrupted[flagged].sum() / corrupted.sum():.3f}"])
     print(f"{task.name} {args.regime} seed {args.seed}; the noise rate's warning: {summary['noise_rate_warning']}")
     print(markdown_table(["reference, fitted on the verified reviews alone", "test %", "AUROC", "flagged",
                           "precision", "recall"], rows))
