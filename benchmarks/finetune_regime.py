@@ -289,8 +289,11 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
     # As RepairCallback does: fine-tune with the Trainer's learning rate and batch size.
     common = dict(task.repair_kwargs, repair_seed=seed, repair_disable_tqdm=True,
                   retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size)
+    auto_options = dict(getattr(args, "auto_option", None) or [])
+    if auto_options:
+        row["auto_options"] = auto_options
     if not set(REPAIRS) & set(methods):
-        return _with_auto(row, methods, score, final, task, common, noisy_run.output_dir)
+        return _with_auto(row, methods, score, final, task, {**common, **auto_options}, noisy_run.output_dir)
 
     start = time.perf_counter()
     identification = Repairer(final, RepairConfig(method="erase", **common)).identify(task.noisy, task.verified)
@@ -317,7 +320,7 @@ def run_setting(task: Task, regime: str, recipe: Recipe, seed: int, args: argpar
             return model, {"adopted": result.adopted}
 
         score("projection_merged", merged_projection)
-    return _with_auto(row, methods, score, final, task, common, noisy_run.output_dir)
+    return _with_auto(row, methods, score, final, task, {**common, **auto_options}, noisy_run.output_dir)
 
 
 def _with_auto(row: dict[str, Any], methods: tuple[str, ...], score: Callable, final: torch.nn.Module, task: Task,
@@ -334,6 +337,17 @@ def _with_auto(row: dict[str, Any], methods: tuple[str, ...], score: Callable, f
 
         score("auto", auto)
     return row
+
+
+def auto_option(text: str) -> tuple[str, Any]:
+    """--auto-option KEY=VALUE: the value as JSON where it parses (numbers, lists), else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def rescored(kept: dict[str, Any], new: dict[str, Any], methods: list[str]) -> dict[str, Any]:
@@ -375,8 +389,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             record = f"{sum(d > 0 for d in diffs)}-{sum(d == 0 for d in diffs)}-{sum(d < 0 for d in diffs)}"
             line.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({record}) [±{half:.2f}]")
         wins.append(line)
-        found.append([*key, mean_std([r["num_flagged"] for r in group], 1, 0)]
-                     + [mean_std([r[k] for r in group], 1) for k in ("precision", "recall", "auroc")])
+        found.append([*key, mean_std([r.get("num_flagged") for r in group], 1, 0)]  # None: --methods scored no repair
+                     + [mean_std([r.get(k) for r in group], 1) for k in ("precision", "recall", "auroc")])
         costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
                      + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
         for r in sorted(group, key=lambda r: r["seed"]):
@@ -509,6 +523,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=48, help="Tokens per text (padded).")
     parser.add_argument("--noise", type=float, default=0.4, help="Symmetric noise rate.")
     parser.add_argument("--lora", action="store_true", help="Fine-tune with peft LoRA (rank 8) instead of fully.")
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
+                        help="Score only these (early stopping, the reference, always); default: every method.")
+    parser.add_argument("--auto-option", action="append", type=auto_option, metavar="KEY=VALUE",
+                        help="A RepairConfig option of method 'auto' only, e.g. fresh_objective=contrastive "
+                             "(repeatable; the value is read as JSON where it parses, else as a string).")
     parser.add_argument("--cache-dir", default=CACHE_DIR)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box).")
     parser.add_argument("--json", default=None, help="Write every per-seed row to this file (after each setting).")
@@ -553,7 +572,7 @@ def main() -> None:
                 if kept is not None and args.rescore:
                     kept = rescored(kept, run_setting(task, regime, recipe, seed, args, tuple(args.rescore)),
                                     args.rescore)
-                rows.append(kept or run_setting(task, regime, recipe, seed, args))
+                rows.append(kept or run_setting(task, regime, recipe, seed, args, tuple(args.methods or METHODS)))
                 if args.json:  # after every setting, so an interrupted run keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=1))
     print()

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
+FRESH_OBJECTIVES = ("cross_entropy", "contrastive")
+CONTRASTIVE_FEATURES = ("auto", "head_inputs", "token_mean")
 AUTO_CANDIDATES = ("best", "average", "soup", "fresh", "head_refit", "projection", "erase", "retrain", "forward",
                    "reweight")
 # on request: 'forward' measured, never chosen; 'reweight' measured on text only (BENCHMARKS.md)
@@ -122,6 +124,42 @@ class TrajectoryArguments:
             "each scale costs num_folds fine-tunes."
         },
     )
+    fresh_objective: str = field(
+        default="cross_entropy",
+        metadata={
+            "help": "How 'fresh' fine-tunes the initial weights on the verified samples: 'cross_entropy' (fresh_epochs "
+            "at each of fresh_learning_rate_scales, early-stopped on an inner fold) or 'contrastive' (SetFit's "
+            "recipe: the body trained on pairs of verified samples, the cosine similarity of their head inputs "
+            "regressed on whether they share a label, fresh_contrastive_iterations at "
+            "fresh_contrastive_learning_rate; then the head refitted on those samples). Measured on a MiniLM text "
+            "classifier with 300 verified reviews: see BENCHMARKS.md. Costs about "
+            "2 x fresh_contrastive_iterations passes over the verified samples per fine-tune, each of two samples.",
+            "choices": list(FRESH_OBJECTIVES),
+        },
+    )
+    fresh_contrastive_iterations: int = field(
+        default=10,
+        metadata={"help": "fresh_objective='contrastive': pairs per verified sample, two per iteration (one partner "
+                  "of its label, one of another; SetFit's num_iterations, whose default is 20). Measured on MiniLM "
+                  "(BENCHMARKS.md): 10 at a learning rate of 5e-5 reached SetFit's 20 at 2e-5 in half the steps, 5 "
+                  "fell short."},
+    )
+    fresh_contrastive_features: str = field(
+        default="auto",
+        metadata={
+            "help": "fresh_objective='contrastive': which features the pair loss compares. 'head_inputs': the "
+            "classification head's inputs; 'token_mean': a transformers model's backbone (model.base_model) token "
+            "states averaged over the attention mask, what a sentence encoder was pretrained to give; 'auto': "
+            "'token_mean' where the model reads input_ids, else 'head_inputs'. Measured on MiniLM (BENCHMARKS.md): "
+            "the head's inputs (the pooled CLS state) reached 71 percent on test, the token mean 75.",
+            "choices": list(CONTRASTIVE_FEATURES),
+        },
+    )
+    fresh_contrastive_learning_rate: float = field(
+        default=5e-5,
+        metadata={"help": "fresh_objective='contrastive': the peak learning rate (AdamW, 10 percent warm-up, then "
+                  "linear decay)."},
+    )
 
     auto_significance_level: Optional[float] = field(
         default=0.2,
@@ -162,6 +200,18 @@ class TrajectoryArguments:
         if not self.fresh_learning_rate_scales or not all(scale > 0 for scale in self.fresh_learning_rate_scales):
             raise ValueError(f"fresh_learning_rate_scales must be a non-empty list of positive multiples of the "
                              f"learning rate, got {self.fresh_learning_rate_scales}.")
+        if self.fresh_objective not in FRESH_OBJECTIVES:
+            raise ValueError(f"fresh_objective must be one of {list(FRESH_OBJECTIVES)}, got {self.fresh_objective!r}.")
+        if (isinstance(self.fresh_contrastive_iterations, bool) or not isinstance(self.fresh_contrastive_iterations, int)
+                or self.fresh_contrastive_iterations < 1):
+            raise ValueError(f"fresh_contrastive_iterations must be a whole number of at least 1, got "
+                             f"{self.fresh_contrastive_iterations!r}.")
+        if self.fresh_contrastive_features not in CONTRASTIVE_FEATURES:
+            raise ValueError(f"fresh_contrastive_features must be one of {list(CONTRASTIVE_FEATURES)}, got "
+                             f"{self.fresh_contrastive_features!r}.")
+        if not self.fresh_contrastive_learning_rate > 0:
+            raise ValueError(f"fresh_contrastive_learning_rate must be positive, got "
+                             f"{self.fresh_contrastive_learning_rate}.")
         if self.auto_significance_level is not None and not 0.0 < self.auto_significance_level < 1.0:
             raise ValueError(f"auto_significance_level must be in (0, 1) or None, got {self.auto_significance_level}.")
         unknown = [c for c in self.auto_candidates if c not in AUTO_CANDIDATES]

@@ -208,7 +208,7 @@ class GuardedFinetuner:
                 raise
             finally:
                 progress.close()
-                _release(accelerator, model)
+                release_prepared(accelerator, model)
 
         comparison = compare_predictions(best["correct"], correct_before, test=args.significance_test,
                                          level=args.significance_level, seed=args.seed)
@@ -254,7 +254,7 @@ class GuardedFinetuner:
         rows, trusted, kept = retention_terms(logits, batch, self.args.belief_power, trim, self.args.noise_transition)
         regularizer = penalty()
         loss = rows.sum() / kept + regularizer
-        if _nonfinite_anywhere(loss):
+        if nonfinite_anywhere(loss):
             return None, trusted
         optimizer.zero_grad(set_to_none=True)
         if surgery:
@@ -274,7 +274,7 @@ def scores_with_loss(logits: torch.Tensor, labels: torch.Tensor, compute_metrics
     return scores
 
 
-def _nonfinite_anywhere(loss: torch.Tensor) -> bool:
+def nonfinite_anywhere(loss: torch.Tensor) -> bool:
     """True on every process as soon as one of them sees a NaN/inf loss, so all stop together."""
     flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
     return bool(sum_across_processes(flag).item() > 0)
@@ -284,7 +284,7 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _release(accelerator: Accelerator, model: nn.Module) -> None:
+def release_prepared(accelerator: Accelerator, model: nn.Module) -> None:
     """Undo what `prepare` did to the user's model (autocast-patched forward, the prepared flag)."""
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.__dict__.pop("_is_accelerate_prepared", None)

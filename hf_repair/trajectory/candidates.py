@@ -9,7 +9,8 @@ when it is finally run -- and builds weights from the trajectory with them alone
 - `soup`: a greedy soup (Wortsman et al., 2022): the `keep` best points, best first, each added to the
   average while the average's accuracy on those samples does not drop;
 - `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes at
-  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them). It sees no noisy
+  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them; or, with
+  `fresh_objective="contrastive"`, the body trained on pairs of them and the head refitted). It sees no noisy
   label: where the noise did more harm than the training set's size did good (a text model that memorised its noise, BENCHMARKS.md), this
   beats every point of the trajectory, and the harmful samples its refinements identify are judged by a
   model that never learnt them. Like each fold's, its weights on every sample average `runs_per_fold`
@@ -90,6 +91,7 @@ from ..identification.influence import TrackedLayer
 from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
 from ..retention import RetentionRepair, finetune_learning_rate, mixable, repair_with_finetuning
+from ..retention.contrastive import contrastive_finetune
 from .averaging import FoldRunSum, average_weights
 from .checkpoints import StateDict, load_weights
 from .heldout_noise import FoldCalibration, calibrate_on_fold_models, with_noise_rate
@@ -185,12 +187,11 @@ class CandidateBuilder:
         """The head's inputs on every verified sample under a base's weights, and that head's weight."""
         if base not in self._head_inputs:
             self.load(base)
-            if self._head is None:
-                self._head = find_head(self.model, self.split, self.config, self.forward_fn)
-            inputs = read_head_inputs(self.model, self._head, self.split, self.forward_fn)
+            head = self._find_head()
+            inputs = read_head_inputs(self.model, head, self.split, self.forward_fn)
             if not torch.equal(inputs.labels, self.trajectory.labels):
                 raise RuntimeError("The head inputs were read in another sample order than the trajectory's.")
-            self._head_inputs[base] = (inputs, self._head.head_weight().cpu())
+            self._head_inputs[base] = (inputs, head.head_weight().cpu())
         return self._head_inputs[base]
 
     def _fresh_weights(self, fold: int | None) -> StateDict:
@@ -208,6 +209,8 @@ class CandidateBuilder:
         """The initial weights fine-tuned on `verified` alone at each of `fresh_learning_rate_scales`; the run with
         the lowest loss on its inner held-out fold, as a CPU state (trainable weights)."""
         config = self._finetune_config(run)
+        if config.fresh_objective == "contrastive":
+            return self._contrastive_fresh(verified, config)
         learning_rate = finetune_learning_rate(config)
         split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
         best_loss, best_state = float("inf"), None
@@ -222,6 +225,26 @@ class CandidateBuilder:
             if best_state is None or loss < best_loss:
                 best_loss, best_state = loss, self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
         return best_state
+
+    def _contrastive_fresh(self, verified: datasets.Dataset, config: RepairConfig) -> StateDict:
+        """The initial weights' body fine-tuned on pairs of `verified` samples, then the head refitted on them (its
+        L2 strength by `num_folds`-fold cross-validation on them), as a CPU state (trainable weights)."""
+        load_weights(self.model, self.trajectory.initial_weights())
+        head = self._find_head()
+        result = contrastive_finetune(self.model, head.module, verified, config, self.forward_fn, self.collate_fn)
+        logger.info("method='auto': contrastive fresh, %d steps on %d pairs, final pair loss %.4f.", result.steps,
+                    result.num_pairs, result.final_loss)
+        inputs = read_head_inputs(self.model, head, split_verified(self.model, verified, config, self.forward_fn,
+                                                                   self.collate_fn), self.forward_fn)
+        refit = fit_head(inputs.features, inputs.labels, head.head_weight().cpu(), config.num_folds,
+                         config.repair_seed)
+        write_head(head, refit.weight)
+        return self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
+
+    def _find_head(self) -> TrackedLayer:
+        if self._head is None:
+            self._head = find_head(self.model, self.split, self.config, self.forward_fn)
+        return self._head
 
     # ------------------------------------------------------------------------------------------
     # procedures
@@ -435,9 +458,9 @@ class CandidateBuilder:
         if name in NEEDS_INITIAL_WEIGHTS and self.trajectory.initial is None:
             return (f"{name} starts again from the weights training started from, which were not given "
                     "(RepairCallback keeps them; offline, Repairer.repair(initial_weights=...))")
-        if name == "head_refit" and self._head is None:
+        if name == "head_refit" or (name == "fresh" and self.config.fresh_objective == "contrastive"):
             try:
-                self._head = find_head(self.model, self.split, self.config, self.forward_fn)
+                self._find_head()  # a contrastive fresh refits it too
             except ValueError as err:
                 return str(err)
         return None

@@ -270,6 +270,27 @@ def test_fresh_fine_tunes_the_initial_weights_on_the_verified_samples_alone(data
 
 
 @needs_fashion_mnist
+def test_a_contrastive_fresh_trains_the_body_on_pairs_then_refits_the_head(data, run, monkeypatch):
+    """fresh_objective="contrastive" replaces fresh's cross-entropy fine-tune (never called) by the pair objective
+    on the body and a head refitted on the same samples: judged on the folds like any fresh, above the final
+    weights there and on test, and the same weights again from the same seed."""
+    _, verified, test = data
+    _, _, _, output_dir, initial = run
+    monkeypatch.setattr(RetentionRepair, "run_on_verified", lambda *a, **k: pytest.fail("cross-entropy fresh ran"))
+    config = dataclasses.replace(AUTO, auto_candidates=["fresh"], retention_batch_size=64, runs_per_fold=1,
+                                 fresh_objective="contrastive", fresh_contrastive_iterations=2,
+                                 fresh_contrastive_learning_rate=1e-3)
+    models = [fresh_final_model(output_dir) for _ in range(2)]
+    results = [Repairer(model, config).repair(verified, initial_weights=initial) for model in models]
+    m = results[0].metrics
+    assert m["chosen"] == "fresh" and m["heldout_accuracy"]["fresh"] > m["heldout_accuracy"]["final"] + 0.1
+    assert evaluate_accuracy(models[0], test) > evaluate_accuracy(fresh_final_model(output_dir), test) + 0.1
+    assert_same_state(models[0].state_dict(), models[1].state_dict())
+    for key in ("body.1.weight", "head.weight"):  # both moved from where training started
+        assert not torch.equal(models[0].state_dict()[key], initial[key])
+
+
+@needs_fashion_mnist
 def test_fresh_keeps_each_runs_lowest_loss_learning_rate_and_ends_with_runs_on_every_sample(data, run, monkeypatch):
     """Each fresh fine-tune runs at every learning rate scale and keeps the one with the lowest inner held-out loss;
     the folds judge averages of runs_per_fold runs, and the weights on every sample average runs_per_fold more, on
