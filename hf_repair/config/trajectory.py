@@ -129,11 +129,11 @@ class TrajectoryArguments:
         metadata={
             "help": "How 'fresh' fine-tunes the initial weights on the verified samples: 'cross_entropy' (fresh_epochs "
             "at each of fresh_learning_rate_scales, early-stopped on an inner fold) or 'contrastive' (SetFit's "
-            "recipe: the body trained on pairs of verified samples, the cosine similarity of their head inputs "
-            "regressed on whether they share a label, fresh_contrastive_iterations at "
+            "recipe: the body trained on pairs of verified samples, the cosine similarity of their features "
+            "(fresh_contrastive_features) regressed on whether they share a label, fresh_contrastive_iterations at "
             "fresh_contrastive_learning_rate; then the head refitted on those samples). Measured on a MiniLM text "
-            "classifier with 300 verified reviews: see BENCHMARKS.md. Costs about "
-            "2 x fresh_contrastive_iterations passes over the verified samples per fine-tune, each of two samples.",
+            "classifier with 300 verified reviews: see BENCHMARKS.md. Each fine-tune trains on "
+            "2 x fresh_contrastive_iterations pairs per verified sample.",
             "choices": list(FRESH_OBJECTIVES),
         },
     )
