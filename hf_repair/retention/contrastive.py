@@ -162,7 +162,8 @@ class ContrastiveFinetuner:
 
         loader = DataLoader(list(pairs), batch_size=args.batch_size, shuffle=False, collate_fn=collate)
         unused = self._unused_parameters(*next(iter(loader)), device)
-        params = [p for p in model.parameters() if p.requires_grad and all(p is not u for u in unused)]
+        frozen = {id(p) for p in unused}
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
         if not params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters outside its head that the "
                              "contrastive features depend on.")

@@ -207,7 +207,8 @@ class CandidateBuilder:
 
     def _fresh_finetune(self, verified: datasets.Dataset, run: int = 0) -> StateDict:
         """The initial weights fine-tuned on `verified` alone at each of `fresh_learning_rate_scales`; the run with
-        the lowest loss on its inner held-out fold, as a CPU state (trainable weights)."""
+        the lowest loss on its inner held-out fold, as a CPU state (trainable weights). With
+        `fresh_objective="contrastive"`, `_contrastive_fresh`'s weights instead."""
         config = self._finetune_config(run)
         if config.fresh_objective == "contrastive":
             return self._contrastive_fresh(verified, config)
