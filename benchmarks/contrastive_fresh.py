@@ -37,7 +37,8 @@ def main() -> None:
     regime_benchmark.add_run_arguments(parser, task="text")
     parser.add_argument("--setting", nargs=3, action="append", metavar=("FEATURES", "ITERATIONS", "LEARNING_RATE"),
                         help="fresh_contrastive_features, _iterations and _learning_rate of one run (repeatable); "
-                             "default: token_mean 10 5e-5, auto's.")
+                             "default: auto 10 5e-5, auto's (features 'auto': the token mean for token ids, else "
+                             "the head's inputs).")
     args = parser.parse_args()
     regime_benchmark.quiet_scoring(args, logging.ERROR)
     noisy = regime_benchmark.noisy_run(args)
@@ -49,7 +50,7 @@ def main() -> None:
     final = accuracy(load_checkpoint(task.model_class, noisy.trajectory.final.path))
     clean = accuracy(load_checkpoint(task.model_class, clean_run.final.path))
     rows = []
-    for features, iterations, learning_rate in args.setting or [("token_mean", "10", "5e-5")]:
+    for features, iterations, learning_rate in args.setting or [("auto", "10", "5e-5")]:
         config = RepairConfig(method="head_refit", **task.repair_kwargs, repair_seed=args.seed, repair_disable_tqdm=True,
                               retention_batch_size=recipe.batch_size, fresh_contrastive_features=features,
                               fresh_contrastive_iterations=int(iterations),
