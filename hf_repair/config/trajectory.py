@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 TRAJECTORY_EVAL_STRATEGIES = ("epoch", "steps")
-FRESH_OBJECTIVES = ("cross_entropy", "contrastive")
+FRESH_OBJECTIVES = ("auto", "cross_entropy", "contrastive")
 CONTRASTIVE_FEATURES = ("auto", "head_inputs", "token_mean")
 AUTO_CANDIDATES = ("best", "average", "soup", "fresh", "head_refit", "projection", "erase", "retrain", "forward",
                    "reweight")
@@ -125,29 +125,31 @@ class TrajectoryArguments:
         },
     )
     fresh_objective: str = field(
-        default="cross_entropy",
+        default="auto",
         metadata={
             "help": "How 'fresh' fine-tunes the initial weights on the verified samples: 'cross_entropy' (fresh_epochs "
             "at each of fresh_learning_rate_scales, early-stopped on an inner fold) or 'contrastive' (SetFit's "
             "recipe: the body trained on pairs of verified samples, the cosine similarity of their features "
             "(fresh_contrastive_features) regressed on whether they share a label, fresh_contrastive_iterations at "
-            "fresh_contrastive_learning_rate; then the head refitted on those samples). Measured on a MiniLM text "
-            "classifier with 300 verified reviews: see BENCHMARKS.md. Each fine-tune trains on "
-            "2 x fresh_contrastive_iterations pairs per verified sample.",
+            "fresh_contrastive_learning_rate; then the head refitted on those samples). 'auto': 'contrastive' for "
+            "a full fine-tune of a model that reads token ids and has a head to refit, 'cross_entropy' otherwise "
+            "(images: the contrastive fresh stayed below the final weights on a ViT; LoRA adapters: not measured). "
+            "Measured on a MiniLM text classifier with 300 verified reviews, BENCHMARKS.md. Each contrastive "
+            "fine-tune trains on 2 x fresh_contrastive_iterations pairs per verified sample.",
             "choices": list(FRESH_OBJECTIVES),
         },
     )
     fresh_contrastive_iterations: int = field(
         default=10,
-        metadata={"help": "fresh_objective='contrastive': pairs per verified sample, two per iteration (one partner "
-                  "of its label, one of another; SetFit's num_iterations, whose default is 20). Measured on MiniLM "
-                  "(BENCHMARKS.md): 10 at a learning rate of 5e-5 reached SetFit's 20 at 2e-5 in half the steps, 5 "
+        metadata={"help": "A contrastive fresh (fresh_objective): pairs per verified sample, two per iteration "
+                  "(one partner of its label, one of another; SetFit's num_iterations, whose default is 20). "
+                  "Measured on MiniLM (BENCHMARKS.md): 10 at a learning rate of 5e-5 reached SetFit's 20 at 2e-5 in half the steps, 5 "
                   "fell short."},
     )
     fresh_contrastive_features: str = field(
         default="auto",
         metadata={
-            "help": "fresh_objective='contrastive': which features the pair loss compares. 'head_inputs': the "
+            "help": "A contrastive fresh (fresh_objective): which features the pair loss compares. 'head_inputs': the "
             "classification head's inputs; 'token_mean': a transformers model's backbone (model.base_model) token "
             "states averaged over the attention mask, what a sentence encoder was pretrained to give; 'auto': "
             "'token_mean' where the model reads input_ids, else 'head_inputs'. Measured on MiniLM (BENCHMARKS.md): "
@@ -157,8 +159,8 @@ class TrajectoryArguments:
     )
     fresh_contrastive_learning_rate: float = field(
         default=5e-5,
-        metadata={"help": "fresh_objective='contrastive': the peak learning rate (AdamW, 10 percent warm-up, then "
-                  "linear decay)."},
+        metadata={"help": "A contrastive fresh (fresh_objective): the peak learning rate (AdamW, 10 percent "
+                  "warm-up, then linear decay)."},
     )
 
     auto_significance_level: Optional[float] = field(

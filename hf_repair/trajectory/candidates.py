@@ -9,13 +9,13 @@ when it is finally run -- and builds weights from the trajectory with them alone
 - `soup`: a greedy soup (Wortsman et al., 2022): the `keep` best points, best first, each added to the
   average while the average's accuracy on those samples does not drop;
 - `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes at
-  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them; or, with
-  `fresh_objective="contrastive"`, the body trained on pairs of them and the head refitted). It sees no noisy
-  label: where the noise did more harm than the training set's size did good (a text model that memorised its noise, BENCHMARKS.md), this
-  beats every point of the trajectory, and the harmful samples its refinements identify are judged by a
-  model that never learnt them. Like each fold's, its weights on every sample average `runs_per_fold`
-  fine-tunes (a soup of fine-tunes from one start): on a few hundred samples one fine-tune can land far from
-  another (measured, BENCHMARKS.md), their average less so;
+  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them; or, with a
+  contrastive `fresh_objective`, the default for a text model, the body trained on pairs of them and the head
+  refitted). It sees no noisy label: where the noise did more harm than the training set's size did good (a
+  text model that memorised its noise, BENCHMARKS.md), this beats every point of the trajectory, and the
+  harmful samples its refinements identify are judged by a model that never learnt them. Like each fold's, its
+  weights on every sample average `runs_per_fold` fine-tunes (a soup of fine-tunes from one start): on a few
+  hundred samples one fine-tune can land far from another (measured, BENCHMARKS.md), their average less so;
 - `<base>+head_refit`: the base procedure, then its head refitted on those samples (its strength chosen
   by inner folds of them);
 - `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples;
@@ -152,6 +152,7 @@ class CandidateBuilder:
         self.averages_fold_runs = not has_lora_factors(model)
         self.runs_per_fold = config.runs_per_fold if self.averages_fold_runs else 1
         self._retrain_alpha: float | None = None  # retrain_mixup_alpha resolved once (`retrain_mixup_alpha`)
+        self._fresh_objective: str | None = None  # fresh_objective resolved once `fresh` is built (`fresh_objective`)
 
     @property
     def fresh_identification(self) -> IdentificationResult | None:
@@ -208,9 +209,9 @@ class CandidateBuilder:
     def _fresh_finetune(self, verified: datasets.Dataset, run: int = 0) -> StateDict:
         """The initial weights fine-tuned on `verified` alone at each of `fresh_learning_rate_scales`; the run with
         the lowest loss on its inner held-out fold, as a CPU state (trainable weights). With
-        `fresh_objective="contrastive"`, `_contrastive_fresh`'s weights instead."""
+        a contrastive `fresh_objective`, `_contrastive_fresh`'s weights instead."""
         config = self._finetune_config(run)
-        if config.fresh_objective == "contrastive":
+        if self.fresh_objective() == "contrastive":
             return self._contrastive_fresh(verified, config)
         learning_rate = finetune_learning_rate(config)
         split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
@@ -449,6 +450,24 @@ class CandidateBuilder:
             else:
                 self._retrain_alpha = 1.0 if mixable(next(iter(self.split.batches(0))).inputs) else 0.0
         return self._retrain_alpha
+
+    @property
+    def resolved_fresh_objective(self) -> str | None:
+        """The objective `fresh` was fine-tuned by (None where it was not built)."""
+        return self._fresh_objective
+
+    def fresh_objective(self) -> str:
+        """`fresh_objective`, or where "auto": "contrastive" for a full fine-tune of a model that reads token ids only
+        and has a head to refit (measured on text), "cross_entropy" for one with a floating-point input (measured
+        below the final weights on a ViT), a LoRA adapter (not measured) or no head."""
+        if self._fresh_objective is None:
+            objective = self.config.fresh_objective
+            if objective == "auto":
+                token_ids = not mixable(next(iter(self.split.batches(0))).inputs)
+                objective = ("contrastive" if token_ids and not has_lora_factors(self.model)
+                             and self.check_procedure("head_refit") is None else "cross_entropy")
+            self._fresh_objective = objective
+        return self._fresh_objective
 
     def check_procedure(self, name: str) -> str | None:
         """Why a base procedure or refinement cannot run on this model or verified split (None: it can)."""

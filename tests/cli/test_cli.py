@@ -518,6 +518,7 @@ def test_auto_reads_a_trainer_output_dir_and_head_refit_writes_a_model(workdir, 
             assert results["metrics"]["chosen"]
             assert results["source"]["initial_weights"] == str((run / "checkpoint-10").absolute())
             assert {name.split("+")[-1] for name in results["metrics"]["heldout_accuracy"]} >= {"erase", "retrain"}
+            assert results["metrics"]["fresh_objective"] == "contrastive"  # the default for a model of token ids
         assert f"hf-repair: BertForSequenceClassification, {NUM_TEXTS} verified samples, {method}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main([str(workdir / "bert"), "--verified", str(workdir / "verified.csv"), "--output_dir",
