@@ -143,8 +143,8 @@ class TrajectoryArguments:
         default=10,
         metadata={"help": "A contrastive fresh (fresh_objective): pairs per verified sample, two per iteration "
                   "(one partner of its label, one of another; SetFit's num_iterations, whose default is 20). "
-                  "Measured on MiniLM (BENCHMARKS.md): 10 at a learning rate of 5e-5 reached SetFit's 20 at 2e-5 in half the steps, 5 "
-                  "fell short."},
+                  "Measured on MiniLM (BENCHMARKS.md): 10 at a learning rate of 5e-5 reached SetFit's 20 at 2e-5 in "
+                  "half the steps, 5 fell short."},
     )
     fresh_contrastive_features: str = field(
         default="auto",

@@ -10,8 +10,8 @@ when it is finally run -- and builds weights from the trajectory with them alone
   average while the average's accuracy on those samples does not drop;
 - `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes at
   each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them; or, with a
-  contrastive `fresh_objective`, the default for a text model, the body trained on pairs of them and the head
-  refitted). It sees no noisy label: where the noise did more harm than the training set's size did good (a
+  contrastive `fresh_objective`, the default for a full text fine-tune, the body trained on pairs of them and
+  the head refitted). It sees no noisy label: where the noise did more harm than the training set's size did good (a
   text model that memorised its noise, BENCHMARKS.md), this beats every point of the trajectory, and the
   harmful samples its refinements identify are judged by a model that never learnt them. Like each fold's, its
   weights on every sample average `runs_per_fold` fine-tunes (a soup of fine-tunes from one start): on a few
@@ -448,7 +448,7 @@ class CandidateBuilder:
             elif self.config.retrain_small_loss_trim > 0:
                 self._retrain_alpha = 0.0
             else:
-                self._retrain_alpha = 1.0 if mixable(next(iter(self.split.batches(0))).inputs) else 0.0
+                self._retrain_alpha = 1.0 if self._floating_inputs() else 0.0
         return self._retrain_alpha
 
     @property
@@ -463,11 +463,14 @@ class CandidateBuilder:
         if self._fresh_objective is None:
             objective = self.config.fresh_objective
             if objective == "auto":
-                token_ids = not mixable(next(iter(self.split.batches(0))).inputs)
-                objective = ("contrastive" if token_ids and not has_lora_factors(self.model)
+                objective = ("contrastive" if not self._floating_inputs() and not has_lora_factors(self.model)
                              and self.check_procedure("head_refit") is None else "cross_entropy")
             self._fresh_objective = objective
         return self._fresh_objective
+
+    def _floating_inputs(self) -> bool:
+        """Whether the model takes a floating-point input (pixel values, features), not token ids alone."""
+        return mixable(next(iter(self.split.batches(0))).inputs)
 
     def check_procedure(self, name: str) -> str | None:
         """Why a base procedure or refinement cannot run on this model or verified split (None: it can)."""
