@@ -394,7 +394,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         costs.append([*key, f"{np.mean([r['epoch_s'] for r in group]):.1f}"]
                      + [f"{np.mean([r[f'{m}_s'] / r['epoch_s'] for r in group]):.2f}" for m in methods])
         for r in sorted(group, key=lambda r: r["seed"]):
-            raw.append([*key, r["seed"], f"{r.get('load', math.nan):.1f}", f"{100 * r['memorised']:.1f}", f"{100 * r['noisy']:.2f}",
+            load = f"{r.get('load', math.nan):.1f}" + (f" / {r['load_end']:.1f}" if "load_end" in r else "")
+            raw.append([*key, r["seed"], load, f"{100 * r['memorised']:.1f}", f"{100 * r['noisy']:.2f}",
                         f"{100 * r['clean']:.2f}"]
                        + [f"{100 * r[m]:.2f}" + (f" (ep {r['best_epoch']})" if m == "early_stop" else "")
                           + ("" if r.get(f"{m}_adopted", True) else " n/a") for m in methods])
@@ -415,7 +416,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "also need the per-epoch verified evaluation and checkpoints during training:",
         markdown_table(["task", "regime", "one epoch s"] + names, costs),
         "Per-seed test accuracy %, early stopping's epoch in brackets; 'n/a': hf_repair did not adopt its repair "
-        "(model unchanged); load: the machine's 1-minute load average when the seed was scored:",
+        "(model unchanged); load: the machine's 1-minute load average when scoring began / its 15-minute "
+        "average when scoring ended:",
         markdown_table(["task", "regime", "seed", "load", "memorised", "noisy", "clean"] + names, raw),
     ]
     return "\n\n".join(parts)
@@ -572,7 +574,11 @@ def main() -> None:
                 if kept is not None and args.rescore:
                     kept = rescored(kept, run_setting(task, regime, recipe, seed, args, tuple(args.rescore)),
                                     args.rescore)
-                rows.append(kept or run_setting(task, regime, recipe, seed, args, tuple(args.methods or METHODS)))
+                if kept is None:
+                    kept = run_setting(task, regime, recipe, seed, args, tuple(args.methods or METHODS))
+                    # "load" is a 1-minute sample taken before scoring; a neighbour started later shows only here
+                    kept["load_end"] = os.getloadavg()[2]
+                rows.append(kept)
                 if args.json:  # after every setting, so an interrupted run keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=1))
     print()
