@@ -5,6 +5,7 @@
 refitted on the same verified samples. This script builds that model once on every verified sample, for each
 `--setting FEATURES ITERATIONS LEARNING_RATE` asked for, and prints its test accuracy and the gap it closes between
 the cached noisy run's final and clean models: which features to pair and how long to train, without auto's folds.
+With `--lora` the model is the LoRA fine-tune's (finetune_regime.py --lora), and the pairs train its adapter alone.
 
     OMP_NUM_THREADS=1 nice python3 benchmarks/contrastive_fresh.py --task text --seed 0 \\
         --setting token_mean 10 5e-5 --setting head_inputs 20 2e-5
@@ -39,9 +40,10 @@ def main() -> None:
                         help="fresh_contrastive_features, _iterations and _learning_rate of one run (repeatable); "
                              "default: auto 10 5e-5, auto's (features 'auto': the token mean for token ids, else "
                              "the head's inputs).")
+    parser.add_argument("--lora", action="store_true", help="The LoRA fine-tunes, as finetune_regime.py --lora.")
     args = parser.parse_args()
     regime_benchmark.quiet_scoring(args, logging.ERROR)
-    noisy = regime_benchmark.noisy_run(args)
+    noisy = regime_benchmark.noisy_run(args, lora=args.lora)
     task, recipe = noisy.task, noisy.recipe
     labels = np.asarray(task.test["labels"])
     accuracy = lambda model: float(np.mean(predictions(model, task.test) == labels))  # noqa: E731

@@ -46,7 +46,7 @@ def main() -> None:
     run = regime_benchmark.noisy_run(args)
     task, recipe, run_dir = run.task, run.recipe, run.run_dir
     model = load_checkpoint(task.model_class, run.trajectory.final.path)
-    # auto's fine-tunes: the Trainer's learning rate and batch size, no gate of their own (`_finetune_config`)
+    # auto's fine-tunes: the Trainer's learning rate and batch size, no gate of their own (`inner_finetune_config`)
     config = RepairConfig(method="erase", **task.repair_kwargs, repair_seed=args.seed, repair_disable_tqdm=True,
                           retention_learning_rate=recipe.lr, retention_batch_size=recipe.batch_size,
                           significance_test="none", min_improvement=-1.0)

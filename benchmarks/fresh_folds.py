@@ -28,9 +28,9 @@ from hf_repair import RepairConfig, Repairer
 from hf_repair.data import column_array
 from hf_repair.evaluation import default_forward, split_verified
 from hf_repair.retention import RetentionRepair
-from hf_repair.trajectory import CandidateBuilder
 from hf_repair.trajectory.averaging import average_weights
 from hf_repair.trajectory.checkpoints import load_weights
+from hf_repair.trajectory.fresh import FreshBuilder
 from testbed.finetuning import load_checkpoint, predictions
 
 import finetune_regime as regime_benchmark
@@ -52,15 +52,15 @@ def main() -> None:
     accuracy = lambda model: f"{100 * np.mean(predictions(model, task.test) == labels):.2f}"  # noqa: E731
 
     fold_runs: dict[int, dict] = {}
-    fresh_weights = CandidateBuilder._fresh_weights
+    fresh_weights = FreshBuilder.weights
 
-    def keep_fold_runs(builder: CandidateBuilder, fold: int | None) -> dict:
+    def keep_fold_runs(builder: FreshBuilder, fold: int | None) -> dict:
         weights = fresh_weights(builder, fold)
         if fold is not None:
             fold_runs[fold] = {key: value.clone() for key, value in weights.items()}
         return weights
 
-    CandidateBuilder._fresh_weights = keep_fold_runs  # the fold runs auto judges, kept for their test accuracy
+    FreshBuilder.weights = keep_fold_runs  # the fold runs auto judges, kept for their test accuracy
     rows = []
     for scale in args.scales:
         fold_runs.clear()

@@ -246,7 +246,7 @@ def fresh_cache(run_dir: Path, config: RepairConfig, key: str) -> Path:
 def fresh_weights(model: torch.nn.Module, initial: dict[str, torch.Tensor], verified: datasets.Dataset,
                   config: RepairConfig, cache: Path) -> dict[str, torch.Tensor]:
     """auto's `fresh` on `verified`: the initial weights fine-tuned on it at each learning-rate scale, the run with
-    the lowest inner held-out loss kept (`CandidateBuilder._fresh_finetune`); cached in `cache`."""
+    the lowest inner held-out loss kept (`FreshBuilder._finetune`); cached in `cache`."""
     if cache.exists():
         return torch.load(cache)
     learning_rate, split = finetune_learning_rate(config), split_verified(model, verified, config)

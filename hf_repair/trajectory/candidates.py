@@ -8,14 +8,8 @@ when it is finally run -- and builds weights from the trajectory with them alone
 - `average`: the uniform average of the `keep` best points on those samples (weight averaging);
 - `soup`: a greedy soup (Wortsman et al., 2022): the `keep` best points, best first, each added to the
   average while the average's accuracy on those samples does not drop;
-- `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh_epochs` passes at
-  each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner fold of them; or, with a
-  contrastive `fresh_objective`, the default for a full text fine-tune, the body trained on pairs of them and
-  the head refitted). It sees no noisy label: where the noise did more harm than the training set's size did good (a
-  text model that memorised its noise, BENCHMARKS.md), this beats every point of the trajectory, and the
-  harmful samples its refinements identify are judged by a model that never learnt them. Like each fold's, its
-  weights on every sample average `runs_per_fold` fine-tunes (a soup of fine-tunes from one start): on a few
-  hundred samples one fine-tune can land far from another (measured, BENCHMARKS.md), their average less so;
+- `fresh`: the weights training started from, fine-tuned on those samples alone (`fresh.py`): where the noise did
+  more harm than the training set's size did good, this beats every point of the trajectory;
 - `<base>+head_refit`: the base procedure, then its head refitted on those samples (its strength chosen
   by inner folds of them);
 - `<base>+projection`: the base procedure, then the projection built, chosen and gated on those samples;
@@ -83,19 +77,20 @@ import torch
 from torch import nn
 
 from ..config import RepairConfig
-from ..data import CollateFn, VerifiedSplit, column_array, stratified_folds
-from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold, split_verified
+from ..data import CollateFn, VerifiedSplit, column_array
+from ..evaluation import ForwardFn, eval_mode, predict, predict_by_fold
 from ..head_refit import HeadInputs, find_head, fit_head, read_head_inputs, refit_and_predict, write_head
 from ..identification import IdentificationResult, identify_harmful, label_confidence
 from ..identification.influence import TrackedLayer
 from ..modeling.lora import has_lora_factors
 from ..projection.pipeline import ProjectionResult, project
-from ..retention import RetentionRepair, finetune_learning_rate, mixable, repair_with_finetuning
-from ..retention.contrastive import contrastive_finetune
+from ..retention import repair_with_finetuning
 from .averaging import FoldRunSum, average_weights
 from .checkpoints import StateDict, load_weights
+from .fresh import FreshBuilder
 from .heldout_noise import FoldCalibration, calibrate_on_fold_models, with_noise_rate
 from .points import Trajectory
+from .verified_folds import has_floating_inputs, inner_finetune_config, verified_outside
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +138,6 @@ class CandidateBuilder:
         self._head: TrackedLayer | None = None
         # identifications by (base, held-out fold): erase and retrain on the same base share one
         self._identifications: dict[tuple[Base, int | None], IdentificationResult] = {}
-        self._fresh: dict[int | None, StateDict] = {}  # "fresh" weights by held-out fold (trainable ones, on CPU)
         self._fold_runs: dict[str, FoldRunSum] = {}  # fine-tuning refinements' fold runs (`judged` keeps the best)
         self._kept: tuple[str, float] | None = None  # the fine-tuning refinement kept, and its held-out accuracy
         self._heldout: dict[str, float] = {}  # every judged procedure's pooled held-out accuracy
@@ -152,7 +146,8 @@ class CandidateBuilder:
         self.averages_fold_runs = not has_lora_factors(model)
         self.runs_per_fold = config.runs_per_fold if self.averages_fold_runs else 1
         self._retrain_alpha: float | None = None  # retrain_mixup_alpha resolved once (`retrain_mixup_alpha`)
-        self._fresh_objective: str | None = None  # fresh_objective resolved once `fresh` is built (`fresh_objective`)
+        self.fresh = FreshBuilder(model, trajectory, split, verified, config, forward_fn, collate_fn, self._find_head,
+                                  self.runs_per_fold)
 
     @property
     def fresh_identification(self) -> IdentificationResult | None:
@@ -166,7 +161,7 @@ class CandidateBuilder:
         """A base's weights: "fresh" ones, or the uniform average of trajectory points (floating tensors; others
         from the latest point)."""
         if isinstance(base, Fresh):
-            return self._fresh_weights(base.fold)
+            return self.fresh.weights(base.fold)
         states = [self.trajectory.weights(i) for i in base]
         return states[0] if len(states) == 1 else average_weights(states, latest=int(np.argmax(base)))
 
@@ -194,54 +189,6 @@ class CandidateBuilder:
                 raise RuntimeError("The head inputs were read in another sample order than the trajectory's.")
             self._head_inputs[base] = (inputs, head.head_weight().cpu())
         return self._head_inputs[base]
-
-    def _fresh_weights(self, fold: int | None) -> StateDict:
-        """The initial weights fine-tuned on the verified samples outside `fold` (all of them for None), the average
-        of `runs_per_fold` runs (one CPU copy per fold)."""
-        if fold not in self._fresh:
-            runs = FoldRunSum()  # one float64 copy however many runs
-            for run in range(self.runs_per_fold):
-                runs.add(self._fresh_finetune(self._outside(fold), run))
-            self._fresh[fold] = runs.average(self.trajectory.shared)  # a run may omit a key it holds as shared
-        kept = self._fresh[fold]
-        return {**self.trajectory.shared, **kept} if self.trajectory.shared else kept
-
-    def _fresh_finetune(self, verified: datasets.Dataset, run: int = 0) -> StateDict:
-        """The initial weights fine-tuned on `verified` alone at each of `fresh_learning_rate_scales`; the run with
-        the lowest loss on its inner held-out fold, as a CPU state (trainable weights). With
-        a contrastive `fresh_objective`, `_contrastive_fresh`'s weights instead."""
-        config = self._finetune_config(run)
-        if self.fresh_objective() == "contrastive":
-            return self._contrastive_fresh(verified, config)
-        learning_rate = finetune_learning_rate(config)
-        split = split_verified(self.model, verified, config, self.forward_fn, self.collate_fn)
-        best_loss, best_state = float("inf"), None
-        for scale in self.config.fresh_learning_rate_scales:
-            load_weights(self.model, self.trajectory.initial_weights())
-            scaled = dataclasses.replace(config, retention_learning_rate=learning_rate * scale)
-            result = RetentionRepair(self.model, scaled, forward_fn=self.forward_fn, collate_fn=self.collate_fn,
-                                     compute_metrics=None).run_on_verified(verified, split, self.config.fresh_epochs)
-            loss = result.scores_after["loss"]
-            logger.info("method='auto': fresh at learning rate %.3g, inner held-out loss %.4f.",
-                        scaled.retention_learning_rate, loss)
-            if best_state is None or loss < best_loss:
-                best_loss, best_state = loss, self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
-        return best_state
-
-    def _contrastive_fresh(self, verified: datasets.Dataset, config: RepairConfig) -> StateDict:
-        """The initial weights' body fine-tuned on pairs of `verified` samples, then the head refitted on them (its
-        L2 strength by `num_folds`-fold cross-validation on them), as a CPU state (trainable weights)."""
-        load_weights(self.model, self.trajectory.initial_weights())
-        head = self._find_head()
-        result = contrastive_finetune(self.model, head.module, verified, config, self.forward_fn, self.collate_fn)
-        logger.info("method='auto': contrastive fresh, %d steps on %d pairs, final pair loss %.4f.", result.steps,
-                    result.num_pairs, result.final_loss)
-        inputs = read_head_inputs(self.model, head, split_verified(self.model, verified, config, self.forward_fn,
-                                                                   self.collate_fn), self.forward_fn)
-        refit = fit_head(inputs.features, inputs.labels, head.head_weight().cpu(), config.num_folds,
-                         config.repair_seed)
-        write_head(head, refit.weight)
-        return self.trajectory.cpu_state(self.model.state_dict(), frozen=set())
 
     def _find_head(self) -> TrackedLayer:
         if self._head is None:
@@ -388,13 +335,6 @@ class CandidateBuilder:
                         procedure, accuracy, heldout)
         return holds
 
-    def _finetune_config(self, run: int = 0) -> RepairConfig:
-        """The config of the fine-tunes inside a procedure: no gate of their own, the outer folds judge them; each
-        keeps its lowest-loss checkpoint on an inner fold. Run `run` of a fold gets its own repair seed (its own
-        batch order and inner fold), 1000 apart so that no run repeats another's stage seeds."""
-        return dataclasses.replace(self.config, method="erase", significance_test="none", min_improvement=-1.0,
-                                   repair_seed=self.config.repair_seed + 1000 * run)
-
     def _refine(self, refinement: str, verified: datasets.Dataset, key: tuple[Base, int | None],
                 run: int = 0) -> ProjectionResult | None:
         """Run a projection, erase or retrain refinement on the loaded weights (base `key`) with `verified` alone;
@@ -407,7 +347,8 @@ class CandidateBuilder:
             if refit_on_fresh:
                 self._calibrate_on_fresh()
                 self.load(key[0])
-            identification = identify_harmful(self.model, self.train_dataset, verified, self._finetune_config(),
+            config = inner_finetune_config(self.config)
+            identification = identify_harmful(self.model, self.train_dataset, verified, config,
                                               forward_fn=self.forward_fn, collate_fn=self.collate_fn,
                                               keep_reference_log_probs="reweight" in self.config.auto_candidates)
             self._identifications[key] = (with_noise_rate(identification, self.fresh_calibration, self.config)
@@ -417,7 +358,7 @@ class CandidateBuilder:
             identification, transition = through_the_noise(identification)
         if refinement == "reweight":
             identification, weights = weighed_by_confidence(identification)
-        erase = self._finetune_config(run)
+        erase = inner_finetune_config(self.config, run)
         if refinement in ("retrain", "forward", "reweight"):
             load_weights(self.model, self.trajectory.initial_weights())
             retrain = refinement != "forward"
@@ -435,7 +376,7 @@ class CandidateBuilder:
         by fresh's fold models on the folds they did not learn (`heldout_noise.py`): fresh's own probe reads features
         fitted to the verified samples and over-estimates the noise."""
         if self.fresh_calibration is None:
-            self.fresh_calibration = calibrate_on_fold_models(self.model, self._fresh_weights, self.split,
+            self.fresh_calibration = calibrate_on_fold_models(self.model, self.fresh.weights, self.split,
                                                               self.train_dataset, self.config, self.forward_fn,
                                                               self.collate_fn)
 
@@ -448,29 +389,8 @@ class CandidateBuilder:
             elif self.config.retrain_small_loss_trim > 0:
                 self._retrain_alpha = 0.0
             else:
-                self._retrain_alpha = 1.0 if self._floating_inputs() else 0.0
+                self._retrain_alpha = 1.0 if has_floating_inputs(self.split) else 0.0
         return self._retrain_alpha
-
-    @property
-    def resolved_fresh_objective(self) -> str | None:
-        """The objective `fresh` was fine-tuned by (None where it was not built)."""
-        return self._fresh_objective
-
-    def fresh_objective(self) -> str:
-        """`fresh_objective`, or where "auto": "contrastive" for a full fine-tune of a model that reads token ids only
-        and has a head to refit (measured on text), "cross_entropy" for one with a floating-point input (measured
-        below the final weights on a ViT), a LoRA adapter (not measured) or no head."""
-        if self._fresh_objective is None:
-            objective = self.config.fresh_objective
-            if objective == "auto":
-                objective = ("contrastive" if not self._floating_inputs() and not has_lora_factors(self.model)
-                             and self.check_procedure("head_refit") is None else "cross_entropy")
-            self._fresh_objective = objective
-        return self._fresh_objective
-
-    def _floating_inputs(self) -> bool:
-        """Whether the model takes a floating-point input (pixel values, features), not token ids alone."""
-        return mixable(next(iter(self.split.batches(0))).inputs)
 
     def check_procedure(self, name: str) -> str | None:
         """Why a base procedure or refinement cannot run on this model or verified split (None: it can)."""
@@ -489,11 +409,7 @@ class CandidateBuilder:
         return None
 
     def _outside(self, fold: int | None) -> datasets.Dataset:
-        """The verified samples outside fold `fold` (all of them for None), as a dataset (the split's folds)."""
-        if fold is None:
-            return self.verified
-        folds = stratified_folds(np.asarray(self.split.labels_all), self.split.num_folds, self.config.repair_seed)
-        return self.verified.select(np.sort(np.concatenate([rows for f, rows in enumerate(folds) if f != fold])))
+        return verified_outside(self.verified, self.split, fold, self.config.repair_seed)
 
 
 def retrain_budget(config: RepairConfig, mixup_alpha: float) -> float:

@@ -86,8 +86,8 @@ def repair_from_trajectory(
         snapshot.restore()
         raise
     metrics = _metrics(choice, trajectory, points, projection, model, time.perf_counter() - start)
-    if builder.resolved_fresh_objective is not None:
-        metrics["fresh_objective"] = builder.resolved_fresh_objective  # what "auto" resolved to, where fresh was built
+    if builder.fresh.resolved_objective is not None:
+        metrics["fresh_objective"] = builder.fresh.resolved_objective  # what "auto" resolved to, where fresh was built
     if builder.average_checks:
         metrics["fold_run_averages"] = builder.average_checks  # kept, or replaced by one more fine-tune
     if builder.fresh_calibration is not None:  # a refinement of fresh was refitted

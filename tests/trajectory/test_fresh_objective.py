@@ -31,7 +31,7 @@ def resolved(model: nn.Module, kind: str, **overrides) -> str:
     config = RepairConfig(method="auto", repair_disable_tqdm=True, batch_size=16, **overrides)
     verified = data(kind, 32, seed=3, noise=0.0)
     split = split_verified(model, verified, config, default_forward)
-    return CandidateBuilder(model, None, split, verified, config, default_forward).fresh_objective()
+    return CandidateBuilder(model, None, split, verified, config, default_forward).fresh.objective()
 
 
 @pytest.mark.parametrize("make, kind, expected", [
