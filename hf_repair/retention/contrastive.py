@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..config import RepairConfig
 from ..data import CollateFn, check_label_range, column_array, model_columns
 from ..evaluation import ForwardFn, eval_mode, input_names_for
+from ..modeling.lora import has_lora_factors
 from ..modeling.weights import ModelSnapshot
 from .finetune_data import FinetuneSet, TargetCollator
 from .finetuner import nonfinite_anywhere, release_prepared
@@ -108,7 +109,7 @@ def contrastive_finetune(model: nn.Module, head: nn.Module, verified: datasets.D
                          seed: int | None = None) -> ContrastiveResult:
     """Fine-tune `model`'s body in place on pairs of `verified` samples, reading the features `head` is given.
 
-    `fresh_contrastive_iterations` iterations at `fresh_contrastive_learning_rate`, `retention_batch_size` pairs
+    `fresh_contrastive_iterations` iterations at `contrastive_learning_rate`, `retention_batch_size` pairs
     per step (else `batch_size`); `seed` (default `repair_seed`) draws the pairs, their order and the dropout.
     """
     columns = [c for c in model_columns(verified, config.label_column, input_names_for(model, forward_fn))
@@ -122,13 +123,21 @@ def contrastive_finetune(model: nn.Module, head: nn.Module, verified: datasets.D
         features = "token_mean" if "input_ids" in columns else "head_inputs"
     tokens = token_states_module(model) if features == "token_mean" else None
     args = ContrastiveArguments(
-        learning_rate=config.fresh_contrastive_learning_rate,
+        learning_rate=contrastive_learning_rate(config, model),
         iterations=config.fresh_contrastive_iterations,
         batch_size=config.retention_batch_size or config.batch_size,
         seed=config.repair_seed if seed is None else seed,
         disable_tqdm=config.repair_disable_tqdm,
     )
     return ContrastiveFinetuner(model, head, args, forward_fn, collate_fn, tokens).run(table)
+
+
+def contrastive_learning_rate(config: RepairConfig, model: nn.Module) -> float:
+    """`fresh_contrastive_learning_rate`, or where None: 5e-5 for a full fine-tune, 5e-4 for a LoRA adapter's factors
+    (measured on MiniLM: a rank-8 adapter's pair fine-tune at 5e-5 barely moved, BENCHMARKS.md)."""
+    if config.fresh_contrastive_learning_rate is not None:
+        return config.fresh_contrastive_learning_rate
+    return 5e-4 if has_lora_factors(model) else 5e-5
 
 
 class ContrastiveFinetuner:

@@ -6,8 +6,8 @@ refinements identify are judged by a model that never learnt them. Two objective
 
 - cross-entropy: `fresh_epochs` passes at each of `fresh_learning_rate_scales`, kept at the lowest loss on an inner
   fold of the samples;
-- contrastive, the default for a full text fine-tune: the body trained on pairs of the samples, regressed on whether
-  they share a label (`retention/contrastive.py`), then the head refitted on them.
+- contrastive, the default for a text model (fully fine-tuned or a LoRA adapter): the body trained on pairs of the
+  samples, regressed on whether they share a label (`retention/contrastive.py`), then the head refitted on them.
 
 Like each fold's, its weights on every sample average `runs_per_fold` fine-tunes (a soup of fine-tunes from one
 start): on a few hundred samples one fine-tune can land far from another (measured, BENCHMARKS.md), their average
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import datasets
 from torch import nn
@@ -28,7 +29,6 @@ from ..data import CollateFn, VerifiedSplit
 from ..evaluation import ForwardFn, split_verified
 from ..head_refit import fit_head, read_head_inputs, write_head
 from ..identification.influence import TrackedLayer
-from ..modeling.lora import has_lora_factors
 from ..retention import RetentionRepair, finetune_learning_rate
 from ..retention.contrastive import contrastive_finetune
 from .averaging import FoldRunSum
@@ -39,24 +39,22 @@ from .verified_folds import has_floating_inputs, inner_finetune_config, verified
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class FreshBuilder:
     """Fine-tunes the initial weights in the model on the verified samples outside each fold, and keeps the result
     (one CPU copy of the trainable weights per fold; the model is left with the last fine-tune)."""
 
-    def __init__(self, model: nn.Module, trajectory: Trajectory, split: VerifiedSplit, verified: datasets.Dataset,
-                 config: RepairConfig, forward_fn: ForwardFn, collate_fn: CollateFn | None,
-                 find_head: Callable[[], TrackedLayer], runs_per_fold: int) -> None:
-        self.model = model
-        self.trajectory = trajectory
-        self.split = split
-        self.verified = verified
-        self.config = config
-        self.forward_fn = forward_fn
-        self.collate_fn = collate_fn
-        self.find_head = find_head
-        self.runs_per_fold = runs_per_fold
-        self._weights: dict[int | None, StateDict] = {}  # by held-out fold (trainable weights, on CPU)
-        self._objective: str | None = None  # fresh_objective resolved once (`objective`)
+    model: nn.Module
+    trajectory: Trajectory
+    split: VerifiedSplit
+    verified: datasets.Dataset
+    config: RepairConfig
+    forward_fn: ForwardFn
+    collate_fn: CollateFn | None
+    find_head: Callable[[], TrackedLayer]
+    runs_per_fold: int
+    _weights: dict[int | None, StateDict] = field(default_factory=dict)  # by held-out fold (trainable, on CPU)
+    _objective: str | None = None  # fresh_objective resolved once (`objective`)
 
     def weights(self, fold: int | None) -> StateDict:
         """The initial weights fine-tuned on the verified samples outside `fold` (all of them for None), the average
@@ -76,14 +74,13 @@ class FreshBuilder:
         return self._objective
 
     def objective(self) -> str:
-        """`fresh_objective`, or where "auto": "contrastive" for a full fine-tune of a model that reads token ids only
-        and has a head to refit (measured on text), "cross_entropy" for one with a floating-point input (measured
-        below the final weights on a ViT), a LoRA adapter (not measured) or no head."""
+        """`fresh_objective`, or where "auto": "contrastive" for a model that reads token ids only and has a head to
+        refit, fully fine-tuned or a LoRA adapter (measured on text), "cross_entropy" for one with a floating-point
+        input (measured below the final weights on a ViT) or no head."""
         if self._objective is None:
             objective = self.config.fresh_objective
             if objective == "auto":
-                objective = ("contrastive" if not has_floating_inputs(self.split) and not has_lora_factors(self.model)
-                             and self._has_head() else "cross_entropy")
+                objective = "contrastive" if not has_floating_inputs(self.split) and self._has_head() else "cross_entropy"
             self._objective = objective
         return self._objective
 

@@ -14,7 +14,12 @@ from peft import get_peft_model
 
 from hf_repair import RepairConfig
 from hf_repair.evaluation import default_forward
-from hf_repair.retention.contrastive import contrastive_finetune, sample_pairs, token_states_module
+from hf_repair.retention.contrastive import (
+    contrastive_finetune,
+    contrastive_learning_rate,
+    sample_pairs,
+    token_states_module,
+)
 from testbed.experiments import SmallCNN
 from testbed.offline_data import load_fashion_mnist
 
@@ -151,6 +156,13 @@ def test_token_states_come_from_the_backbone_of_a_transformers_model_and_of_a_pe
     assert token_states_module(peft_model) is peft_model.get_base_model().bert
     with pytest.raises(ValueError, match="has none; use 'head_inputs'"):
         token_states_module(SmallCNN(width=4))
+
+
+def test_a_lora_adapter_pairs_at_ten_times_a_full_fine_tunes_learning_rate_unless_one_is_named():
+    peft_model = get_peft_model(base_model("bert"), lora_config("bert"))
+    assert contrastive_learning_rate(RepairConfig(), base_model("bert")) == 5e-5
+    assert contrastive_learning_rate(RepairConfig(), peft_model) == 5e-4
+    assert contrastive_learning_rate(RepairConfig(fresh_contrastive_learning_rate=1e-4), peft_model) == 1e-4
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,6 +1,6 @@
-"""How method "auto" resolves `fresh_objective="auto"`, the default: the contrastive fine-tune for a full fine-tune
-of a model that reads token ids (measured on text), cross-entropy for image inputs (the contrastive one measured
-below the final weights on a ViT), LoRA adapters (not measured) and models without a head to refit."""
+"""How method "auto" resolves `fresh_objective="auto"`, the default: the contrastive fine-tune for a model that reads
+token ids, fully fine-tuned or a LoRA adapter (measured on text), cross-entropy for image inputs (the contrastive one
+measured below the final weights on a ViT) and models without a head to refit."""
 
 import pytest
 import torch
@@ -36,11 +36,11 @@ def resolved(model: nn.Module, kind: str, **overrides) -> str:
 
 @pytest.mark.parametrize("make, kind, expected", [
     (lambda: base_model("bert"), "bert", "contrastive"),
-    (lambda: get_peft_model(base_model("bert"), lora_config("bert")), "bert", "cross_entropy"),
+    (lambda: get_peft_model(base_model("bert"), lora_config("bert")), "bert", "contrastive"),
     (lambda: base_model("vit"), "vit", "cross_entropy"),
     (PooledTokenClassifier, "bert", "cross_entropy"),
 ])
-def test_auto_pairs_a_full_text_fine_tune_and_falls_back_to_cross_entropy_elsewhere(make, kind, expected):
+def test_auto_pairs_a_text_model_and_falls_back_to_cross_entropy_elsewhere(make, kind, expected):
     assert RepairConfig().fresh_objective == "auto"
     assert resolved(make(), kind) == expected
 
