@@ -409,6 +409,7 @@ class CandidateBuilder:
         return None
 
     def _outside(self, fold: int | None) -> datasets.Dataset:
+        """The verified samples a procedure judged on fold `fold` selects on (all of them for None)."""
         return verified_outside(self.verified, self.split, fold, self.config.repair_seed)
 
 
