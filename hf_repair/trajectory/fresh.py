@@ -80,7 +80,8 @@ class FreshBuilder:
         if self._objective is None:
             objective = self.config.fresh_objective
             if objective == "auto":
-                objective = "contrastive" if not has_floating_inputs(self.split) and self._has_head() else "cross_entropy"
+                pairs = not has_floating_inputs(self.split) and self._has_head()
+                objective = "contrastive" if pairs else "cross_entropy"
             self._objective = objective
         return self._objective
 
